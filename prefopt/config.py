@@ -1,0 +1,442 @@
+"""The run configuration: nested dataclasses are the single source of truth.
+
+Every field carries its help text once (``option(default, help)``); YAML is only a
+serialisation of these classes, the CLI's ``prefopt keys`` prints them, and the Python
+API's ``DPOConfig(...)``/``SFTConfig(...)`` build the same object from flat keyword
+arguments (``learning_rate=...`` is routed to ``train.learning_rate``).
+
+Unknown keys are errors that name the closest valid key. Losses are named by their
+registry key (``loss: {name: ipo, beta: 0.5}``) and their parameters are checked
+against that loss's parameter class, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prefopt.errors import ConfigError, did_you_mean, unknown
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
+           factory: Any = dataclasses.MISSING):
+    """A dataclass field with its help text and, optionally, the values it accepts."""
+    meta = {"help": help, "choices": choices}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = option(
+        None, "Policy model: a hub id ('org/name') or a local directory, loaded with "
+              "AutoModelForCausalLM.from_pretrained.")
+    tokenizer: str | None = option(None, "Tokenizer hub id or directory; defaults to name_or_path.")
+    dtype: str = option("float32", "dtype the weights are loaded in. Keep float32 with "
+                        "train.mixed_precision=bf16 for mixed precision.",
+                        choices=("float32", "bfloat16", "float16", "auto"))
+    attn_implementation: str | None = option(
+        None, "Attention kernel passed to from_pretrained (eager, sdpa, flash_attention_2); "
+              "None lets transformers choose.")
+    chat_template: str | None = option(
+        None, "Override the tokenizer's chat template: 'chatml' or a Jinja template string.")
+    trust_remote_code: bool = option(False, "Allow custom modelling code from the model repository.")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
+
+
+@dataclass
+class DataConfig:
+    train: str | None = option(None, "Training data: a file (.json, .jsonl, .jsonl.gz, .parquet, "
+                               ".csv), a datasets.save_to_disk folder, or a hub dataset id.")
+    eval: str | None = option(None, "Evaluation data, same forms as `train`.")
+    eval_split_size: float = option(
+        0, "Hold out this many training examples (or this fraction when < 1) as evaluation "
+           "data when `eval` is not given. The split is seeded by train.seed.")
+    split: str = option("train", "Split to read from a hub dataset or a DatasetDict folder.")
+    format: str = option("auto", "Record format; 'auto' detects it from the first record. "
+                         "`prefopt formats` lists them.")
+    columns: dict = option(
+        factory=dict, help="Rename source columns to canonical ones before the format is "
+                           "detected, e.g. {prompt: question, chosen: good, rejected: bad}.")
+    max_examples: int | None = option(None, "Use only the first N records (after reading, before "
+                                      "the eval split); the count is reported.")
+    max_length: int = option(1024, "Maximum tokens of prompt + completion. Longer completions "
+                             "are truncated and counted.")
+    max_prompt_length: int | None = option(
+        None, "Maximum prompt tokens; longer prompts are truncated (see prompt_truncation) and "
+              "counted. None: prompts are never cut, and a prompt that leaves no room for a "
+              "completion within max_length is a bad record.")
+    prompt_truncation: str = option("keep_end", "Which end of a long prompt to keep.",
+                                    choices=("keep_end", "keep_start"))
+    on_error: str = option(
+        "raise", "Bad records: 'raise' stops with file, line and problem; 'skip' skips them, "
+                 "counts them and writes them to OUTPUT_DIR/rejected_records.jsonl.",
+        choices=("raise", "skip"))
+    pad_to_multiple_of: int | None = option(None, "Pad batch length up to a multiple of this.")
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = option(1e-6, "Peak learning rate of AdamW.")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay.")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.")
+    lr_scheduler_type: str = option(
+        "linear", "Schedule after warmup (transformers.get_scheduler names).",
+        choices=("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
+                 "polynomial", "inverse_sqrt"))
+    warmup_ratio: float = option(0.0, "Warmup as a fraction of total optimizer steps.")
+    warmup_steps: int = option(0, "Warmup steps; overrides warmup_ratio when > 0.")
+    max_grad_norm: float | None = option(1.0, "Clip the global gradient norm; None disables.")
+    per_device_train_batch_size: int = option(4, "Examples (pairs) per micro-batch per process.")
+    per_device_eval_batch_size: int = option(8, "Examples per evaluation batch per process.")
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")
+    num_train_epochs: float = option(1, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = option(-1, "Total optimizer steps; > 0 overrides num_train_epochs.")
+    mixed_precision: str = option("no", "Autocast precision for forward passes (accelerate).",
+                                  choices=("no", "bf16", "fp16"))
+    seed: int = option(42, "Seed for initialisation, shuffling and dropout.")
+    logging_steps: int = option(10, "Log training metrics every N optimizer steps.")
+    eval_steps: int = option(0, "Evaluate every N steps; 0: only at the end (when eval data exists).")
+    eval_on_start: bool = option(False, "Evaluate once before the first step.")
+    save_steps: int = option(0, "Save a resumable checkpoint every N steps; 0: only the final model.")
+    save_total_limit: int | None = option(None, "Keep only the newest N checkpoints.")
+    resume_from: str | None = option(None, "A checkpoint directory, or 'latest' for the newest in "
+                                     "OUTPUT_DIR/checkpoints.")
+    progress_bar: bool = option(True, "Show a progress bar on the main process.")
+
+
+@dataclass
+class ReferenceConfig:
+    strategy: str = option(
+        "auto", "'model': a frozen reference model; 'none': no reference; 'auto': 'model' when a "
+                "loss needs a reference, else 'none'.", choices=("auto", "model", "none"))
+    name_or_path: str | None = option(
+        None, "Reference model hub id or directory. None: a frozen copy of the initial policy.")
+    dtype: str | None = option(None, "dtype of the reference weights; None: same as model.dtype.",
+                               choices=(None, "float32", "bfloat16", "float16", "auto"))
+
+
+@dataclass
+class LossTerm:
+    """One loss of the objective. YAML: ``{name: dpo, weight: 1.0, beta: 0.1, ...}``."""
+    name: str = option("dpo", "Registry key of the loss (`prefopt losses` lists them).")
+    weight: float = option(1.0, "Weight of this loss in the objective.")
+    params: dict = option(factory=dict, help="Parameters of the loss (beta, label_smoothing, ...).")
+
+    def resolved_params(self):
+        """The loss's parameter dataclass, defaults filled in and values checked."""
+        from prefopt.losses import get_spec
+        return get_spec(self.name).make_params(self.params, where=f"loss '{self.name}'")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = option("runs/prefopt", "Where metrics.jsonl, config.yaml, checkpoints/ and "
+                             "final/ are written.")
+    model: ModelConfig = option(factory=ModelConfig, help="The policy model.")
+    data: DataConfig = option(factory=DataConfig, help="Datasets and tokenisation.")
+    train: TrainConfig = option(factory=TrainConfig, help="Optimisation and bookkeeping.")
+    reference: ReferenceConfig = option(factory=ReferenceConfig, help="The reference model.")
+    loss: list = option(factory=lambda: [LossTerm()],
+                        help="The objective: one loss or a weighted list of losses.")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+            "reference": ReferenceConfig}
+# Flat names for the Python API beyond the model/data/train field names (which are unique).
+FLAT_ALIASES = {"loss_type": "loss.name", "ref_model": "reference.name_or_path",
+                "ref_dtype": "reference.dtype", "reference_strategy": "reference.strategy",
+                "bf16": "train.mixed_precision", "model_name_or_path": "model.name_or_path"}
+FLAT_SECTIONS = ("model", "data", "train")
+# data.train / data.eval are the trainers' train_dataset / eval_dataset arguments.
+FLAT_EXCLUDED = {"data.train", "data.eval"}
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _is_optional(tp) -> tuple[bool, Any]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return True, rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+    return False, tp
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise a ConfigError naming the key."""
+    optional, inner = _is_optional(tp)
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+        if optional:
+            return None
+        raise ConfigError(f"{key}: may not be null")
+    origin = typing.get_origin(inner) or inner
+    try:
+        if origin is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise ValueError
+        if origin is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if origin is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)  # YAML reads '1e-5' as a string; float() accepts it
+        if origin is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+    except (TypeError, ValueError):
+        name = getattr(inner, "__name__", str(inner))
+        raise ConfigError(f"{key}: expected {name}, got {value!r}") from None
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    by_name = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in by_name:
+            raise ConfigError(unknown("config key", path, [f"{prefix}{n}" for n in by_name]))
+        f = by_name[key]
+        if key == "loss" and cls is RunConfig:
+            kwargs[key] = parse_loss(value)
+        elif is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value or {}, f"{path}.")
+        else:
+            kwargs[key] = _coerce(value, hints[key], path)
+            choices = f.metadata.get("choices")
+            if choices and kwargs[key] not in choices:
+                raise ConfigError(f"{path}: '{kwargs[key]}' is not one of {list(choices)}"
+                                  f"{did_you_mean(kwargs[key], [c for c in choices if c])}")
+    return cls(**kwargs)
+
+
+def parse_loss(value: Any) -> list[LossTerm]:
+    """`loss` may be a name, a mapping with `name` and parameters, or a list of those."""
+    from prefopt.losses import get_spec  # the registry validates names and parameters
+
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ConfigError("loss: the objective needs at least one loss")
+    terms = []
+    for i, item in enumerate(items):
+        where = f"loss[{i}]" if isinstance(value, list) else "loss"
+        if isinstance(item, LossTerm):
+            item = {"name": item.name, "weight": item.weight, **item.params}
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or "name" not in item:
+            raise ConfigError(f"{where}: expected a loss name or a mapping with 'name', got {item!r}")
+        item = dict(item)
+        name = str(item.pop("name"))
+        weight = _coerce(item.pop("weight", 1.0), float, f"{where}.weight")
+        params = dict(item.pop("params", {}) or {})
+        params.update(item)
+        try:
+            spec = get_spec(name)
+        except KeyError as e:
+            raise ConfigError(f"{where}.name: {e.args[0]}") from None
+        term = LossTerm(name=spec.name, weight=weight, params=params)
+        term.params = dataclasses.asdict(term.resolved_params())  # validate now, store resolved
+        terms.append(term)
+    return terms
+
+
+def config_from_dict(data: dict | None, cls=RunConfig) -> RunConfig:
+    return _build(cls, dict(data or {}), "")
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain data for YAML: loss terms are written flat ({name, weight, **params})."""
+    if isinstance(cfg, LossTerm):
+        return {"name": cfg.name, "weight": cfg.weight, **cfg.params}
+    if is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
+    if isinstance(cfg, list):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- overrides
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply ``a.b.c=value`` to a nested dict in place. Values are parsed as YAML.
+
+    For the loss list, ``loss.beta=0.2`` addresses the only loss and ``loss.1.beta=0.2``
+    the second one.
+    """
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}': expected key=value (e.g. train.learning_rate=1e-5)")
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    parts = key.strip().split(".")
+    if parts[0] == "loss":
+        _override_loss(data, parts[1:], value, key)
+        return
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def _override_loss(data: dict, parts: list[str], value: Any, key: str) -> None:
+    if not parts:
+        data["loss"] = value
+        return
+    current = data.get("loss", "dpo")
+    terms = [t if isinstance(t, dict) else {"name": t} for t in
+             (current if isinstance(current, list) else [current])]
+    terms = [to_dict(t) if isinstance(t, LossTerm) else dict(t) for t in terms]
+    if parts[0].isdigit():
+        index, parts = int(parts[0]), parts[1:]
+        if index >= len(terms):
+            raise ConfigError(f"override '{key}': the objective has {len(terms)} loss(es)")
+    elif len(terms) == 1:
+        index = 0
+    else:
+        raise ConfigError(f"override '{key}': the objective has {len(terms)} losses; "
+                          f"address one as loss.<index>.{'.'.join(parts)}")
+    if len(parts) != 1:
+        raise ConfigError(f"override '{key}': expected loss[.index].param=value")
+    terms[index][parts[0]] = value
+    data["loss"] = terms if isinstance(current, list) else terms[0]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (),
+                defaults: dict | None = None) -> RunConfig:
+    """Read a YAML config, apply dotted overrides, validate everything."""
+    data: dict = {}
+    if defaults:
+        data.update(defaults)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data.update(loaded)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+# ----------------------------------------------------------------------------- flat kwargs
+
+def flat_key_paths() -> dict[str, str]:
+    """Every model/data/train field by its bare name -> 'section.name' (unique by design)."""
+    paths: dict[str, str] = {}
+    for section in FLAT_SECTIONS:
+        for f in fields(SECTIONS[section]):
+            if f"{section}.{f.name}" in FLAT_EXCLUDED:
+                continue
+            if f.name in paths:
+                raise AssertionError(f"config field name '{f.name}' is not unique")
+            paths[f.name] = f"{section}.{f.name}"
+    return paths
+
+
+def config_from_flat(defaults: dict, kwargs: dict) -> RunConfig:
+    """Build a RunConfig from flat keyword arguments (the TRL-style Python API).
+
+    ``learning_rate=1e-5`` goes to ``train.learning_rate``; section names (``data={...}``),
+    ``output_dir``, ``loss`` and dotted keys (``"data.max_length": 256``) work as well; any
+    other name is taken as a parameter of the (single) loss, e.g. ``beta=0.1``.
+    """
+    from prefopt.losses import get_spec
+
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
+    kwargs = {k: (to_dict(v) if is_dataclass(v) or isinstance(v, list) else v) for k, v in kwargs.items()}
+    paths = flat_key_paths()
+    loss_params: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key == "bf16":
+            value = "bf16" if value else "no"
+        target = FLAT_ALIASES.get(key) or paths.get(key)
+        if key in SECTIONS and isinstance(data.get(key), dict) and isinstance(value, dict):
+            data[key] = {**data[key], **value}
+        elif key in ("output_dir", "loss") or key in SECTIONS:
+            data[key] = value
+        elif "." in key:
+            apply_override_value(data, key, value)
+        elif target:
+            apply_override_value(data, target, value)
+        else:
+            loss_params[key] = value
+    if loss_params:
+        terms = data.get("loss", "dpo")
+        if isinstance(terms, list) and len(terms) != 1:
+            raise ConfigError(f"loss parameters {sorted(loss_params)} given flat, but the objective "
+                              f"has {len(terms)} losses; pass loss=[{{...}}, ...] instead")
+        term = terms[0] if isinstance(terms, list) else terms
+        term = {"name": term} if isinstance(term, str) else to_dict(term) if isinstance(term, LossTerm) else dict(term)
+        spec = get_spec(term["name"])
+        valid = {f.name for f in fields(spec.params)}
+        for name in loss_params:
+            if name not in valid:
+                raise ConfigError(unknown(f"argument (not a config key nor a parameter of loss "
+                                          f"'{spec.name}')", name, set(paths) | valid | {"output_dir"}))
+        term.update(loss_params)
+        data["loss"] = term
+    return config_from_dict(data)
+
+
+def apply_override_value(data: dict, dotted: str, value: Any) -> None:
+    """Like apply_override, for an already-parsed value."""
+    parts = dotted.split(".")
+    if parts[0] == "loss":
+        _override_loss(data, parts[1:], value, dotted)
+        return
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def describe_keys() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) for every config key: the source of `prefopt keys`."""
+    rows = [("output_dir", "str", RunConfig().output_dir, fields(RunConfig)[0].metadata["help"])]
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            tp = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+            choices = f.metadata.get("choices")
+            help_text = f.metadata["help"] + (f" One of: {', '.join(map(str, choices))}." if choices else "")
+            rows.append((f"{section}.{f.name}", tp, default, help_text))
+    rows.append(("loss", "name | {name, weight, **params} | list", "dpo",
+                 fields(RunConfig)[-1].metadata["help"] + " `prefopt losses` lists names and parameters."))
+    return rows

@@ -1,0 +1,196 @@
+"""source ──read──▶ records ──format──▶ canonical examples ──encode──▶ EncodedExample.
+
+``prepare_datasets`` is the one entry point the trainers use: it reads the train (and
+eval) source, converts each record with the detected or configured format, converts
+between kinds of data when the objective asks for another kind (pairs used for SFT or
+split for KTO), splits off a held-out set, tokenises, and returns the examples with a
+DataReport for each dataset. Every record that does not make it is in a count.
+"""
+from __future__ import annotations
+
+import numbers
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from prefopt.config import DataConfig
+from prefopt.data.formats import Format, detect_format, get_format
+from prefopt.data.report import DataReport
+from prefopt.data.schema import (CompletionExample, PreferenceExample, RecordProblem,
+                                 validate_completion, validate_pair)
+from prefopt.data.sources import read_records
+from prefopt.data.tokenize import EncodedExample, Encoder
+from prefopt.errors import ConfigError, DataError
+from prefopt.losses.base import KNOWN_COLUMNS
+
+Example = PreferenceExample | CompletionExample
+NUMERIC_COLUMNS = tuple(c for c in KNOWN_COLUMNS if c != "ref_completion")
+
+
+@dataclass
+class Dataset:
+    """Encoded examples ready for a collator, with the report of how they were made."""
+    examples: list[EncodedExample]
+    report: DataReport
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def prepare_datasets(cfg: DataConfig, tokenizer, kind: str, *, train_source: Any = None,
+                     eval_source: Any = None, seed: int = 0,
+                     required_columns: tuple[str, ...] = ()) -> tuple[Dataset | None, Dataset | None]:
+    """Read, convert, split and encode the train and eval data for an objective of ``kind``.
+
+    ``kind`` is what the objective consumes: "paired", "unpaired" or "completion".
+    Sources given here (Python objects or paths) take precedence over ``cfg.train``/``cfg.eval``.
+    """
+    train_source = train_source if train_source is not None else cfg.train
+    eval_source = eval_source if eval_source is not None else cfg.eval
+    encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.prompt_truncation)
+    train = evaluation = None
+    if train_source is not None:
+        report = DataReport("train", cfg.on_error)
+        examples = load_examples(train_source, cfg, report, required_columns)
+        held_out: list[Example] = []
+        if eval_source is None and cfg.eval_split_size:
+            examples, held_out = split_off(examples, cfg.eval_split_size, seed)
+        train = encode(examples, kind, encoder, report)
+        if held_out:
+            evaluation = encode(held_out, kind, encoder, DataReport("eval", cfg.on_error, report.format,
+                                                                    records=len(held_out)))
+    if eval_source is not None:
+        report = DataReport("eval", cfg.on_error)
+        evaluation = encode(load_examples(eval_source, cfg, report, required_columns), kind, encoder, report)
+    return train, evaluation
+
+
+def load_examples(source: Any, cfg: DataConfig, report: DataReport,
+                  required_columns: tuple[str, ...] = ()) -> list[Example]:
+    """Read ``source`` and convert every record to a canonical example (bad ones: see report)."""
+    fmt: Format | None = None
+    if cfg.format != "auto":
+        try:
+            fmt = get_format(cfg.format)
+        except KeyError as e:
+            raise ConfigError(f"data.format: {e.args[0]}") from None
+    examples: list[Example] = []
+    for raw in read_records(source, cfg.split):
+        if cfg.max_examples is not None and report.records >= cfg.max_examples:
+            report.count("records_beyond_max_examples")
+            continue
+        report.records += 1
+        if raw.data is None:
+            report.reject(raw.origin, "malformed", raw.problem, raw.raw)
+            continue
+        try:
+            record = rename_columns(raw.data, cfg.columns)
+            if fmt is None:
+                fmt = detect_format(record, str(raw.origin), ())
+            report.format = fmt.name
+            examples.append(convert(fmt, record, raw.origin, required_columns))
+        except RecordProblem as problem:
+            report.reject(raw.origin, problem.reason, f"[{fmt.name if fmt else '?'}] {problem}", raw.data)
+    if report.records == 0:
+        raise DataError(str(source) if not isinstance(source, list) else "<list>", "no records")
+    return examples
+
+
+def rename_columns(record: dict, columns: dict[str, str]) -> dict:
+    """Apply data.columns ({canonical: source}); the source name is removed so detection sees
+    only the canonical one."""
+    if not columns:
+        return record
+    out = dict(record)
+    for canonical, src in columns.items():
+        if src not in record:
+            raise RecordProblem("missing_field", f"column '{src}' (mapped to '{canonical}' by "
+                                                 f"data.columns) is missing")
+        value = out.pop(src)
+        out[canonical] = value
+    return out
+
+
+def convert(fmt: Format, record: dict, origin, required_columns: tuple[str, ...] = ()) -> Example:
+    fields = fmt.convert(record)
+    extras = extract_columns(record, required_columns)
+    if fmt.kind == "paired":
+        prompt, chosen, rejected = validate_pair(fields["prompt"], fields["chosen"], fields["rejected"])
+        return PreferenceExample(prompt, chosen, rejected, origin, extras)
+    prompt, completion = validate_completion(fields["prompt"], fields["completion"])
+    return CompletionExample(prompt, completion, origin, fields.get("label"), extras)
+
+
+def extract_columns(record: dict, required: tuple[str, ...]) -> dict[str, Any]:
+    """Known per-example columns (preference_prob, score_*, margin, ref_completion)."""
+    extras: dict[str, Any] = {}
+    for name in KNOWN_COLUMNS:
+        value = record.get(name)
+        if value is None:
+            if name in required:
+                raise RecordProblem("missing_field", f"missing column '{name}', which the loss needs")
+            continue
+        if name in NUMERIC_COLUMNS:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise RecordProblem("wrong_type", f"column '{name}' must be a number, got {value!r:.40}")
+            value = float(value)
+        elif not isinstance(value, str) or not value.strip():
+            raise RecordProblem("wrong_type", f"column '{name}' must be non-empty text")
+        extras[name] = value
+    return extras
+
+
+def split_off(examples: list[Example], size: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Seeded hold-out: ``size`` examples (or that fraction when < 1)."""
+    n = int(round(size * len(examples))) if size < 1 else int(size)
+    if not 0 < n < len(examples):
+        raise ConfigError(f"data.eval_split_size={size} leaves no train or no eval examples "
+                          f"out of {len(examples)}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n])
+    return ([e for i, e in enumerate(examples) if i not in held],
+            [e for i, e in enumerate(examples) if i in held])
+
+
+def as_kind(examples: list[Example], kind: str, report: DataReport) -> list[Example]:
+    """Convert examples to the kind the objective consumes, counting what changes."""
+    out: list[Example] = []
+    for ex in examples:
+        if kind == "paired":
+            if not isinstance(ex, PreferenceExample):
+                raise ConfigError(f"{ex.origin}: the loss needs paired data (chosen and rejected), but "
+                                  f"the data format '{report.format}' has one completion per example")
+            out.append(ex)
+        elif isinstance(ex, PreferenceExample):
+            if kind == "completion":  # SFT on the chosen responses
+                out.append(CompletionExample(ex.prompt, ex.chosen, ex.origin, None, ex.extras))
+                report.count("pairs_used_for_chosen_only")
+            else:  # unpaired: each pair gives one desirable and one undesirable example
+                out.append(CompletionExample(ex.prompt, ex.chosen, ex.origin, True, ex.extras))
+                out.append(CompletionExample(ex.prompt, ex.rejected, ex.origin, False, ex.extras))
+                report.count("pairs_split_into_unpaired")
+        elif kind == "unpaired" and ex.label is None:
+            raise ConfigError(f"{ex.origin}: the loss needs labelled completions (label: true/false); "
+                              f"the data format '{report.format}' has none")
+        elif kind == "completion" and ex.label is False:
+            report.count("undesirable_not_used_for_sft")
+        else:
+            out.append(ex)
+    return out
+
+
+def encode(examples: list[Example], kind: str, encoder: Encoder, report: DataReport) -> Dataset:
+    encoded = []
+    for ex in as_kind(examples, kind, report):
+        try:
+            encoded.append(encoder.encode(ex, report))
+        except RecordProblem as problem:
+            report.reject(ex.origin, problem.reason, str(problem), None)
+    report.examples = len(encoded)
+    if kind == "unpaired":
+        report.count("desirable", sum(1 for e in encoded if e.label))
+        report.count("undesirable", sum(1 for e in encoded if not e.label))
+    if not encoded:
+        raise DataError(report.name, f"no usable examples ({report.summary()})")
+    return Dataset(encoded, report)

@@ -1,0 +1,135 @@
+"""The canonical example schema every source format is converted to.
+
+Two shapes, one per kind of data:
+
+* ``PreferenceExample(prompt, chosen, rejected)`` — paired data (DPO and family);
+* ``CompletionExample(prompt, completion, label)`` — unpaired data (KTO: ``label`` True for
+  desirable, False for undesirable) and SFT data (``label`` None).
+
+A prompt is either raw text (``str``) or a conversation (a list of ``{"role", "content"}``
+messages, rendered by the tokenizer's chat template). A completion has the same form as
+its prompt: text, or a list of assistant messages. Every example remembers where it came
+from (``Origin``: file and line) so that any later error can point at the record.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+Message = dict  # {"role": "system" | "user" | "assistant" | "tool", "content": str}
+Text = Union[str, list]  # raw text or a list of messages
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a record came from: a file and the line it starts on, or a record index."""
+    source: str
+    index: int               # 0-based record index within the source
+    line: int | None = None  # 1-based line in a text file, when known
+
+    def __str__(self) -> str:
+        if self.line is not None:
+            return f"{self.source}:{self.line}"
+        return f"{self.source} record {self.index + 1}"
+
+
+class RecordProblem(Exception):
+    """A problem with one record. ``reason`` is a short category used in the counts."""
+
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(message)
+
+
+@dataclass
+class PreferenceExample:
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    origin: Origin
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+@dataclass
+class CompletionExample:
+    prompt: Text
+    completion: Text
+    origin: Origin
+    label: bool | None = None  # True desirable, False undesirable, None: plain SFT target
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+def check_text(value: Any, what: str, *, conversational: bool | None = None) -> Text:
+    """Validate a prompt or completion: non-empty text, or well-formed messages."""
+    if isinstance(value, str):
+        if conversational:
+            raise RecordProblem("wrong_type", f"{what} is text but the prompt is a conversation")
+        if not value.strip():
+            raise RecordProblem("empty", f"{what} is empty")
+        return value
+    if isinstance(value, list):
+        if conversational is False:
+            raise RecordProblem("wrong_type", f"{what} is a message list but the prompt is text")
+        if not value:
+            raise RecordProblem("empty", f"{what} is an empty message list")
+        for i, msg in enumerate(value):
+            if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+                raise RecordProblem("wrong_type", f"{what}[{i}] is not a {{role, content}} message: {msg!r:.80}")
+            if msg["role"] not in ROLES:
+                raise RecordProblem("wrong_type", f"{what}[{i}] has unknown role {msg['role']!r}; "
+                                                  f"expected one of {', '.join(ROLES)}")
+            if not isinstance(msg["content"], str):
+                raise RecordProblem("wrong_type", f"{what}[{i}].content must be a string, got "
+                                                  f"{type(msg['content']).__name__}")
+            if msg["role"] != "system" and not msg["content"].strip():
+                raise RecordProblem("empty", f"{what}[{i}] ({msg['role']}) has empty content")
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    if value is None:
+        raise RecordProblem("missing_field", f"{what} is missing (null)")
+    raise RecordProblem("wrong_type", f"{what} must be text or a list of messages, got "
+                                      f"{type(value).__name__}")
+
+
+def validate_pair(prompt: Any, chosen: Any, rejected: Any) -> tuple[Text, Text, Text]:
+    prompt = check_text(prompt, "prompt")
+    conv = isinstance(prompt, list)
+    chosen = check_text(chosen, "chosen", conversational=conv)
+    rejected = check_text(rejected, "rejected", conversational=conv)
+    if conv:
+        _check_prompt_turns(prompt)
+        for name, comp in (("chosen", chosen), ("rejected", rejected)):
+            if comp[0]["role"] != "assistant":
+                raise RecordProblem("wrong_type", f"{name} must start with an assistant message, "
+                                                  f"got role {comp[0]['role']!r}")
+    if chosen == rejected:
+        raise RecordProblem("identical", "chosen and rejected are identical")
+    return prompt, chosen, rejected
+
+
+def validate_completion(prompt: Any, completion: Any) -> tuple[Text, Text]:
+    prompt = check_text(prompt, "prompt")
+    conv = isinstance(prompt, list)
+    completion = check_text(completion, "completion", conversational=conv)
+    if conv:
+        _check_prompt_turns(prompt)
+        if completion[0]["role"] != "assistant":
+            raise RecordProblem("wrong_type", "completion must start with an assistant message")
+    return prompt, completion
+
+
+def _check_prompt_turns(prompt: list) -> None:
+    if prompt[-1]["role"] == "assistant":
+        raise RecordProblem("wrong_type", "the prompt conversation ends with an assistant turn; the "
+                                          "completion must follow a user (or tool) turn")
+    if all(m["role"] == "system" for m in prompt):
+        raise RecordProblem("empty", "the prompt has only system messages")

@@ -1,0 +1,196 @@
+"""Read raw records from wherever the user keeps them, remembering where each came from.
+
+Sources: JSON arrays, JSON Lines (optionally gzipped), Parquet, CSV, folders written by
+``datasets.save_to_disk``, hub dataset ids (where a hub is reachable), an in-memory
+``datasets.Dataset`` or a list of dicts. Text formats are read here rather than through
+``datasets.load_dataset`` so that a malformed record is reported with its file and
+line, and one bad line does not hide the rest of the file.
+"""
+from __future__ import annotations
+
+import bisect
+import csv
+import gzip
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefopt.data.schema import Origin
+from prefopt.errors import DataError
+
+TEXT_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".csv", ".parquet")
+
+
+@dataclass
+class RawRecord:
+    """One record as read. ``problem`` is set (and ``data`` is None) when it could not be parsed."""
+    data: dict | None
+    origin: Origin
+    problem: str | None = None
+    raw: str | None = None  # the unparsable text, for the rejects file
+
+
+def read_records(source: Any, split: str = "train") -> Iterator[RawRecord]:
+    """Yield every record of ``source`` with its origin."""
+    if isinstance(source, list):
+        yield from _from_rows(source, "<list>")
+        return
+    if _is_hf_dataset(source):
+        yield from _from_rows(source, f"<{type(source).__name__}>")
+        return
+    if hasattr(source, "keys") and _is_hf_dataset_dict(source):
+        yield from _from_rows(_pick_split(source, split, "<DatasetDict>"), f"<DatasetDict[{split}]>")
+        return
+    path = Path(str(source))
+    if path.is_dir():
+        yield from _from_disk(path, split)
+    elif path.is_file():
+        yield from _from_file(path)
+    elif any(str(source).endswith(s) for s in TEXT_SUFFIXES) or str(source).startswith((".", "/")):
+        raise DataError(str(source), "no such file")
+    else:
+        yield from _from_hub(str(source), split)
+
+
+def _is_hf_dataset(obj: Any) -> bool:
+    return type(obj).__name__ in ("Dataset", "IterableDataset") and hasattr(obj, "features")
+
+
+def _is_hf_dataset_dict(obj: Any) -> bool:
+    return type(obj).__name__ in ("DatasetDict", "IterableDatasetDict")
+
+
+def _pick_split(dsd: Any, split: str, where: str):
+    if split not in dsd:
+        raise DataError(where, f"no split '{split}'; available: {', '.join(dsd.keys())} "
+                               f"(set data.split)")
+    return dsd[split]
+
+
+def _from_rows(rows: Any, name: str) -> Iterator[RawRecord]:
+    for i, row in enumerate(rows):
+        origin = Origin(name, i)
+        if isinstance(row, dict):
+            yield RawRecord(dict(row), origin)
+        else:
+            yield RawRecord(None, origin, f"expected a mapping (dict), got {type(row).__name__}")
+
+
+def _from_file(path: Path) -> Iterator[RawRecord]:
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise DataError(str(path), f"cannot read Parquet: {e}") from None
+        yield from _from_rows(table.to_pylist(), str(path))
+        return
+    opener = gzip.open if name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(str(path), f"cannot read file: {e}") from None
+    if name.endswith(".csv"):
+        yield from _from_csv(text, str(path))
+    elif name.endswith((".json", ".json.gz")) and text.lstrip().startswith("["):
+        yield from _from_json_array(text, str(path))
+    elif name.endswith((".json", ".json.gz", ".jsonl", ".jsonl.gz")):
+        yield from _from_json_lines(text, str(path))
+    else:
+        raise DataError(str(path), f"unsupported file type; expected one of {', '.join(TEXT_SUFFIXES)} "
+                                   f"or a datasets.save_to_disk folder")
+
+
+def _from_json_lines(text: str, path: str) -> Iterator[RawRecord]:
+    index = 0
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        origin = Origin(path, index, lineno)
+        index += 1
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield RawRecord(None, origin, f"malformed JSON: {e.msg} (column {e.colno})", raw=line)
+            continue
+        if isinstance(obj, dict):
+            yield RawRecord(obj, origin)
+        else:
+            yield RawRecord(None, origin, f"expected a JSON object, got {type(obj).__name__}", raw=line)
+
+
+def _from_json_array(text: str, path: str) -> Iterator[RawRecord]:
+    """A JSON array of objects; each record's origin is the line its object starts on."""
+    newlines = [i for i, c in enumerate(text) if c == "\n"]
+
+    def line_of(pos: int) -> int:
+        return bisect.bisect_left(newlines, pos) + 1
+
+    decoder = json.JSONDecoder()
+    pos = _skip_ws(text, text.index("[") + 1)
+    index = 0
+    while pos < len(text) and text[pos] != "]":
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            # Inside an array there is no way to resynchronise: the whole file is unusable.
+            raise DataError(f"{path}:{e.lineno}", f"malformed JSON: {e.msg} (column {e.colno}); "
+                                                  f"records before it were read fine") from None
+        origin = Origin(path, index, line_of(pos))
+        index += 1
+        if isinstance(obj, dict):
+            yield RawRecord(obj, origin)
+        else:
+            yield RawRecord(None, origin, f"expected a JSON object, got {type(obj).__name__}",
+                            raw=json.dumps(obj)[:2000])
+        pos = _skip_ws(text, end)
+        if pos < len(text) and text[pos] == ",":
+            pos = _skip_ws(text, pos + 1)
+        elif pos >= len(text) or text[pos] != "]":
+            raise DataError(f"{path}:{line_of(pos)}", "malformed JSON: expected ',' or ']' after a record")
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _from_csv(text: str, path: str) -> Iterator[RawRecord]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    index = 0
+    start_line = 2  # line 1 is the header
+    for row in reader:
+        origin = Origin(path, index, start_line)
+        index += 1
+        start_line = reader.line_num + 1  # a quoted field may span several lines
+        if None in row:
+            yield RawRecord(None, origin, f"row has more fields than the header ({len(reader.fieldnames)})")
+        else:
+            yield RawRecord(dict(row), origin)
+
+
+def _from_disk(path: Path, split: str) -> Iterator[RawRecord]:
+    import datasets
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises FileNotFoundError or its own errors
+        raise DataError(str(path), f"not a datasets.save_to_disk folder: {e}") from None
+    if _is_hf_dataset_dict(ds):
+        ds = _pick_split(ds, split, str(path))
+    yield from _from_rows(ds, str(path))
+
+
+def _from_hub(name: str, split: str) -> Iterator[RawRecord]:
+    import datasets
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # offline, unknown repo, missing split: all surface here
+        raise DataError(name, f"no such file, and loading it as a hub dataset failed: "
+                              f"{type(e).__name__}: {str(e)[:300]}") from None
+    yield from _from_rows(ds, f"{name}[{split}]")

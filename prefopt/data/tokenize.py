@@ -1,0 +1,154 @@
+"""Turn canonical examples into token ids with an explicit prompt/completion boundary.
+
+Rules (each one fixes a bug users hit in the anchors):
+
+* Conversational examples are rendered with the tokenizer's chat template: the prompt
+  with ``add_generation_prompt=True``, the prompt plus completion without it; the
+  completion text is what the second rendering adds after the first. A template that
+  renders the prompt differently once a completion follows is reported per record.
+* The prompt ids are an exact prefix of the prompt+completion ids. When tokenising the
+  joint text merges tokens across the boundary (TRL #1541), the mismatch is counted and
+  the completion is tokenised on its own, which is also what generation from the prompt
+  ids would produce.
+* Every completion ends with EOS: appended when missing; tokens after a final EOS that
+  only carry whitespace (e.g. the "\\n" after ``<|im_end|>`` in ChatML) are dropped, so
+  the model learns to stop at EOS.
+* ``max_prompt_length`` truncates long prompts (``keep_end`` keeps the most recent
+  turns, ``keep_start`` the beginning); completions that do not fit in ``max_length``
+  are truncated. Both are counted in the DataReport. A prompt that leaves no room for a
+  completion is a bad record.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefopt.data.report import DataReport
+from prefopt.data.schema import CompletionExample, Origin, PreferenceExample, RecordProblem, Text
+from prefopt.errors import ConfigError
+
+
+@dataclass
+class EncodedExample:
+    """Token ids of one example: a prompt and one or more completions by role.
+
+    Roles: ``chosen``/``rejected`` for pairs, ``completion`` for unpaired and SFT data.
+    """
+    prompt_ids: list[int]
+    completions: dict[str, list[int]]
+    origin: Origin
+    label: bool | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Encoder:
+    def __init__(self, tokenizer, max_length: int, max_prompt_length: int | None = None,
+                 prompt_truncation: str = "keep_end"):
+        if tokenizer.eos_token_id is None:
+            raise ConfigError("the tokenizer has no EOS token; set one (tokenizer.eos_token) so "
+                              "completions can end")
+        if max_prompt_length is not None and max_prompt_length >= max_length:
+            raise ConfigError(f"data.max_prompt_length ({max_prompt_length}) must be smaller than "
+                              f"data.max_length ({max_length})")
+        self.tok = tokenizer
+        self.eos = tokenizer.eos_token_id
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.keep_end = prompt_truncation == "keep_end"
+        self._whitespace: dict[int, bool] = {}
+
+    # ------------------------------------------------------------------ public
+    def encode(self, example: PreferenceExample | CompletionExample, report: DataReport) -> EncodedExample:
+        if isinstance(example, PreferenceExample):
+            texts = {"chosen": example.chosen, "rejected": example.rejected}
+        else:
+            texts = {"completion": example.completion}
+        ref = example.extras.get("ref_completion")
+        if ref is not None:  # SLiC's reference sample is scored like any other completion
+            texts["ref_completion"] = [{"role": "assistant", "content": ref}] if example.conversational else ref
+        prompt_text = self._render_prompt(example.prompt)
+        prompt_ids = self._ids(prompt_text, conversational=example.conversational)
+        completions = {role: self._completion_ids(example.prompt, prompt_text, prompt_ids, text,
+                                                  report, example.origin)
+                       for role, text in texts.items()}
+        prompt_ids, completions = self._truncate(prompt_ids, completions, report)
+        if "chosen" in completions and completions["chosen"] == completions["rejected"]:
+            report.count("pairs_identical_after_truncation")
+        extras = {k: v for k, v in example.extras.items() if k != "ref_completion"}
+        return EncodedExample(prompt_ids, completions, example.origin,
+                              getattr(example, "label", None), extras)
+
+    # ------------------------------------------------------------------ rendering
+    def _render_prompt(self, prompt: Text) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        return self._template(prompt, add_generation_prompt=True)
+
+    def _template(self, messages: list, add_generation_prompt: bool) -> str:
+        if not getattr(self.tok, "chat_template", None):
+            raise ConfigError("the data is conversational but the tokenizer has no chat template; "
+                              "set model.chat_template (e.g. 'chatml') or use a tokenizer that has one")
+        return self.tok.apply_chat_template(messages, tokenize=False,
+                                            add_generation_prompt=add_generation_prompt)
+
+    def _completion_ids(self, prompt: Text, prompt_text: str, prompt_ids: list[int], completion: Text,
+                        report: DataReport, example_origin: Origin) -> list[int]:
+        conversational = isinstance(prompt, list)
+        if conversational:
+            full_text = self._template(prompt + completion, add_generation_prompt=False)
+            if not full_text.startswith(prompt_text):
+                raise RecordProblem("template", "the chat template renders the prompt differently once "
+                                                "the completion follows, so the prompt/completion "
+                                                "boundary is undefined")
+            completion_text = full_text[len(prompt_text):]
+        else:
+            completion_text, full_text = completion, prompt_text + completion
+        full_ids = self._ids(full_text, conversational)
+        if full_ids[:len(prompt_ids)] == prompt_ids:
+            ids = full_ids[len(prompt_ids):]
+        else:
+            if not report.counts["boundary_mismatch"]:
+                report.notes.append(
+                    f"prompt/completion boundary mismatch (first at {example_origin}): tokenising "
+                    f"prompt+completion merges tokens across the boundary (prompt ends "
+                    f"{prompt_text[-20:]!r}, completion starts {completion_text[:20]!r}); such "
+                    f"completions are tokenised on their own, as generation would produce them")
+            report.count("boundary_mismatch")
+            ids = self.tok(completion_text, add_special_tokens=False)["input_ids"]
+        return self._end_with_eos(ids)
+
+    def _ids(self, text: str, conversational: bool) -> list[int]:
+        # Chat templates write their own BOS; raw text gets the tokenizer's special tokens.
+        return self.tok(text, add_special_tokens=not conversational)["input_ids"]
+
+    def _is_whitespace(self, token: int) -> bool:
+        if token not in self._whitespace:
+            self._whitespace[token] = self.tok.decode([token]).strip() == ""
+        return self._whitespace[token]
+
+    def _end_with_eos(self, ids: list[int]) -> list[int]:
+        end = len(ids)
+        while end > 0 and ids[end - 1] != self.eos and self._is_whitespace(ids[end - 1]):
+            end -= 1
+        if end > 0 and ids[end - 1] == self.eos:
+            return ids[:end]
+        return ids + [self.eos]
+
+    # ------------------------------------------------------------------ truncation
+    def _truncate(self, prompt_ids: list[int], completions: dict[str, list[int]], report: DataReport):
+        limit = self.max_prompt_length
+        if limit is not None and len(prompt_ids) > limit:
+            prompt_ids = prompt_ids[-limit:] if self.keep_end else prompt_ids[:limit]
+            report.count("prompt_truncated")
+        if len(prompt_ids) >= self.max_length:
+            raise RecordProblem("too_long", f"the prompt has {len(prompt_ids)} tokens, leaving no room for "
+                                            f"a completion within data.max_length={self.max_length}; set "
+                                            f"data.max_prompt_length to truncate prompts")
+        room = self.max_length - len(prompt_ids)
+        out = {}
+        for role, ids in completions.items():
+            if len(ids) > room:
+                ids = ids[:room]
+                report.count(f"{role}_truncated")
+            out[role] = ids
+        return prompt_ids, out

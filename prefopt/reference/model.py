@@ -1,0 +1,53 @@
+"""A separate, frozen reference model: loaded from a path, or a copy of the initial policy."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from prefopt.config import ModelConfig, ReferenceConfig
+from prefopt.data.collate import Batch
+from prefopt.errors import ConfigError
+from prefopt.logps import SequenceScores, score_batch
+
+
+class ModelReference:
+    name = "model"
+
+    def __init__(self, model: torch.nn.Module, description: str):
+        model.eval()
+        model.requires_grad_(False)
+        self.model = model
+        self.description = description
+        self.accelerator = None
+
+    @classmethod
+    def build(cls, cfg: ReferenceConfig, model_cfg: ModelConfig, *, policy: Any = None,
+              ref_model: Any = None) -> "ModelReference":
+        from prefopt.models import load_model
+
+        if isinstance(ref_model, torch.nn.Module):
+            return cls(ref_model, f"given model ({type(ref_model).__name__})")
+        path = ref_model if ref_model is not None else cfg.name_or_path
+        if path is not None:
+            dtype = cfg.dtype or model_cfg.dtype
+            return cls(load_model(str(path), dtype=dtype, model_cfg=model_cfg), f"loaded from {path}")
+        # A copy of the initial policy, taken before any optimizer step.
+        return cls(copy.deepcopy(policy), "frozen copy of the initial policy")
+
+    def prepare(self, accelerator) -> None:
+        state = accelerator.state
+        sharded = getattr(state, "deepspeed_plugin", None) is not None and \
+            getattr(state.deepspeed_plugin, "zero_stage", 0) == 3
+        if sharded and self.description.startswith("frozen copy"):
+            raise ConfigError("under DeepSpeed ZeRO-3 the policy is sharded and cannot be deep-copied as "
+                              "the reference; set reference.name_or_path to the initial checkpoint")
+        self.accelerator = accelerator
+        self.model = accelerator.prepare_model(self.model, evaluation_mode=True)
+
+    @torch.no_grad()
+    def scores(self, batch: Batch, keep_token_logprobs: bool = False) -> SequenceScores:
+        ctx = self.accelerator.autocast() if self.accelerator is not None else torch.autocast("cpu", enabled=False)
+        with ctx:
+            return score_batch(self.model, batch, keep_token_logprobs=keep_token_logprobs)

@@ -1,0 +1,14 @@
+"""No reference: reference-free objectives (SFT, SimPO, ORPO, reference-free DPO, ...)."""
+from __future__ import annotations
+
+from prefopt.data.collate import Batch
+
+
+class NoReference:
+    name = "none"
+
+    def prepare(self, accelerator) -> None:
+        pass
+
+    def scores(self, batch: Batch, keep_token_logprobs: bool = False):
+        return None

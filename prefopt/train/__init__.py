@@ -1,0 +1,1 @@
+"""Training: the loop (loop.py), checkpoints (checkpoint.py), metrics (metrics.py)."""

@@ -1,0 +1,163 @@
+"""The training loop: windows of micro-batches, one optimizer step each. Nothing loss-specific.
+
+    for each optimizer step:
+        window  = the next gradient_accumulation_steps micro-batches (fewer at an epoch's end)
+        units   = per-term totals over the window and all processes (examples or tokens)
+        for each micro-batch: loss = objective.forward(...).loss; backward (sync on the last)
+        clip, step, schedule, zero; log / evaluate / checkpoint when due
+
+Dividing every term by the totals of the whole step (not per micro-batch) makes any
+micro-batch x accumulation x process split give the same gradient as one large batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from prefopt.config import RunConfig
+from prefopt.errors import PrefoptError
+from prefopt.objective import Objective
+from prefopt.train.checkpoint import (TrainState, load_checkpoint, resolve_resume, save_checkpoint,
+                                      save_final)
+from prefopt.train.metrics import MetricAccumulator, MetricsWriter, prefixed
+
+
+@dataclass
+class Job:
+    """Everything the loop needs, built by prefopt.trainer (already passed through accelerator.prepare)."""
+    config: RunConfig
+    accelerator: Any
+    model: torch.nn.Module
+    tokenizer: Any
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: Any
+    eval_loader: Any
+    output_dir: Path
+    total_steps: int
+    steps_per_epoch: int
+
+
+class NonFiniteLossError(PrefoptError):
+    pass
+
+
+def train(job: Job) -> tuple[TrainState, dict]:
+    cfg, acc = job.config.train, job.accelerator
+    state = TrainState()
+    if cfg.resume_from:
+        state = load_checkpoint(acc, resolve_resume(cfg.resume_from, job.output_dir))
+    writer = MetricsWriter(job.output_dir / "metrics.jsonl", acc.is_main_process, append=state.step > 0)
+    last_eval: dict = {}
+    if cfg.eval_on_start and state.step == 0 and job.eval_loader is not None:
+        last_eval = _log_eval(job, writer, state.step)
+    window_metrics, tokens, started = MetricAccumulator(), 0, time.perf_counter()
+    bar = tqdm(total=job.total_steps, initial=state.step, desc="train", dynamic_ncols=True,
+               disable=not (acc.is_main_process and cfg.progress_bar))
+    for window in _windows(job, state):
+        tokens += optimizer_step(job, window, window_metrics)
+        state.step += 1
+        bar.update(1)
+        if state.step % cfg.logging_steps == 0 or state.step == job.total_steps:
+            elapsed = time.perf_counter() - started
+            tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), reduction="sum"))
+            state.num_tokens += tokens
+            logged = job.objective.summarize(window_metrics.means(acc))
+            logged.update(learning_rate=job.scheduler.get_last_lr()[0],
+                          epoch=round(state.step / job.steps_per_epoch, 4),
+                          tokens_per_second=tokens / max(elapsed, 1e-9), num_tokens=state.num_tokens)
+            writer.write(state.step, logged)
+            bar.set_postfix({k: f"{logged[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in logged})
+            window_metrics.reset()
+            tokens, started = 0, time.perf_counter()
+        if job.eval_loader is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
+            last_eval = _log_eval(job, writer, state.step)
+        if cfg.save_steps and state.step % cfg.save_steps == 0:
+            save_checkpoint(acc, job.model, job.tokenizer, state, job.config, job.output_dir, cfg.save_total_limit)
+        if state.step >= job.total_steps:
+            break
+    bar.close()
+    if job.eval_loader is not None and not (cfg.eval_steps and state.step % cfg.eval_steps == 0):
+        last_eval = _log_eval(job, writer, state.step)
+    save_final(acc, job.model, job.tokenizer, job.config, job.output_dir)
+    return state, last_eval
+
+
+def _windows(job: Job, state: TrainState) -> Iterator[list]:
+    """Yield lists of micro-batches, one list per optimizer step; keeps ``state``'s data position."""
+    accum = job.config.train.gradient_accumulation_steps
+    while True:
+        job.train_loader.set_epoch(state.epoch)
+        loader = job.train_loader
+        if state.batch_in_epoch:
+            loader = job.accelerator.skip_first_batches(loader, state.batch_in_epoch)
+        window: list = []
+        for batch in loader:
+            window.append(batch)
+            if len(window) == accum:
+                state.batch_in_epoch += len(window)
+                yield window
+                window = []
+        if window:
+            state.batch_in_epoch += len(window)
+            yield window
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+
+def optimizer_step(job: Job, window: list, metrics: MetricAccumulator) -> int:
+    """Forward/backward every micro-batch of the window, then one optimizer step. Returns tokens read."""
+    acc, model, objective = job.accelerator, job.model, job.objective
+    units = [sum(u) for u in zip(*(objective.units(b) for b in window))]
+    if acc.num_processes > 1:
+        units = acc.reduce(torch.tensor(units, device=acc.device, dtype=torch.float64), reduction="sum").tolist()
+    model.train()
+    tokens = 0
+    for i, batch in enumerate(window):
+        last = i == len(window) - 1
+        with contextlib.nullcontext() if last else acc.no_sync(model):
+            out = objective.forward(model, batch, units)
+            if not torch.isfinite(out.loss):
+                raise NonFiniteLossError(
+                    "non-finite loss; with fp16 this is usually an overflow: use "
+                    "train.mixed_precision=bf16, a lower learning rate, or check the data")
+            # DDP averages gradients over processes; the units are already global totals.
+            acc.backward(out.loss * acc.num_processes)
+        metrics.add_all(objective.metrics(out, batch))
+        tokens += batch.num_tokens
+    max_norm = job.config.train.max_grad_norm
+    grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm if max_norm else math.inf)
+    if grad_norm is not None:
+        metrics.add("grad_norm", float(grad_norm), 1)
+    job.optimizer.step()
+    job.scheduler.step()
+    job.optimizer.zero_grad(set_to_none=True)
+    return tokens
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, objective: Objective, loader) -> dict[str, float]:
+    """Objective metrics over ``loader`` (no gradient); the reference is the objective's own."""
+    was_training = model.training
+    model.eval()
+    metrics = MetricAccumulator()
+    for batch in loader:
+        out = objective.forward(model, batch, objective.units(batch))
+        metrics.add_all(objective.metrics(out, batch))
+    model.train(was_training)
+    return objective.summarize(metrics.means(accelerator))
+
+
+def _log_eval(job: Job, writer: MetricsWriter, step: int) -> dict:
+    values = prefixed("eval/", evaluate(job.accelerator, job.model, job.objective, job.eval_loader))
+    writer.write(step, values)
+    return values

@@ -1,0 +1,73 @@
+"""Metric accumulation across micro-batches, steps and processes, and the metrics.jsonl writer.
+
+Metrics arrive as (sum, count) pairs, so a mean over a logging window is exact whatever
+the micro-batch sizes, and a reduction across processes is a single all-reduce of sums
+and counts.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+class MetricAccumulator:
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, float] = {}
+
+    def add(self, name: str, total, count: float) -> None:
+        total = float(total.detach()) if isinstance(total, torch.Tensor) else float(total)
+        self.sums[name] = self.sums.get(name, 0.0) + total
+        self.counts[name] = self.counts.get(name, 0.0) + float(count)
+
+    def add_all(self, pairs: dict) -> None:
+        for name, (total, count) in pairs.items():
+            self.add(name, total, count)
+
+    def means(self, accelerator=None) -> dict[str, float]:
+        """Means over everything added since the last reset, summed over all processes."""
+        names = sorted(self.sums)
+        if accelerator is not None and accelerator.num_processes > 1:
+            packed = torch.tensor([self.sums[n] for n in names] + [self.counts[n] for n in names],
+                                  dtype=torch.float64, device=accelerator.device)
+            packed = accelerator.reduce(packed, reduction="sum").tolist()
+            sums, counts = packed[:len(names)], packed[len(names):]
+        else:
+            sums, counts = [self.sums[n] for n in names], [self.counts[n] for n in names]
+        return {n: (s / c if c else math.nan) for n, s, c in zip(names, sums, counts)}
+
+    def reset(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+
+class MetricsWriter:
+    """OUTPUT_DIR/metrics.jsonl: one JSON object per logging or eval event, with ``step``."""
+
+    def __init__(self, path: Path, enabled: bool, append: bool):
+        self.path = path
+        self.enabled = enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not append:
+                path.write_text("")
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _clean(v) for k, v in values.items()}}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def prefixed(prefix: str, values: dict) -> dict:
+    return {f"{prefix}{k}": v for k, v in values.items()}
