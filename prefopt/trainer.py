@@ -93,12 +93,25 @@ class Trainer:
         self.state, last_eval = loop.train(job)
         return last_eval
 
-    def evaluate(self) -> dict:
-        """Objective metrics of the current model on the eval data (keys prefixed ``eval/``)."""
+    def evaluate(self, on: str = "eval") -> dict:
+        """Objective metrics of the current model (keys prefixed ``eval/``).
+
+        ``on="eval"`` uses the eval data; ``on="train"`` the training examples, in order,
+        with the eval batch size (e.g. to report reward accuracy on the training pairs).
+        """
         job = self.setup(need_train=False)
-        if job.eval_loader is None:
-            raise ConfigError("evaluate() needs eval data: eval_dataset, data.eval or data.eval_split_size")
-        values = loop.evaluate(job.accelerator, job.model, job.objective, job.eval_loader)
+        if on == "train":
+            if self._train_set is None:
+                raise ConfigError("evaluate(on='train') needs training data")
+            loader = job.accelerator.prepare_data_loader(self._loader(
+                self._train_set, self._collator, self.config.train.per_device_eval_batch_size, False))
+        elif on == "eval":
+            loader = job.eval_loader
+            if loader is None:
+                raise ConfigError("evaluate() needs eval data: eval_dataset, data.eval or data.eval_split_size")
+        else:
+            raise ConfigError(f"evaluate(on={on!r}): expected 'train' or 'eval'")
+        values = loop.evaluate(job.accelerator, job.model, job.objective, loader)
         return {f"eval/{k}": v for k, v in values.items()}
 
     def save_model(self, path: str | Path | None = None) -> Path:
@@ -149,6 +162,7 @@ class Trainer:
 
         collator = PaddedCollator(tokenizer.pad_token_id, objective.roles, cfg.data.pad_to_multiple_of,
                                   objective.extra_columns)
+        self._train_set, self._collator = train_set, collator
         train_loader = self._loader(train_set, collator, tcfg.per_device_train_batch_size, True)
         eval_loader = self._loader(eval_set, collator, tcfg.per_device_eval_batch_size, False)
         steps_per_epoch = max(1, math.ceil(len(train_loader) / tcfg.gradient_accumulation_steps)) \
@@ -163,7 +177,7 @@ class Trainer:
         if eval_loader is not None:
             eval_loader = accelerator.prepare_data_loader(eval_loader)
         reference.prepare(accelerator)
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and need_train:
             save_config(cfg, output_dir / "config.yaml")
             log.info("objective: %s | reference: %s | %d optimizer steps (%d per epoch)",
                      " + ".join(f"{t.weight:g}*{t.spec.name}" for t in objective.terms),

@@ -131,6 +131,11 @@ def extract_columns(record: dict, required: tuple[str, ...]) -> dict[str, Any]:
                 raise RecordProblem("missing_field", f"missing column '{name}', which the loss needs")
             continue
         if name in NUMERIC_COLUMNS:
+            if isinstance(value, str):  # CSV cells are always text: accept "0.5"
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise RecordProblem("wrong_type", f"column '{name}' must be a number, got {value!r:.40}")
             value = float(value)

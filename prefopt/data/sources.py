@@ -91,7 +91,7 @@ def _from_file(path: Path) -> Iterator[RawRecord]:
         return
     opener = gzip.open if name.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as fh:
+        with opener(path, "rt", encoding="utf-8-sig") as fh:  # -sig: tolerate a BOM (Excel CSV)
             text = fh.read()
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(str(path), f"cannot read file: {e}") from None
@@ -108,7 +108,8 @@ def _from_file(path: Path) -> Iterator[RawRecord]:
 
 def _from_json_lines(text: str, path: str) -> Iterator[RawRecord]:
     index = 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): JSON text may hold a raw U+2028 etc. inside a string.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         origin = Origin(path, index, lineno)
@@ -153,6 +154,9 @@ def _from_json_array(text: str, path: str) -> Iterator[RawRecord]:
             pos = _skip_ws(text, pos + 1)
         elif pos >= len(text) or text[pos] != "]":
             raise DataError(f"{path}:{line_of(pos)}", "malformed JSON: expected ',' or ']' after a record")
+    if pos >= len(text):  # e.g. a truncated file ending just after a ','
+        raise DataError(f"{path}:{line_of(pos)}", "malformed JSON: the array is not closed with ']' "
+                                                  "(is the file truncated?)")
 
 
 def _skip_ws(text: str, pos: int) -> int:
@@ -162,17 +166,21 @@ def _skip_ws(text: str, pos: int) -> int:
 
 
 def _from_csv(text: str, path: str) -> Iterator[RawRecord]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    # csv.reader rather than DictReader: DictReader skips blank lines silently, which would
+    # make the line of the row after a blank line wrong.
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, [])
     index = 0
-    start_line = 2  # line 1 is the header
+    start_line = reader.line_num + 1
     for row in reader:
-        origin = Origin(path, index, start_line)
-        index += 1
+        if row:  # a blank line reads as []
+            origin = Origin(path, index, start_line)
+            index += 1
+            if len(row) > len(header):
+                yield RawRecord(None, origin, f"row has more fields than the header ({len(header)})")
+            else:  # missing trailing fields are None, as with DictReader
+                yield RawRecord(dict(zip(header, row + [None] * (len(header) - len(row)))), origin)
         start_line = reader.line_num + 1  # a quoted field may span several lines
-        if None in row:
-            yield RawRecord(None, origin, f"row has more fields than the header ({len(reader.fieldnames)})")
-        else:
-            yield RawRecord(dict(row), origin)
 
 
 def _from_disk(path: Path, split: str) -> Iterator[RawRecord]:

@@ -1,0 +1,46 @@
+"""The collator's exact tensors (the same ones its docstring shows)."""
+import torch
+
+from prefopt.data.collate import PaddedCollator
+from prefopt.data.schema import Origin
+from prefopt.data.tokenize import EncodedExample
+
+O = Origin("t", 0)
+
+
+def test_docstring_example_exact_tensors():
+    ex = EncodedExample([11, 12], {"chosen": [21, 22, 2], "rejected": [31, 2]}, O)
+    b = PaddedCollator(0, ("chosen", "rejected"))([ex])
+    assert b.input_ids.tolist() == [[11, 12, 21, 22, 2], [11, 12, 31, 2, 0]]
+    assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert b.token_row.tolist() == [0, 0, 0, 1, 1]
+    assert b.token_pos.tolist() == [1, 2, 3, 1, 2]
+    assert b.token_target.tolist() == [21, 22, 2, 31, 2]
+    assert b.token_sequence.tolist() == [0, 0, 0, 1, 1]
+    assert b.sequence_lengths.tolist() == [3, 2]
+    assert {k: v.tolist() for k, v in b.index.items()} == {"chosen": [0], "rejected": [1]}
+    assert b.labels is None and b.extras == {} and b.num_examples == 1 and b.num_tokens == 9
+
+
+def test_two_pairs_role_major_with_padding_multiple_and_extras():
+    a = EncodedExample([1], {"chosen": [2, 3], "rejected": [4]}, O, extras={"preference_prob": 0.8})
+    b = EncodedExample([5, 6], {"chosen": [7], "rejected": [8, 9]}, O, extras={"preference_prob": 0.6})
+    batch = PaddedCollator(0, ("chosen", "rejected"), pad_to_multiple_of=4, extras=("preference_prob",))([a, b])
+    assert batch.input_ids.tolist() == [[1, 2, 3, 0], [5, 6, 7, 0], [1, 4, 0, 0], [5, 6, 8, 9]]
+    assert batch.token_row.tolist() == [0, 0, 1, 2, 3, 3]
+    assert batch.token_pos.tolist() == [0, 1, 1, 0, 1, 2]
+    assert batch.token_target.tolist() == [2, 3, 7, 4, 8, 9]
+    assert batch.token_sequence.tolist() == [0, 0, 1, 2, 3, 3]
+    assert batch.index["chosen"].tolist() == [0, 1] and batch.index["rejected"].tolist() == [2, 3]
+    assert torch.allclose(batch.extras["preference_prob"], torch.tensor([0.8, 0.6]))
+
+
+def test_unpaired_with_kl_mismatched_pairs():
+    a = EncodedExample([1, 2], {"completion": [3, 9]}, O, label=True)
+    b = EncodedExample([4], {"completion": [5, 6, 9]}, O, label=False)
+    batch = PaddedCollator(0, ("completion", "kl"))([a, b])
+    # kl rows: prompt i with the completion of example (i + 1) mod B
+    assert batch.input_ids.tolist() == [[1, 2, 3, 9, 0], [4, 5, 6, 9, 0], [1, 2, 5, 6, 9], [4, 3, 9, 0, 0]]
+    assert batch.index["completion"].tolist() == [0, 1] and batch.index["kl"].tolist() == [2, 3]
+    assert batch.labels.tolist() == [True, False]
+    assert batch.sequence_lengths.tolist() == [2, 3, 3, 2]

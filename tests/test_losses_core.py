@@ -1,0 +1,97 @@
+"""Hand-derived values for the foundation losses (dpo, cDPO, reference-free, ipo, sft)."""
+import math
+
+import pytest
+import torch
+
+from prefopt import losses
+from prefopt.errors import ConfigError
+from prefopt.losses import MissingInputError
+
+T = torch.tensor
+
+
+def pair(pc=-10.0, pr=-15.0, rc=-12.0, rr=-14.0, lc=5, lr=3):
+    return dict(policy_chosen_logps=T([pc]), policy_rejected_logps=T([pr]), ref_chosen_logps=T([rc]),
+                ref_rejected_logps=T([rr]), chosen_lengths=T([lc]), rejected_lengths=T([lr]))
+
+
+def test_dpo_hand_derived():
+    # r_w = 2, r_l = -1, h = 3, beta h = 0.3: -log sigmoid(0.3) = log(1 + e^-0.3)
+    out = losses.compute("dpo", **pair(), beta=0.1)
+    assert out.losses.item() == pytest.approx(math.log(1 + math.exp(-0.3)), abs=1e-6)
+    assert out.losses.item() == pytest.approx(0.554355, abs=1e-6)
+    assert out.chosen_rewards.item() == pytest.approx(0.2)
+    assert out.rejected_rewards.item() == pytest.approx(-0.1)
+
+
+def test_cdpo_hand_derived():
+    # 0.9 * log(1 + e^-0.3) + 0.1 * log(1 + e^0.3)
+    out = losses.compute("dpo", **pair(), beta=0.1, label_smoothing=0.1)
+    assert out.losses.item() == pytest.approx(0.9 * 0.5543552 + 0.1 * 0.8543552, abs=1e-6)
+    assert out.losses.item() == pytest.approx(0.584355, abs=1e-6)
+
+
+def test_dpo_reference_free_uses_policy_logps_only():
+    # h = -10 - (-15) = 5, beta h = 0.5
+    out = losses.compute("dpo", policy_chosen_logps=T([-10.0]), policy_rejected_logps=T([-15.0]),
+                         beta=0.1, reference_free=True)
+    assert out.losses.item() == pytest.approx(math.log(1 + math.exp(-0.5)), abs=1e-6)
+    assert out.chosen_rewards.item() == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+@pytest.mark.parametrize("beta", [0.01, 0.1, 1.0])
+def test_dpo_is_ln2_when_policy_equals_reference(beta, eps):
+    logps = T([-3.0, -50.0, -700.0])
+    out = losses.compute("dpo", policy_chosen_logps=logps, policy_rejected_logps=logps - 7,
+                         ref_chosen_logps=logps, ref_rejected_logps=logps - 7, beta=beta, label_smoothing=eps)
+    assert torch.allclose(out.losses, torch.full((3,), math.log(2)))
+
+
+def test_ipo_hand_derived_uses_length_averaged_logps():
+    # tau = 0.5 -> target 1; r_w = 2/5 = 0.4, r_l = -1/3; h = 0.733333; (h - 1)^2 = 0.0711111
+    out = losses.compute("ipo", **pair(), beta=0.5)
+    assert out.losses.item() == pytest.approx((0.4 + 1 / 3 - 1.0) ** 2, abs=1e-6)
+    assert out.losses.item() == pytest.approx(0.0711111, abs=1e-6)
+
+
+def test_ipo_needs_lengths():
+    kw = pair()
+    kw.pop("chosen_lengths")
+    with pytest.raises(MissingInputError, match="chosen_lengths"):
+        losses.compute("ipo", **kw)
+
+
+def test_sft_paired_and_unpaired():
+    out = losses.compute("sft", policy_chosen_logps=T([-6.0, -2.0]), chosen_lengths=T([3, 1]),
+                         policy_rejected_logps=T([-1.0, -1.0]))
+    assert out.losses.tolist() == [6.0, 2.0]  # the loop divides the step's sum by 4 tokens: 2.0
+    out = losses.compute("sft", policy_logps=T([-6.0, -2.0]), lengths=T([3, 1]), labels=T([True, False]))
+    assert out.losses.tolist() == [6.0, 0.0]  # undesirable completions are not imitated
+
+
+def test_compute_rejects_unknown_parameter_with_suggestion():
+    with pytest.raises(ConfigError, match="did you mean 'beta'"):
+        losses.compute("dpo", **pair(), bta=0.1)
+
+
+def test_parameter_ranges_are_checked():
+    with pytest.raises(ConfigError, match="label_smoothing=0.5 must be < 0.5"):
+        losses.compute("dpo", **pair(), label_smoothing=0.5)
+    with pytest.raises(ConfigError, match="beta=0.0 must be > 0"):
+        losses.compute("dpo", **pair(), beta=0.0)
+
+
+def test_unknown_loss_suggests_closest():
+    with pytest.raises(KeyError, match="did you mean 'ipo'"):
+        losses.get_spec("ipoo")
+
+
+def test_missing_reference_is_named():
+    with pytest.raises(MissingInputError, match="ref_chosen_logps.*reference"):
+        losses.compute("dpo", policy_chosen_logps=T([-1.0]), policy_rejected_logps=T([-2.0]))
+
+
+def test_alias_resolves_to_canonical_spec():
+    assert losses.get_spec("sigmoid") is losses.get_spec("dpo")
