@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     losses = verbs.add_parser("losses", help="list the registered losses")
     losses.add_argument("name", nargs="?", help="show one loss in detail")
+    losses.add_argument("--markdown", action="store_true", help="the README's table of losses")
     verbs.add_parser("keys", help="list every config key")
     verbs.add_parser("formats", help="list the data formats")
     ns = parser.parse_args(argv)
@@ -107,6 +108,9 @@ def cmd_demo(ns) -> int:
 def cmd_losses(ns) -> int:
     from prefopt.losses import get_spec, list_specs
 
+    if ns.markdown:
+        print(losses_markdown())
+        return 0
     if ns.name:
         try:
             spec = get_spec(ns.name)
@@ -128,6 +132,20 @@ def cmd_losses(ns) -> int:
         print(f"{'':<16} params: {params}")
         print(f"{'':<16} paper: {spec.paper}")
     return 0
+
+
+def losses_markdown() -> str:
+    """The README's loss table, generated from the registry (a test keeps them equal)."""
+    from prefopt.losses import list_specs
+
+    rows = ["| loss | equation | needs | parameters (defaults) | paper | when to use |",
+            "|---|---|---|---|---|---|"]
+    for spec in list_specs():
+        name = f"`{spec.name}`" + (f" ({', '.join(f'`{a}`' for a in spec.aliases)})" if spec.aliases else "")
+        params = ", ".join(f"`{n}={d!r}`" for n, d, _ in spec.param_docs()) or "-"
+        cells = [name, spec.equation, spec.needs_text(), params, spec.paper, spec.summary]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows)
 
 
 def cmd_keys(ns) -> int:
