@@ -130,6 +130,16 @@ class LossTerm:
     name: str = option("dpo", "Registry key of the loss (`prefopt losses` lists them).")
     weight: float = option(1.0, "Weight of this loss in the objective.")
     params: dict = option(factory=dict, help="Parameters of the loss (beta, label_smoothing, ...).")
+    ld_alpha: float | None = option(
+        None, "LD-DPO (Liu et al. 2024, arXiv:2409.06411): log-probs of the tokens of the longer "
+              "completion beyond the shorter one's length are scaled by this α in [0, 1] (policy and "
+              "reference alike), desensitising the loss to verbosity. Any paired loss; None: off.")
+    wpo: bool = option(
+        False, "WPO weighting (Zhou et al. 2024, arXiv:2406.11827): each pair's loss is multiplied by "
+               "min(1, w(y_w)·w(y_l)), w(y) = exp(mean_t [log πθ(y_t) − log Σ_v πθ(v)²]) (detached), "
+               "so pairs the policy would itself generate weigh more. Any paired loss.")
+
+    MODIFIERS = ("ld_alpha", "wpo")
 
     def resolved_params(self):
         """The loss's parameter dataclass, defaults filled in and values checked."""
@@ -250,13 +260,20 @@ def parse_loss(value: Any) -> list[LossTerm]:
         item = dict(item)
         name = str(item.pop("name"))
         weight = _coerce(item.pop("weight", 1.0), float, f"{where}.weight")
+        ld_alpha = _coerce(item.pop("ld_alpha", None), float | None, f"{where}.ld_alpha")
+        wpo = _coerce(item.pop("wpo", False), bool, f"{where}.wpo")
         params = dict(item.pop("params", {}) or {})
         params.update(item)
         try:
             spec = get_spec(name)
         except KeyError as e:
             raise ConfigError(f"{where}.name: {e.args[0]}") from None
-        term = LossTerm(name=spec.name, weight=weight, params=params)
+        if (ld_alpha is not None or wpo) and spec.data != "paired":
+            raise ConfigError(f"{where}: ld_alpha and wpo apply to paired losses; '{spec.name}' is "
+                              f"{spec.data}")
+        if ld_alpha is not None and not 0 <= ld_alpha <= 1:
+            raise ConfigError(f"{where}.ld_alpha={ld_alpha} must be in [0, 1]")
+        term = LossTerm(name=spec.name, weight=weight, params=params, ld_alpha=ld_alpha, wpo=wpo)
         term.params = dataclasses.asdict(term.resolved_params())  # validate now, store resolved
         terms.append(term)
     return terms
@@ -269,7 +286,8 @@ def config_from_dict(data: dict | None, cls=RunConfig) -> RunConfig:
 def to_dict(cfg: Any) -> Any:
     """Plain data for YAML: loss terms are written flat ({name, weight, **params})."""
     if isinstance(cfg, LossTerm):
-        return {"name": cfg.name, "weight": cfg.weight, **cfg.params}
+        mods = {m: getattr(cfg, m) for m in LossTerm.MODIFIERS if getattr(cfg, m) not in (None, False)}
+        return {"name": cfg.name, "weight": cfg.weight, **cfg.params, **mods}
     if is_dataclass(cfg):
         return {f.name: to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
     if isinstance(cfg, list):

@@ -8,23 +8,28 @@ The objective is the single place that knows how a Batch becomes LossInputs:
 It reads the registry flags of its terms to decide which data kind it consumes
 (paired / unpaired / completion), which roles the collator must build, whether the
 reference runs and whether token-level statistics are needed, and how each term's
-per-example losses are normalised. The training loop only calls ``units``, ``forward``
-and ``metrics``.
+per-example losses are normalised. Term modifiers that apply to any paired loss (LD-DPO's
+``ld_alpha``, WPO weighting) and extra loss terms given as Python callables are applied
+here too. The training loop only calls ``units``, ``forward``, ``metrics`` and ``summarize``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from prefopt.config import LossTerm
 from prefopt.data.collate import Batch
-from prefopt.errors import ConfigError
-from prefopt.logps import SequenceScores, score_batch
+from prefopt.errors import ConfigError, PrefoptError
+from prefopt.logps import SequenceScores, prefix_logps, score_batch
 from prefopt.losses import LossInputs, LossOutput, LossSpec, check_inputs, get_spec
 
 Tensor = torch.Tensor
+ExtraLoss = Callable[["StepOutput"], Tensor]
 
 
 @dataclass
@@ -32,23 +37,29 @@ class Term:
     spec: LossSpec
     params: Any
     weight: float
-    label: str  # metric name suffix: loss/<label>
+    label: str                      # metric name suffix: loss/<label>
+    ld_alpha: float | None = None   # LD-DPO modifier
+    wpo: bool = False               # WPO weighting modifier
+    state: dict = field(default_factory=dict)  # a stateful loss's running statistics
 
     @classmethod
     def from_config(cls, term: LossTerm, label: str) -> "Term":
-        return cls(get_spec(term.name), term.resolved_params(), term.weight, label)
+        return cls(get_spec(term.name), term.resolved_params(), term.weight, label, term.ld_alpha, term.wpo)
 
 
 @dataclass
 class StepOutput:
-    loss: Tensor                 # scalar: Σ_k w_k Σ_i losses_k[i] / units_k (units of the whole step)
-    outputs: list[LossOutput]    # one per term
+    """What one micro-batch produced; extra loss callables receive this."""
+    loss: Tensor                     # scalar: Σ_k w_k Σ_i losses_k[i] / units_k + Σ extras / micro-batches
+    outputs: dict[str, LossOutput]   # by term label
     inputs: LossInputs
     policy: SequenceScores
+    batch: Batch
+    extras: dict[str, Tensor] = field(default_factory=dict)  # value of each extra loss term
 
 
 class Objective:
-    def __init__(self, terms: list[Term], reference):
+    def __init__(self, terms: list[Term], reference, extra_losses: dict[str, ExtraLoss] | None = None):
         if not terms:
             raise ConfigError("the objective needs at least one loss")
         kinds = {t.spec.data for t in terms} - {"any"}
@@ -58,8 +69,13 @@ class Objective:
         self.terms = terms
         self.kind = {"paired": "paired", "unpaired": "unpaired"}.get(next(iter(kinds), ""), "completion")
         self.reference = reference
+        self.extra_losses = dict(extra_losses or {})
+        clash = set(self.extra_losses) & {t.label for t in terms}
+        if clash:
+            raise ConfigError(f"extra loss name(s) {sorted(clash)} collide with loss terms")
         self.needs_reference = any(t.spec.needs_reference(t.params) for t in terms)
         self.token_level = any(t.spec.needs_token_stats(t.params) for t in terms)
+        self.wpo = any(t.wpo for t in terms)
         self.columns = tuple(sorted({c for t in terms for c in t.spec.needed_columns(t.params)}))
         self._checked = False
         if self.needs_reference and getattr(reference, "name", "none") == "none":
@@ -67,10 +83,11 @@ class Objective:
             raise ConfigError(f"loss {', '.join(names)} needs a reference model, but none is configured")
 
     @classmethod
-    def from_config(cls, loss_terms: list[LossTerm], reference) -> "Objective":
+    def from_config(cls, loss_terms: list[LossTerm], reference,
+                    extra_losses: dict[str, ExtraLoss] | None = None) -> "Objective":
         names = [t.name for t in loss_terms]
         labels = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
-        return cls([Term.from_config(t, label) for t, label in zip(loss_terms, labels)], reference)
+        return cls([Term.from_config(t, label) for t, label in zip(loss_terms, labels)], reference, extra_losses)
 
     @staticmethod
     def requirements(loss_terms: list[LossTerm]) -> tuple[bool, str]:
@@ -82,10 +99,10 @@ class Objective:
     @property
     def roles(self) -> tuple[str, ...]:
         roles = ("chosen", "rejected") if self.kind == "paired" else ("completion",)
-        needs = set().union(*(t.spec.inputs for t in self.terms))
+        needs = set().union(*(t.spec.extra_inputs(t.params) for t in self.terms))
         if "policy_kl_logps" in needs:
             roles += ("kl",)
-        if "ref_completion" in self.columns:
+        if "policy_ref_completion_logps" in needs:
             roles += ("ref_completion",)
         return roles
 
@@ -95,10 +112,13 @@ class Objective:
         return tuple(c for c in self.columns if c != "ref_completion")
 
     # ------------------------------------------------------------------ normalisation
-    def units(self, batch: Batch) -> list[float]:
-        """Per term: how many units this batch holds (examples, or target tokens)."""
-        return [float(self._target_tokens(batch)) if t.spec.normalize == "token" else float(batch.num_examples)
-                for t in self.terms]
+    def units(self, batch: Batch) -> dict[str, float]:
+        """How many units this batch holds, per term (examples or target tokens) and per
+        extra loss (one micro-batch). The loop sums these over the optimizer step."""
+        units = {t.label: float(self._target_tokens(batch)) if t.spec.normalize == "token"
+                 else float(batch.num_examples) for t in self.terms}
+        units.update({name: 1.0 for name in self.extra_losses})
+        return units
 
     def _target_tokens(self, batch: Batch) -> int:
         role = "chosen" if self.kind == "paired" else "completion"
@@ -108,27 +128,68 @@ class Objective:
         return int(lengths.sum())
 
     # ------------------------------------------------------------------ forward
-    def forward(self, model, batch: Batch, units: list[float]) -> StepOutput:
-        """Scores, inputs and every term's loss. ``units`` are the step's totals per term."""
+    def forward(self, model, batch: Batch, units: dict[str, float], training: bool = True) -> StepOutput:
+        """Scores, inputs and every term's loss. ``units`` are the step's totals.
+
+        With ``training=False`` stateful losses read their state without updating it.
+        """
         ref = None
         if self.needs_reference:
             ref = self.reference.scores(batch, keep_token_logprobs=self.token_level)
-        policy = score_batch(model, batch,
+        policy = score_batch(model, batch, wpo=self.wpo,
                              ref_token_logprobs=ref.token_logprobs if ref is not None else None)
         if ref is not None:
             ref.token_logprobs = None  # (K, V): not needed past this point
         inputs = self.make_inputs(batch, policy, ref)
         if not self._checked:  # the first forward runs before any optimizer step
-            for term in self.terms:
-                check_inputs(term.spec, term.params, inputs.present(), self.kind == "paired")
-            self._checked = True
-        outputs = []
+            self._check(inputs)
         loss = torch.zeros((), device=policy.logps.device)
-        for term, unit in zip(self.terms, units):
-            out = term.spec.fn(inputs, term.params)
-            outputs.append(out)
-            loss = loss + term.weight * out.losses.sum() / max(unit, 1.0)
-        return StepOutput(loss, outputs, inputs, policy)
+        outputs = {}
+        for term in self.terms:
+            out = self._run_term(term, batch, inputs, policy, ref, training)
+            outputs[term.label] = out
+            loss = loss + term.weight * out.losses.sum() / max(units[term.label], 1.0)
+        step = StepOutput(loss, outputs, inputs, policy, batch)
+        for name, fn in self.extra_losses.items():
+            value = fn(step)
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                raise PrefoptError(f"extra loss '{name}' must return a scalar tensor, got {value!r:.80}")
+            step.extras[name] = value.reshape(())
+            step.loss = step.loss + step.extras[name] / max(units[name], 1.0)
+        return step
+
+    def _run_term(self, term: Term, batch: Batch, inputs: LossInputs, policy: SequenceScores,
+                  ref: SequenceScores | None, training: bool) -> LossOutput:
+        inputs = dataclasses.replace(inputs, state=term.state if training else copy.deepcopy(term.state))
+        if term.ld_alpha is not None:
+            inputs = self._length_desensitised(inputs, batch, policy, ref, term.ld_alpha)
+        out = term.spec.fn(inputs, term.params)
+        if term.wpo:
+            weights = torch.exp(policy.wpo_log_weight[batch.index["chosen"]]
+                                + policy.wpo_log_weight[batch.index["rejected"]]).clamp(max=1.0)
+            out = dataclasses.replace(out, losses=out.losses * weights,
+                                      metrics={**out.metrics, "wpo/weight": weights})
+        return out
+
+    @staticmethod
+    def _length_desensitised(inputs: LossInputs, batch: Batch, policy: SequenceScores,
+                             ref: SequenceScores | None, alpha: float) -> LossInputs:
+        """LD-DPO: log p = log p(first m tokens) + α · log p(the rest), m = min(|y_w|, |y_l|)."""
+        ci, ri = batch.index["chosen"], batch.index["rejected"]
+        shared = torch.minimum(batch.sequence_lengths[ci], batch.sequence_lengths[ri])
+        limits = torch.zeros_like(batch.sequence_lengths)
+        limits[ci], limits[ri] = shared, shared
+
+        def ld(scores: SequenceScores):
+            prefix = prefix_logps(scores, batch, limits)
+            mixed = prefix + alpha * (scores.logps - prefix)
+            return mixed[ci], mixed[ri]
+
+        pc, pr = ld(policy)
+        changes = {"policy_chosen_logps": pc, "policy_rejected_logps": pr}
+        if ref is not None:
+            changes["ref_chosen_logps"], changes["ref_rejected_logps"] = ld(ref)
+        return dataclasses.replace(inputs, **changes)
 
     def make_inputs(self, batch: Batch, policy: SequenceScores, ref: SequenceScores | None) -> LossInputs:
         def pick(scores: SequenceScores | None, role: str, attr: str = "logps"):
@@ -149,18 +210,59 @@ class Objective:
                 policy_logps=pick(policy, "completion"), ref_logps=pick(ref, "completion"),
                 lengths=lengths[batch.index["completion"]], labels=batch.labels,
                 policy_kl_logps=pick(policy, "kl"), ref_kl_logps=pick(ref, "kl"))
-        inputs.extras = dict(batch.extras)
         if "ref_completion" in batch.index:
-            inputs.extras["ref_completion_logps"] = pick(policy, "ref_completion")
-            inputs.extras["ref_completion_lengths"] = lengths[batch.index["ref_completion"]]
+            inputs.policy_ref_completion_logps = pick(policy, "ref_completion")
+            inputs.ref_completion_lengths = lengths[batch.index["ref_completion"]]
+        inputs.extras = dict(batch.extras)
         return inputs
+
+    def _check(self, inputs: LossInputs) -> None:
+        for term in self.terms:
+            check_inputs(term.spec, term.params, inputs.present(), self.kind == "paired")
+        self._checked = True
+
+    def preflight(self, batch: Batch) -> None:
+        """Run every term on placeholder scores for ``batch`` (no model): a missing column,
+        role or capability, or a batch a loss cannot use, fails here, before training starts."""
+        n, k = batch.num_sequences, len(batch.token_sequence)
+
+        def fake(token_level: bool) -> SequenceScores:
+            return SequenceScores(torch.zeros(n), batch.sequence_lengths, torch.zeros(n), torch.zeros(n),
+                                  token_logps=torch.zeros(k), seq_kl=torch.zeros(n) if token_level else None,
+                                  wpo_log_weight=torch.zeros(n) if self.wpo else None)
+
+        policy = fake(self.token_level)
+        ref = fake(False) if self.needs_reference else None
+        inputs = self.make_inputs(batch, policy, ref)
+        self._check(inputs)
+        for term in self.terms:
+            try:
+                self._run_term(term, batch, inputs, policy, ref, training=False)
+            except (ValueError, RuntimeError) as e:
+                raise ConfigError(f"loss '{term.spec.name}' cannot run on this data: {e}") from None
+
+    # ------------------------------------------------------------------ checkpointed state
+    def state_dict(self) -> dict:
+        return {t.label: copy.deepcopy(t.state) for t in self.terms}
+
+    def load_state_dict(self, state: dict) -> None:
+        for t in self.terms:
+            t.state.clear()
+            t.state.update(state.get(t.label, {}))
+
+    @property
+    def stateful(self) -> bool:
+        return any(t.spec.stateful for t in self.terms)
 
     # ------------------------------------------------------------------ metrics
     def metrics(self, step: StepOutput, batch: Batch) -> dict[str, tuple[Tensor, float]]:
         """(sum, count) pairs for the accumulator; means are taken over the logging window."""
         out: dict[str, tuple[Tensor, float]] = {}
-        for term, unit, result in zip(self.terms, self.units(batch), step.outputs):
-            out[f"loss/{term.label}"] = (result.losses.detach().sum(), unit)
+        units = self.units(batch)
+        for term in self.terms:
+            out[f"loss/{term.label}"] = (step.outputs[term.label].losses.detach().sum(), units[term.label])
+        for name, value in step.extras.items():
+            out[f"loss/{name}"] = (value.detach(), 1.0)
         inputs, pol = step.inputs, step.policy
         if self.kind == "paired":
             ci, ri = batch.index["chosen"], batch.index["rejected"]
@@ -176,15 +278,15 @@ class Objective:
                 _mean(out, "logps/chosen", logps[batch.labels.bool()])
                 _mean(out, "logps/rejected", logps[~batch.labels.bool()])
         out["mean_token_accuracy"] = (pol.correct.sum(), float(pol.lengths.sum()))
-        rewarded = next((r for r in step.outputs if r.chosen_rewards is not None), None)
+        rewarded = next((r for r in step.outputs.values() if r.chosen_rewards is not None), None)
         if rewarded is not None:
             _mean(out, "rewards/chosen", rewarded.chosen_rewards)
             _mean(out, "rewards/rejected", rewarded.rejected_rewards)
-            if rewarded.chosen_rewards.shape == rewarded.rejected_rewards.shape and self.kind == "paired":
+            if self.kind == "paired":
                 diff = (rewarded.chosen_rewards - rewarded.rejected_rewards).detach()
                 _mean(out, "rewards/accuracies", (diff > 0).float())
                 _mean(out, "rewards/margins", diff)
-        for result in step.outputs:
+        for result in step.outputs.values():
             for name, value in result.metrics.items():
                 _mean(out, name, value)
         return out
@@ -193,7 +295,8 @@ class Objective:
         """Add the weighted total ``loss``; per-term losses stay only when there are several."""
         means = dict(means)
         total = sum(t.weight * means[f"loss/{t.label}"] for t in self.terms)
-        if len(self.terms) == 1:
+        total += sum(means[f"loss/{name}"] for name in self.extra_losses)
+        if len(self.terms) == 1 and not self.extra_losses:
             means.pop(f"loss/{self.terms[0].label}")
         return {"loss": total, **means}
 

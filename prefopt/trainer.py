@@ -8,7 +8,9 @@
 
 ``model`` and ``ref_model`` are model objects or hub ids / directories; ``ref_model=None``
 is a frozen copy of the initial policy (or no reference when the loss needs none);
-datasets are a ``datasets.Dataset``, a list of dicts, or a path. The trainer builds the
+datasets are a ``datasets.Dataset``, a list of dicts, or a path. ``extra_losses`` maps names
+to callables ``fn(step: StepOutput) -> scalar tensor`` (e.g. a safety penalty) added to the
+loss, averaged over the micro-batches of a step and logged as ``loss/<name>``. The trainer builds the
 pieces (tokenizer, model, reference strategy, objective, data, optimizer, schedule),
 hands them to accelerate, and runs prefopt.train.loop; the CLI goes through the same code.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -61,7 +64,8 @@ class Trainer:
 
     def __init__(self, model: Any = None, ref_model: Any = None, *, args: RunConfig | None = None,
                  train_dataset: Any = None, eval_dataset: Any = None, tokenizer: Any = None,
-                 processing_class: Any = None, loss: Any = None, **loss_params):
+                 processing_class: Any = None, loss: Any = None,
+                 extra_losses: dict[str, Callable] | None = None, **loss_params):
         config = args if args is not None else config_from_flat({"loss": self.default_loss}, {})
         if loss is not None or loss_params:
             terms = to_dict(config.loss)
@@ -79,6 +83,7 @@ class Trainer:
         self._train_source = train_dataset
         self._eval_source = eval_dataset
         self._tokenizer_arg = tokenizer if tokenizer is not None else processing_class
+        self._extra_losses = extra_losses
         self.job: loop.Job | None = None
         self.state = None
 
@@ -151,7 +156,7 @@ class Trainer:
         needed, needed_by = Objective.requirements(cfg.loss)
         reference = build_reference(cfg.reference, cfg.model, needed=needed, needed_by=needed_by,
                                     policy=model, ref_model=self._ref_model_arg)
-        objective = Objective.from_config(cfg.loss, reference)
+        objective = Objective.from_config(cfg.loss, reference, self._extra_losses)
 
         train_set, eval_set = prepare_datasets(
             cfg.data, tokenizer, objective.kind, train_source=self._train_source,
@@ -163,6 +168,8 @@ class Trainer:
         collator = PaddedCollator(tokenizer.pad_token_id, objective.roles, cfg.data.pad_to_multiple_of,
                                   objective.extra_columns)
         self._train_set, self._collator = train_set, collator
+        first = train_set or eval_set
+        objective.preflight(collator(first.examples[:tcfg.per_device_train_batch_size]))
         train_loader = self._loader(train_set, collator, tcfg.per_device_train_batch_size, True)
         eval_loader = self._loader(eval_set, collator, tcfg.per_device_eval_batch_size, False)
         steps_per_epoch = max(1, math.ceil(len(train_loader) / tcfg.gradient_accumulation_steps)) \
@@ -177,6 +184,8 @@ class Trainer:
         if eval_loader is not None:
             eval_loader = accelerator.prepare_data_loader(eval_loader)
         reference.prepare(accelerator)
+        if objective.stateful:  # e.g. BCO's running reward mean: saved and restored with checkpoints
+            accelerator.register_for_checkpointing(objective)
         if accelerator.is_main_process and need_train:
             save_config(cfg, output_dir / "config.yaml")
             log.info("objective: %s | reference: %s | %d optimizer steps (%d per epoch)",

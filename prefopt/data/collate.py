@@ -80,7 +80,9 @@ class PaddedCollator:
 
     ``roles`` lists the completions to score per example, e.g. ("chosen", "rejected") or
     ("completion",). The "kl" role pairs prompt i with the completion of example
-    (i + 1) mod B: the mismatched pairs of KTO's reference point z0.
+    (i + 1) mod B: the mismatched pairs of KTO's reference point z0. The "ref_completion"
+    role (SLiC's regularisation target) gets a row only for examples that have one; the
+    others point at their chosen row, so a dataset without the column costs nothing.
     """
 
     def __init__(self, pad_id: int, roles: tuple[str, ...], pad_to_multiple_of: int | None = None,
@@ -97,6 +99,8 @@ class PaddedCollator:
             for i, ex in enumerate(examples):
                 if role == "kl":
                     yield role, i, ex.prompt_ids, examples[(i + 1) % n].completions["completion"]
+                elif role == "ref_completion" and role not in ex.completions:
+                    continue  # shares the chosen row (see __call__)
                 else:
                     yield role, i, ex.prompt_ids, ex.completions[role]
 
@@ -120,6 +124,10 @@ class PaddedCollator:
             tok_seq += [r] * len(completion)
             lengths.append(len(completion))
             index[role][i] = r
+        if "ref_completion" in index:
+            for i, ex in enumerate(examples):
+                if "ref_completion" not in ex.completions:
+                    index["ref_completion"][i] = index["chosen"][i]
         return Batch(
             input_ids=input_ids, attention_mask=attention_mask,
             token_row=torch.tensor(tok_row, dtype=torch.long),

@@ -53,8 +53,14 @@ class LossInputs:
     # Token-level statistics: Σ_t KL(πref(·|x,y<t) ‖ πθ(·|x,y<t)) over completion tokens.
     chosen_seq_kl: Tensor | None = None          # (B,)
     rejected_seq_kl: Tensor | None = None        # (B,)
+    # SLiC's regularisation target y_ref: the `ref_completion` column, or the chosen when absent.
+    policy_ref_completion_logps: Tensor | None = None  # (B,) log πθ(y_ref|x)
+    ref_completion_lengths: Tensor | None = None       # (B,)
     # Per-example data columns (preference_prob, score_chosen, score_rejected, margin, ...).
     extras: dict[str, Tensor] = field(default_factory=dict)
+    # Mutable state of a stateful loss (e.g. BCO's running reward mean); one dict per term,
+    # kept by the objective and saved in checkpoints. None for stateless losses.
+    state: dict | None = None
 
     @property
     def paired(self) -> bool:
@@ -62,7 +68,8 @@ class LossInputs:
 
     def present(self) -> set[str]:
         """Names of the inputs that are set (extras by column name)."""
-        names = {f.name for f in fields(self) if f.name != "extras" and getattr(self, f.name) is not None}
+        names = {f.name for f in fields(self)
+                 if f.name not in ("extras", "state") and getattr(self, f.name) is not None}
         return names | set(self.extras)
 
 
@@ -117,10 +124,12 @@ class LossSpec:
                                       # the chosen of a pair, or the desirable unpaired completions)
     reference: Requirement = True     # needs πref log-probs (may depend on params)
     normalize: str = "example"        # "example" | "token" (tokens of the target completions)
-    inputs: tuple[str, ...] = ()      # LossInputs fields needed beyond the data kind's defaults
+    inputs: Callable[[Any], tuple[str, ...]] | tuple[str, ...] = ()  # LossInputs fields needed
+                                      # beyond the data kind's defaults (may depend on params)
     columns: Callable[[Any], tuple[str, ...]] | tuple[str, ...] = ()
     token_level: Requirement = False  # needs per-token reference distributions (chosen/rejected_seq_kl)
     aliases: tuple[str, ...] = ()
+    stateful: bool = False            # reads/writes LossInputs.state across steps
 
     # -- requirements, resolved against a parameter instance ------------------------
     def needs_reference(self, params: Any) -> bool:
@@ -131,6 +140,9 @@ class LossSpec:
 
     def needed_columns(self, params: Any) -> tuple[str, ...]:
         return tuple(self.columns(params) if callable(self.columns) else self.columns)
+
+    def extra_inputs(self, params: Any) -> tuple[str, ...]:
+        return tuple(self.inputs(params) if callable(self.inputs) else self.inputs)
 
     def needed_inputs(self, params: Any, paired: bool) -> set[str]:
         """The LossInputs fields (and extras columns) this loss reads, given the data kind."""
@@ -147,7 +159,7 @@ class LossSpec:
             need |= ref
         if self.needs_token_stats(params):
             need |= tok
-        return need | set(self.inputs) | set(self.needed_columns(params))
+        return need | set(self.extra_inputs(params)) | set(self.needed_columns(params))
 
     # -- parameters -------------------------------------------------------------------
     def make_params(self, values: dict | Any = None, where: str | None = None):
@@ -186,7 +198,7 @@ class LossSpec:
         bits.append("reference" if self.needs_reference(params) else "no reference")
         if callable(self.reference):
             bits[-1] += " (optional)"
-        lengths = {"chosen_lengths", "rejected_lengths", "lengths"} & set(self.inputs)
+        lengths = {"chosen_lengths", "rejected_lengths", "lengths"} & set(self.extra_inputs(params))
         bits.append("length-averaged log-probs" if lengths else "summed log-probs")
         if self.needs_token_stats(params):
             bits.append("token-level reference distributions")
@@ -204,8 +216,8 @@ _ALIASES: dict[str, str] = {}
 
 def register(name: str, *, params: type, paper: str, equation: str, summary: str,
              data: str = "paired", reference: Requirement = True, normalize: str = "example",
-             inputs: tuple[str, ...] = (), columns=(), token_level: Requirement = False,
-             aliases: tuple[str, ...] = ()):
+             inputs=(), columns=(), token_level: Requirement = False,
+             aliases: tuple[str, ...] = (), stateful: bool = False):
     """Decorator: register ``fn(inputs, params) -> LossOutput`` under ``name``."""
     assert data in ("paired", "unpaired", "any") and normalize in ("example", "token")
 
@@ -214,8 +226,8 @@ def register(name: str, *, params: type, paper: str, equation: str, summary: str
             raise AssertionError(f"loss '{name}' registered twice")
         _REGISTRY[name] = LossSpec(name=name, fn=fn, params=params, paper=paper, equation=equation,
                                    summary=summary, data=data, reference=reference,
-                                   normalize=normalize, inputs=tuple(inputs), columns=columns,
-                                   token_level=token_level, aliases=tuple(aliases))
+                                   normalize=normalize, inputs=inputs, columns=columns,
+                                   token_level=token_level, aliases=tuple(aliases), stateful=stateful)
         for alias in aliases:
             _ALIASES[alias] = name
         return fn
@@ -253,7 +265,8 @@ def check_inputs(spec: LossSpec, params: Any, present: set[str], paired: bool) -
         raise MissingInputError(f"loss '{spec.name}' is missing input(s) {', '.join(missing)}{hint}")
 
 
-def compute(name: str, *, params: Any = None, extras: dict | None = None, **kwargs) -> LossOutput:
+def compute(name: str, *, params: Any = None, extras: dict | None = None, state: dict | None = None,
+            **kwargs) -> LossOutput:
     """Compute a registered loss without a model.
 
     >>> out = compute("dpo", policy_chosen_logps=torch.tensor([-1.0]),
@@ -265,12 +278,13 @@ def compute(name: str, *, params: Any = None, extras: dict | None = None, **kwar
     (``preference_prob``, ``score_chosen``, ...) go to ``extras``; everything else is a
     parameter of the loss (``beta``, ``label_smoothing``, ...), validated against its
     parameter class. Log-probs are sums over completion tokens; losses that average over
-    tokens (IPO, SimPO, ORPO) also need ``chosen_lengths``/``rejected_lengths``.
+    tokens (IPO, SimPO, ORPO) also need ``chosen_lengths``/``rejected_lengths``. A stateful
+    loss (BCO) keeps its running statistics in ``state`` (pass the same dict across calls).
     """
     spec = get_spec(name)
-    input_names = {f.name for f in fields(LossInputs)} - {"extras"}
+    input_names = {f.name for f in fields(LossInputs)} - {"extras", "state"}
     inputs = LossInputs(**{k: v for k, v in kwargs.items() if k in input_names},
-                        extras=dict(extras or {}))
+                        extras=dict(extras or {}), state=state if state is not None else {})
     for key in [k for k in kwargs if k in KNOWN_COLUMNS]:
         inputs.extras[key] = kwargs[key]
     rest = {k: v for k, v in kwargs.items() if k not in input_names and k not in KNOWN_COLUMNS}

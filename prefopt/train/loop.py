@@ -117,9 +117,12 @@ def _windows(job: Job, state: TrainState) -> Iterator[list]:
 def optimizer_step(job: Job, window: list, metrics: MetricAccumulator) -> int:
     """Forward/backward every micro-batch of the window, then one optimizer step. Returns tokens read."""
     acc, model, objective = job.accelerator, job.model, job.objective
-    units = [sum(u) for u in zip(*(objective.units(b) for b in window))]
+    per_batch = [objective.units(b) for b in window]
+    names = list(per_batch[0])
+    totals = [sum(u[n] for u in per_batch) for n in names]
     if acc.num_processes > 1:
-        units = acc.reduce(torch.tensor(units, device=acc.device, dtype=torch.float64), reduction="sum").tolist()
+        totals = acc.reduce(torch.tensor(totals, device=acc.device, dtype=torch.float64), reduction="sum").tolist()
+    units = dict(zip(names, totals))
     model.train()
     tokens = 0
     for i, batch in enumerate(window):
@@ -151,7 +154,7 @@ def evaluate(accelerator, model, objective: Objective, loader) -> dict[str, floa
     model.eval()
     metrics = MetricAccumulator()
     for batch in loader:
-        out = objective.forward(model, batch, objective.units(batch))
+        out = objective.forward(model, batch, objective.units(batch), training=False)
         metrics.add_all(objective.metrics(out, batch))
     model.train(was_training)
     return objective.summarize(metrics.means(accelerator))
