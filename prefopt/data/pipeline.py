@@ -126,6 +126,8 @@ def extract_columns(record: dict, required: tuple[str, ...]) -> dict[str, Any]:
     extras: dict[str, Any] = {}
     for name in KNOWN_COLUMNS:
         value = record.get(name)
+        if isinstance(value, str) and not value.strip() and name in NUMERIC_COLUMNS:
+            value = None  # an empty CSV cell is a missing value, not a wrong type
         if value is None:
             if name in required:
                 raise RecordProblem("missing_field", f"missing column '{name}', which the loss needs")

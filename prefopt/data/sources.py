@@ -99,6 +99,8 @@ def _from_file(path: Path) -> Iterator[RawRecord]:
         yield from _from_csv(text, str(path))
     elif name.endswith((".json", ".json.gz")) and text.lstrip().startswith("["):
         yield from _from_json_array(text, str(path))
+    elif name.endswith((".json", ".json.gz")) and (single := _single_object(text)) is not None:
+        yield RawRecord(single, Origin(str(path), 0, 1 + text[:len(text) - len(text.lstrip())].count("\n")))
     elif name.endswith((".json", ".json.gz", ".jsonl", ".jsonl.gz")):
         yield from _from_json_lines(text, str(path))
     else:
@@ -157,6 +159,17 @@ def _from_json_array(text: str, path: str) -> Iterator[RawRecord]:
     if pos >= len(text):  # e.g. a truncated file ending just after a ','
         raise DataError(f"{path}:{line_of(pos)}", "malformed JSON: the array is not closed with ']' "
                                                   "(is the file truncated?)")
+
+
+def _single_object(text: str) -> dict | None:
+    """A .json file holding one (possibly pretty-printed) object, else None (JSON Lines)."""
+    if not text.lstrip().startswith("{") or text.strip().count("\n") == 0:
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def _skip_ws(text: str, pos: int) -> int:

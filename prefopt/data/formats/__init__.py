@@ -38,9 +38,11 @@ def register_format(fmt: Format) -> Format:
 
 def require(record: dict, key: str) -> Any:
     """record[key], or a RecordProblem that lists the keys the record does have."""
-    if key not in record or record[key] is None:
+    if key not in record:
         raise RecordProblem("missing_field", f"missing field '{key}' (record has: "
                                              f"{', '.join(map(str, record)) or 'nothing'})")
+    if record[key] is None:  # Parquet / datasets fill absent keys with null
+        raise RecordProblem("missing_field", f"field '{key}' is null")
     return record[key]
 
 

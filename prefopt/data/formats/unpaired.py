@@ -18,8 +18,8 @@ def label_of(record: dict) -> bool:
     value = require(record, key)
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")  # CSV cells are text
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
     raise RecordProblem("wrong_type", f"field '{key}' must be a boolean, got {value!r:.40}")

@@ -1,0 +1,242 @@
+"""Bad input gives a clear message naming the file and line, or is skipped and counted.
+
+Each bad record is checked twice: alone after a good record with ``on_error="raise"`` (the
+exact ``path:line: problem`` message), and all together with ``on_error="skip"`` (the
+counts by reason and the rejects file).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from prefopt.config import DataConfig
+from prefopt.data.pipeline import load_examples, prepare_datasets
+from prefopt.data.report import DataReport
+from prefopt.errors import ConfigError, DataError
+
+MAX_LENGTH = 32
+SKIP_HINT = " (set data.on_error: skip to skip such records)"
+GOOD = [{"prompt": "What is 2+2?", "chosen": " 4", "rejected": " 5"},
+        {"prompt": "Capital of France?", "chosen": " Paris", "rejected": " Rome"},
+        {"prompt": "Colour of the sky?", "chosen": " Blue", "rejected": " Green"}]
+LONG_PROMPT = "Tell me everything about the history of the world, in great detail, please. " * 3
+
+# (case, raw JSONL line, reason, exact problem text)
+BAD = [
+    ("malformed_json", '{"prompt": "x", "chosen": "y" "rejected": "z"}', "malformed",
+     "malformed JSON: Expecting ',' delimiter (column 31)"),
+    ("not_an_object", '["prompt", "chosen", "rejected"]', "malformed",
+     "expected a JSON object, got list"),
+    ("null_field", json.dumps({"prompt": "Hi", "chosen": " a", "rejected": None}), "missing_field",
+     "[plain] field 'rejected' is null"),
+    ("wrong_type", json.dumps({"prompt": "Hi", "chosen": 42, "rejected": " b"}), "wrong_type",
+     "[plain] chosen must be text or a list of messages, got int"),
+    ("mixed_text_and_messages", json.dumps({"prompt": "Hi", "chosen": [{"role": "assistant", "content": "a"}],
+                                            "rejected": " b"}), "wrong_type",
+     "[plain] chosen is a message list but the prompt is text"),
+    ("empty_prompt", json.dumps({"prompt": "  \n", "chosen": " a", "rejected": " b"}), "empty",
+     "[plain] prompt is empty"),
+    ("empty_completion", json.dumps({"prompt": "Hi", "chosen": " a", "rejected": ""}), "empty",
+     "[plain] rejected is empty"),
+    ("identical", json.dumps({"prompt": "Hi", "chosen": " same", "rejected": " same"}), "identical",
+     "[plain] chosen and rejected are identical"),
+]
+
+
+def prompt_tokens(tokenizer) -> int:
+    return len(tokenizer(LONG_PROMPT)["input_ids"])
+
+
+def too_long_case(tokenizer):
+    n = prompt_tokens(tokenizer)
+    assert n >= MAX_LENGTH
+    return ("too_long", json.dumps({"prompt": LONG_PROMPT, "chosen": " a", "rejected": " b"}), "too_long",
+            f"the prompt has {n} tokens, leaving no room for a completion within "
+            f"data.max_length={MAX_LENGTH}; set data.max_prompt_length to truncate prompts")
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def prepare(path, tokenizer, on_error="raise", **cfg):
+    cfg = DataConfig(max_length=MAX_LENGTH, on_error=on_error, **cfg)
+    train, _ = prepare_datasets(cfg, tokenizer, "paired", train_source=path)
+    return train
+
+
+@pytest.mark.parametrize("case", [c[0] for c in BAD] + ["too_long"])
+def test_bad_record_stops_with_file_line_and_problem(case, tmp_path, tokenizer):
+    cases = {c[0]: c for c in BAD + [too_long_case(tokenizer)]}
+    _, line, _, problem = cases[case]
+    path = write_lines(tmp_path / "data.jsonl", [json.dumps(GOOD[0]), "", line, json.dumps(GOOD[1])])
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer)
+    assert err.value.where == f"{path}:3"
+    assert str(err.value) == f"{path}:3: {problem}{SKIP_HINT}"
+
+
+def test_unknown_format_name(tmp_path, tokenizer):
+    path = write_lines(tmp_path / "data.jsonl", [json.dumps(GOOD[0])])
+    with pytest.raises(ConfigError) as err:
+        prepare(path, tokenizer, format="plian")
+    assert str(err.value).startswith("data.format: unknown data format 'plian' (did you mean 'plain'?); "
+                                     "valid: auto, conversational, conversational_implicit, hh, ")
+
+
+def test_record_of_unknown_layout(tmp_path, tokenizer):
+    path = write_lines(tmp_path / "data.jsonl", ["", json.dumps({"instruction": "a", "output": "b"})])
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer)
+    assert str(err.value).startswith(f"{path}:2: cannot detect the data format from the keys "
+                                     f"['instruction', 'output']; known formats: ")
+    assert "data.columns" in str(err.value)
+
+
+def test_wrongly_typed_message_fields(tmp_path, tokenizer):
+    good = {"prompt": [{"role": "user", "content": "Hi"}],
+            "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}
+    bad_role = {**good, "prompt": [{"role": "narrator", "content": "Hi"}]}
+    bad_content = {**good, "rejected": [{"role": "assistant", "content": 7}]}
+    user_reply = {**good, "chosen": [{"role": "user", "content": "a"}]}
+    path = write_lines(tmp_path / "conv.jsonl", [json.dumps(r) for r in (good, bad_role, bad_content, user_reply)])
+    report = DataReport("train", "skip")
+    examples = load_examples(path, DataConfig(), report)
+    assert len(examples) == 1 and report.rejected == {"wrong_type": 3}
+    assert [(r["where"], r["problem"]) for r in report.rejects] == [
+        (f"{path}:2", "[conversational] prompt[0] has unknown role 'narrator'; expected one of "
+                      "system, user, assistant, tool"),
+        (f"{path}:3", "[conversational] rejected[0].content must be a string, got int"),
+        (f"{path}:4", "[conversational] chosen must start with an assistant message, got role 'user'"),
+    ]
+
+
+def test_skip_keeps_good_records_counts_and_writes_rejects(tmp_path, tokenizer):
+    bad = BAD + [too_long_case(tokenizer)]
+    lines = [json.dumps(GOOD[0])]
+    for i, (_, line, _, _) in enumerate(bad):
+        lines.append(line)
+        if i == 3:
+            lines += ["", json.dumps(GOOD[1])]
+    lines.append(json.dumps(GOOD[2]))
+    path = write_lines(tmp_path / "data.jsonl", lines)
+    # line numbers: good 1; bad 2-5; blank 6; good 7; bad 8-12; good 13
+    bad_lines = [2, 3, 4, 5, 8, 9, 10, 11, 12]
+
+    train = prepare(path, tokenizer, on_error="skip")
+    report = train.report
+    assert report.records == 12
+    assert report.examples == 3 and len(train) == 3
+    assert [str(e.origin) for e in train.examples] == [f"{path}:{n}" for n in (1, 7, 13)]
+    assert dict(report.rejected) == {"malformed": 2, "missing_field": 1, "wrong_type": 2, "empty": 2,
+                                     "identical": 1, "too_long": 1}
+    assert sum(report.rejected.values()) == len(bad)
+    assert "train: 12 records (plain) -> 3 examples; rejected " in report.summary()
+
+    rejects_file = tmp_path / "out" / "rejected_records.jsonl"
+    report.write_rejects(rejects_file)
+    rows = [json.loads(line) for line in rejects_file.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == len(bad)
+    assert sorted(r["where"] for r in rows) == sorted(f"{path}:{n}" for n in bad_lines)
+    by_where = {r["where"]: r for r in rows}
+    for n, (_, line, reason, problem) in zip(bad_lines, bad):
+        row = by_where[f"{path}:{n}"]
+        assert (row["dataset"], row["reason"], row["problem"]) == ("train", reason, problem)
+        if reason == "malformed":
+            assert row["record"] == line  # the unparsable text itself
+        elif reason == "too_long":
+            assert row["record"] is None
+        else:
+            assert row["record"] == json.loads(line)
+
+    # appending: a second report adds its own lines
+    report.write_rejects(rejects_file)
+    assert len(rejects_file.read_text(encoding="utf-8").splitlines()) == 2 * len(bad)
+
+
+def test_skip_with_nothing_left_is_an_error(tmp_path, tokenizer):
+    path = write_lines(tmp_path / "data.jsonl", [BAD[0][1], BAD[1][1]])
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer, on_error="skip")
+    assert str(err.value) == "train: no usable examples (train: 2 records (None) -> 0 examples; rejected 2 malformed)"
+
+
+def test_json_array_with_a_syntax_error(tmp_path, tokenizer):
+    path = tmp_path / "data.json"
+    path.write_text('[\n'
+                    '  {"prompt": "a", "chosen": " b", "rejected": " c"},\n'
+                    '  {"prompt": "d",\n'
+                    '   "chosen": " e"\n'
+                    '   "rejected": " f"},\n'
+                    '  {"prompt": "g", "chosen": " h", "rejected": " i"}\n'
+                    ']\n', encoding="utf-8")
+    for on_error in ("raise", "skip"):  # the rest of an array cannot be recovered
+        with pytest.raises(DataError) as err:
+            prepare(path, tokenizer, on_error=on_error)
+        assert err.value.where == f"{path}:5"
+        assert str(err.value) == (f"{path}:5: malformed JSON: Expecting ',' delimiter (column 4); "
+                                  f"records before it were read fine")
+
+
+def test_json_array_missing_comma_between_records(tmp_path, tokenizer):
+    path = tmp_path / "data.json"
+    path.write_text('[\n'
+                    '  {"prompt": "a", "chosen": " b", "rejected": " c"}\n'
+                    '  {"prompt": "d", "chosen": " e", "rejected": " f"}\n'
+                    ']\n', encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer)
+    assert str(err.value) == f"{path}:3: malformed JSON: expected ',' or ']' after a record"
+
+
+def test_truncated_json_array(tmp_path, tokenizer):
+    path = tmp_path / "data.json"
+    path.write_text('[\n  {"prompt": "a", "chosen": " b", "rejected": " c"},\n', encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer, on_error="skip")
+    assert str(err.value) == (f"{path}:3: malformed JSON: the array is not closed with ']' "
+                              f"(is the file truncated?)")
+
+
+def test_json_array_element_that_is_not_an_object(tmp_path, tokenizer):
+    path = tmp_path / "data.json"
+    path.write_text('[\n  {"prompt": "a", "chosen": " b", "rejected": " c"},\n  "oops"\n]\n', encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer)
+    assert str(err.value) == f"{path}:3: expected a JSON object, got str{SKIP_HINT}"
+
+
+def test_csv_row_with_too_many_fields(tmp_path, tokenizer):
+    path = tmp_path / "data.csv"
+    path.write_text("prompt,chosen,rejected\nq, a, b\nq, a, b, extra\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer)
+    assert str(err.value) == f"{path}:3: row has more fields than the header (3){SKIP_HINT}"
+
+
+def test_unsupported_file_type(tmp_path, tokenizer):
+    path = tmp_path / "data.txt"
+    path.write_text("hello\n")
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer)
+    assert str(err.value).startswith(f"{path}: unsupported file type; expected one of .json, .jsonl, ")
+
+
+def test_prompt_truncation_avoids_too_long(tmp_path, tokenizer):
+    """With max_prompt_length the long prompt is cut (and counted) instead of rejected."""
+    lines = [json.dumps(GOOD[0]), too_long_case(tokenizer)[1]]
+    path = write_lines(tmp_path / "data.jsonl", lines)
+    train = prepare(path, tokenizer, max_prompt_length=16)
+    assert len(train) == 2 and not train.report.rejected
+    assert train.report.counts["prompt_truncated"] == 1
+    assert len(train.examples[1].prompt_ids) == 16
+
+
+def test_absent_key_lists_the_keys_the_record_has(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", [json.dumps(GOOD[0]), json.dumps({"prompt": "Hi", "chosen": " a"})])
+    with pytest.raises(DataError) as err:
+        load_examples(path, DataConfig(), DataReport("train", "raise"))
+    assert str(err.value).startswith(f"{path}:2: [plain] missing field 'rejected' (record has: prompt, chosen)")
