@@ -347,23 +347,42 @@ def _override_loss(data: dict, parts: list[str], value: Any, key: str) -> None:
     data["loss"] = terms if isinstance(current, list) else terms[0]
 
 
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML config as a dict; ``base: other.yaml`` (relative to this file) is read first and
+    this file's keys are merged over it (mappings merge key by key; lists and values replace)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    return deep_merge(read_yaml(path.parent / str(base), seen + (path.resolve(),)), loaded)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            and key != "loss" else value
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (),
                 defaults: dict | None = None) -> RunConfig:
-    """Read a YAML config, apply dotted overrides, validate everything."""
+    """Read a YAML config (and its ``base`` chain), apply dotted overrides, validate everything."""
     data: dict = {}
     if defaults:
         data.update(defaults)
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        data.update(loaded)
+        data.update(read_yaml(path))
     for assignment in overrides:
         apply_override(data, assignment)
     try:

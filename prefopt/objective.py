@@ -107,6 +107,11 @@ class Objective:
         return roles
 
     @property
+    def optional_columns(self) -> tuple[str, ...]:
+        """Columns a loss uses when present (SLiC's ref_completion falls back to the chosen)."""
+        return ("ref_completion",) if "ref_completion" in self.roles else ()
+
+    @property
     def extra_columns(self) -> tuple[str, ...]:
         """Numeric per-example columns the collator must put in the batch."""
         return tuple(c for c in self.columns if c != "ref_completion")

@@ -160,7 +160,8 @@ class Trainer:
 
         train_set, eval_set = prepare_datasets(
             cfg.data, tokenizer, objective.kind, train_source=self._train_source,
-            eval_source=self._eval_source, seed=tcfg.seed, required_columns=objective.columns)
+            eval_source=self._eval_source, seed=tcfg.seed, required_columns=objective.columns,
+            optional_columns=objective.optional_columns)
         if need_train and train_set is None:
             raise ConfigError("no training data: pass train_dataset or set data.train")
         self._report_data(accelerator, output_dir, train_set, eval_set)

@@ -37,7 +37,8 @@ def test_loss_forms_name_mapping_list():
     assert load_config(None, ["loss=ipo"]).loss[0].name == "ipo"
     cfg = config_from_dict({"loss": [{"name": "dpo", "weight": 0.8, "beta": 0.2}, {"name": "sft", "weight": 0.2}]})
     assert [(t.name, t.weight) for t in cfg.loss] == [("dpo", 0.8), ("sft", 0.2)]
-    assert cfg.loss[0].params == {"beta": 0.2, "label_smoothing": 0.0, "reference_free": False}
+    assert cfg.loss[0].params == {"beta": 0.2, "label_smoothing": 0.0, "reference_free": False,
+                                  "f_divergence": "reverse_kl", "f_alpha": 0.5}
     data = {"loss": [{"name": "dpo"}, {"name": "sft"}]}
     apply_override(data, "loss.1.weight=0.5")
     assert data["loss"][1]["weight"] == 0.5
@@ -92,3 +93,16 @@ def test_resolved_config_is_plain_yaml(tmp_path):
     save_config(load_config(None, ["loss=ipo"]), tmp_path / "c.yaml")
     data = yaml.safe_load((tmp_path / "c.yaml").read_text())
     assert data["loss"] == [{"name": "ipo", "weight": 1.0, "beta": 0.1}]
+
+
+def test_base_configs_merge_sections_and_replace_the_loss(tmp_path):
+    (tmp_path / "parent.yaml").write_text("output_dir: a\ntrain: {learning_rate: 1.0e-3, seed: 7}\n"
+                                          "loss: [{name: dpo}, {name: sft, weight: 0.1}]\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("base: ../parent.yaml\ntrain: {seed: 9}\nloss: {name: ipo}\n")
+    cfg = load_config(tmp_path / "sub" / "child.yaml")
+    assert cfg.output_dir == "a" and cfg.train.learning_rate == 1e-3 and cfg.train.seed == 9
+    assert [t.name for t in cfg.loss] == ["ipo"]
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop.yaml")

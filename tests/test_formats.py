@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from prefopt.config import DataConfig
+from prefopt.losses import KNOWN_COLUMNS
 from prefopt.data.pipeline import as_kind, load_examples, prepare_datasets
 from prefopt.data.report import DataReport
 from prefopt.data.schema import CompletionExample, Origin, PreferenceExample
@@ -34,8 +35,9 @@ def write_jsonl(path: Path, records: list, *, opener=open) -> Path:
 
 
 def load(source, on_error: str = "raise", **cfg) -> tuple[list, DataReport]:
+    """Load as for an objective that can use every known column."""
     report = DataReport("train", on_error)
-    return load_examples(source, DataConfig(**cfg), report), report
+    return load_examples(source, DataConfig(**cfg), report, optional_columns=KNOWN_COLUMNS), report
 
 
 def triples(examples: list) -> list[tuple]:
@@ -643,3 +645,15 @@ def test_csv_labels_and_empty_numeric_cells(tmp_path):
     path.write_text("prompt,completion,label,margin\nq, a,1,\nq, b,0,0.5\n")
     examples, report = load(path)
     assert [(e.completion, e.label, e.extras) for e in examples] == [(" a", True, {}), (" b", False, {"margin": 0.5})]
+
+
+def test_columns_no_loss_reads_are_neither_extracted_nor_validated(tmp_path):
+    recs = [{"prompt": "q", "chosen": " a", "rejected": " b", "margin": "not a number", "preference_prob": 0.7}]
+    path = write_jsonl(tmp_path / "m.jsonl", recs)
+    report = DataReport("train", "raise")
+    (ex,) = load_examples(path, DataConfig(), report)  # e.g. plain DPO: reads no column
+    assert ex.extras == {}
+    (ex,) = load_examples(path, DataConfig(), report, required_columns=("preference_prob",))
+    assert ex.extras == {"preference_prob": 0.7}
+    with pytest.raises(DataError, match="column 'margin' must be a number"):
+        load_examples(path, DataConfig(), report, required_columns=("margin",))

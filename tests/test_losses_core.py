@@ -95,3 +95,59 @@ def test_missing_reference_is_named():
 
 def test_alias_resolves_to_canonical_spec():
     assert losses.get_spec("sigmoid") is losses.get_spec("dpo")
+
+
+def test_f_divergences_hand_derived():
+    kw = pair()
+    # JS: h = (2 - log(1+e^2)) - (-1 - log(1+e^-1)) = 1.186334; L = log(1 + e^-0.1186334)
+    js = (2 - math.log(1 + math.e ** 2)) - (-1 - math.log(1 + math.e ** -1))
+    assert js == pytest.approx(1.186334, abs=1e-6)
+    out = losses.compute("dpo", **kw, beta=0.1, f_divergence="js")
+    assert out.losses.item() == pytest.approx(math.log(1 + math.exp(-0.1 * js)), abs=1e-6)
+    assert out.losses.item() == pytest.approx(0.635589, abs=1e-6)
+    # alpha = 0.5: h = ((1 - e^-1) - (1 - e^0.5)) / 0.5 = 2.561684
+    al = ((1 - math.exp(-1)) - (1 - math.exp(0.5))) / 0.5
+    out = losses.compute("dpo", **kw, beta=0.1, f_divergence="alpha", f_alpha=0.5)
+    assert out.losses.item() == pytest.approx(math.log(1 + math.exp(-0.1 * al)), abs=1e-6)
+    assert out.losses.item() == pytest.approx(0.573243, abs=1e-6)
+    # forward KL is the alpha-divergence at alpha = 1: h = (1 - e^-2) - (1 - e^1) = e - e^-2
+    fwd = losses.compute("dpo", **kw, beta=0.1, f_divergence="forward_kl").losses
+    assert fwd.item() == pytest.approx(math.log(1 + math.exp(-0.1 * (math.e - math.exp(-2)))), abs=1e-6)
+    assert torch.allclose(fwd, losses.compute("dpo", **kw, f_divergence="alpha", f_alpha=1.0).losses)
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "js", "alpha"])
+def test_every_f_divergence_is_ln2_at_the_reference(divergence):
+    logps = T([-3.0, -300.0])
+    out = losses.compute("dpo", policy_chosen_logps=logps, policy_rejected_logps=logps - 1, ref_chosen_logps=logps,
+                         ref_rejected_logps=logps - 1, f_divergence=divergence)
+    assert torch.allclose(out.losses, torch.full((2,), math.log(2)))
+
+
+def test_soft_dpo_hand_derived_and_reductions():
+    # p = 0.8: 0.8 * log(1 + e^-0.3) + 0.2 * log(1 + e^0.3) = 0.614355
+    out = losses.compute("soft_dpo", **pair(), beta=0.1, preference_prob=T([0.8]))
+    assert out.losses.item() == pytest.approx(0.8 * math.log(1 + math.exp(-0.3)) + 0.2 * math.log(1 + math.exp(0.3)), abs=1e-6)
+    assert out.losses.item() == pytest.approx(0.614355, abs=1e-6)
+    one = losses.compute("soft_dpo", **pair(), preference_prob=T([1.0])).losses
+    assert torch.allclose(one, losses.compute("dpo", **pair()).losses)
+    cdpo = losses.compute("soft_dpo", **pair(), preference_prob=T([0.9])).losses
+    assert torch.allclose(cdpo, losses.compute("dpo", **pair(), label_smoothing=0.1).losses)
+    with pytest.raises(ValueError, match=r"preference_prob must lie in \[0, 1\]"):
+        losses.compute("soft_dpo", **pair(), preference_prob=T([1.2]))
+    with pytest.raises(MissingInputError, match="preference_prob"):
+        losses.compute("soft_dpo", **pair())
+
+
+def test_rpo_adds_length_normalised_chosen_nll():
+    # DPO 0.554355 + alpha * (10 / 5)
+    out = losses.compute("rpo", **pair(), beta=0.1, alpha=1.0)
+    assert out.losses.item() == pytest.approx(math.log(1 + math.exp(-0.3)) + 2.0, abs=1e-6)
+    assert out.metrics["loss/nll"].item() == pytest.approx(2.0)
+    assert torch.allclose(losses.compute("rpo", **pair(), alpha=0.0).losses, losses.compute("dpo", **pair()).losses)
+
+
+def test_spin_has_dpo_form_with_lambda_as_beta():
+    for beta in (0.1, 0.5):
+        assert torch.allclose(losses.compute("spin", **pair(), beta=beta).losses,
+                              losses.compute("dpo", **pair(), beta=beta).losses)

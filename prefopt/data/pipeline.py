@@ -38,20 +38,23 @@ class Dataset:
 
 
 def prepare_datasets(cfg: DataConfig, tokenizer, kind: str, *, train_source: Any = None,
-                     eval_source: Any = None, seed: int = 0,
-                     required_columns: tuple[str, ...] = ()) -> tuple[Dataset | None, Dataset | None]:
+                     eval_source: Any = None, seed: int = 0, required_columns: tuple[str, ...] = (),
+                     optional_columns: tuple[str, ...] = ()) -> tuple[Dataset | None, Dataset | None]:
     """Read, convert, split and encode the train and eval data for an objective of ``kind``.
 
     ``kind`` is what the objective consumes: "paired", "unpaired" or "completion".
     Sources given here (Python objects or paths) take precedence over ``cfg.train``/``cfg.eval``.
+    Per-example columns are read only when a loss needs them (``required_columns``: a record
+    without one is a bad record) or can use them (``optional_columns``); others are ignored.
     """
+    columns = (tuple(required_columns), tuple(optional_columns))
     train_source = train_source if train_source is not None else cfg.train
     eval_source = eval_source if eval_source is not None else cfg.eval
     encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.prompt_truncation)
     train = evaluation = None
     if train_source is not None:
         report = DataReport("train", cfg.on_error)
-        examples = load_examples(train_source, cfg, report, required_columns)
+        examples = load_examples(train_source, cfg, report, *columns)
         held_out: list[Example] = []
         if eval_source is None and cfg.eval_split_size:
             examples, held_out = split_off(examples, cfg.eval_split_size, seed)
@@ -61,12 +64,12 @@ def prepare_datasets(cfg: DataConfig, tokenizer, kind: str, *, train_source: Any
                                                                     records=len(held_out)))
     if eval_source is not None:
         report = DataReport("eval", cfg.on_error)
-        evaluation = encode(load_examples(eval_source, cfg, report, required_columns), kind, encoder, report)
+        evaluation = encode(load_examples(eval_source, cfg, report, *columns), kind, encoder, report)
     return train, evaluation
 
 
-def load_examples(source: Any, cfg: DataConfig, report: DataReport,
-                  required_columns: tuple[str, ...] = ()) -> list[Example]:
+def load_examples(source: Any, cfg: DataConfig, report: DataReport, required_columns: tuple[str, ...] = (),
+                  optional_columns: tuple[str, ...] = ()) -> list[Example]:
     """Read ``source`` and convert every record to a canonical example (bad ones: see report)."""
     fmt: Format | None = None
     if cfg.format != "auto":
@@ -88,7 +91,7 @@ def load_examples(source: Any, cfg: DataConfig, report: DataReport,
             if fmt is None:
                 fmt = detect_format(record, str(raw.origin), ())
             report.format = fmt.name
-            examples.append(convert(fmt, record, raw.origin, required_columns))
+            examples.append(convert(fmt, record, raw.origin, required_columns, optional_columns))
         except RecordProblem as problem:
             report.reject(raw.origin, problem.reason, f"[{fmt.name if fmt else '?'}] {problem}", raw.data)
     if report.records == 0:
@@ -111,9 +114,10 @@ def rename_columns(record: dict, columns: dict[str, str]) -> dict:
     return out
 
 
-def convert(fmt: Format, record: dict, origin, required_columns: tuple[str, ...] = ()) -> Example:
+def convert(fmt: Format, record: dict, origin, required_columns: tuple[str, ...] = (),
+            optional_columns: tuple[str, ...] = ()) -> Example:
     fields = fmt.convert(record)
-    extras = extract_columns(record, required_columns)
+    extras = extract_columns(record, required_columns, optional_columns)
     if fmt.kind == "paired":
         prompt, chosen, rejected = validate_pair(fields["prompt"], fields["chosen"], fields["rejected"])
         return PreferenceExample(prompt, chosen, rejected, origin, extras)
@@ -121,10 +125,11 @@ def convert(fmt: Format, record: dict, origin, required_columns: tuple[str, ...]
     return CompletionExample(prompt, completion, origin, fields.get("label"), extras)
 
 
-def extract_columns(record: dict, required: tuple[str, ...]) -> dict[str, Any]:
-    """Known per-example columns (preference_prob, score_*, margin, ref_completion)."""
+def extract_columns(record: dict, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The per-example columns a loss needs or can use (preference_prob, score_*, margin,
+    ref_completion), validated; columns no loss reads are left alone."""
     extras: dict[str, Any] = {}
-    for name in KNOWN_COLUMNS:
+    for name in [c for c in KNOWN_COLUMNS if c in required or c in optional]:
         value = record.get(name)
         if isinstance(value, str) and not value.strip() and name in NUMERIC_COLUMNS:
             value = None  # an empty CSV cell is a missing value, not a wrong type

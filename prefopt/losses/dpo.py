@@ -29,6 +29,32 @@ def log_ratios(inputs: LossInputs, reference_free: bool = False, average: bool =
     return r_w, r_l
 
 
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
+EXP_CAP = 50.0  # exponents of the α-divergence reward are capped here so the loss stays finite
+
+
+def smoothed_logistic(logits: torch.Tensor, eps: float) -> torch.Tensor:
+    """−(1−ε)·log σ(z) − ε·log σ(−z): the logistic loss with label smoothing ε."""
+    return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+
+
+def f_divergence_reward(r: torch.Tensor, divergence: str, alpha: float) -> torch.Tensor:
+    """f'(u) for u = πθ/πref = e^r, up to an additive constant (which cancels in a margin).
+
+    Wang et al. 2023 (f-DPO, arXiv:2309.16240, Table 1 / eq. 10): the implicit reward of the
+    f-divergence-regularised objective is β·f'(u).
+    reverse KL: f'(u) = log u + 1 → r.             forward KL: f'(u) = −1/u → −e^−r
+    (the α-divergence at α = 1, written (1 − e^−r)/1). Jensen–Shannon: f'(u) = log(2u/(1+u))
+    → r − log(1 + e^r) (+ log 2). α-divergence: f'(u) = (1 − u^−α)/α → (1 − e^−αr)/α.
+    """
+    if divergence == "reverse_kl":
+        return r
+    if divergence == "js":
+        return r - F.softplus(r)
+    a = 1.0 if divergence == "forward_kl" else alpha
+    return (1 - torch.exp((-a * r).clamp(max=EXP_CAP))) / a
+
+
 @dataclass
 class DPOParams:
     beta: float = param(0.1, "β: inverse temperature of the implicit reward β·log(πθ/πref); "
@@ -37,6 +63,12 @@ class DPOParams:
                                         "a preference label is flipped. 0 is plain DPO.", ge=0, lt=0.5)
     reference_free: bool = param(False, "Ignore the reference: r = log πθ(y|x) (an implicit "
                                         "uniform reference).")
+    f_divergence: str = param("reverse_kl", "Divergence regularising the policy (f-DPO): reverse_kl is "
+                                            "DPO; forward_kl, js (Jensen–Shannon) or alpha "
+                                            "(α-divergence, see f_alpha) change the implicit reward.",
+                              choices=F_DIVERGENCES)
+    f_alpha: float = param(0.5, "α of the α-divergence (f_divergence: alpha); α → 0 approaches "
+                                "reverse KL, α = 1 is forward KL.", gt=0, le=1)
 
 
 def _needs_ref(p) -> bool:
@@ -44,27 +76,31 @@ def _needs_ref(p) -> bool:
 
 
 @register(
-    "dpo", params=DPOParams, reference=_needs_ref, aliases=("sigmoid",),
+    "dpo", params=DPOParams, reference=_needs_ref, aliases=("sigmoid", "f_dpo"),
     paper="Rafailov et al. 2023, Direct Preference Optimization, arXiv:2305.18290, eq. 7; "
-          "cDPO: Mitchell 2023, 'A note on DPO with noisy preferences'",
-    equation="−(1−ε)·log σ(β h) − ε·log σ(−β h)",
-    summary="The default. Add label_smoothing (cDPO) for noisy labels; reference_free when no "
-            "reference model is wanted.")
+          "cDPO: Mitchell 2023, 'A note on DPO with noisy preferences'; f-DPO: Wang et al. 2023, "
+          "arXiv:2309.16240, eq. 10",
+    equation="−(1−ε)·log σ(β h) − ε·log σ(−β h); f-DPO: h = f'(u_w) − f'(u_l), u = πθ/πref",
+    summary="The default. label_smoothing (cDPO) for noisy labels; reference_free when no "
+            "reference model is wanted; f_divergence to trade diversity against alignment.")
 def dpo(inputs: LossInputs, p: DPOParams) -> LossOutput:
-    """DPO (eq. 7) with cDPO label smoothing.
+    """DPO (eq. 7) with cDPO label smoothing and the f-DPO divergences.
 
-    L = −(1−ε)·log σ(β h) − ε·log σ(−β h),  h = r_w − r_l.
+    L = −(1−ε)·log σ(β h) − ε·log σ(−β h),  h = r_w − r_l (reverse KL, plain DPO), or
+    h = f'(u_w) − f'(u_l) for the other divergences (see ``f_divergence_reward``).
 
     Hand check: β=0.1, log-probs chosen −10 (ref −12), rejected −15 (ref −14):
     r_w = 2, r_l = −1, h = 3, βh = 0.3, −log σ(0.3) = log(1 + e^−0.3) = 0.554355;
     with ε = 0.1: 0.9·0.554355 + 0.1·log(1 + e^0.3) = 0.9·0.554355 + 0.1·0.854355 = 0.584355.
-    At πθ = πref, h = 0 and L = log 2 for every ε.
+    Jensen–Shannon, same pair: h = (2 − log(1+e²)) − (−1 − log(1+e^−1)) = −0.126928 + 1.313262
+    = 1.186334, L = log(1 + e^−0.1186334) = log(1.888136) = 0.635589. α-divergence with α = 0.5:
+    h = ((1 − e^−1) − (1 − e^0.5))/0.5 = (0.632121 + 0.648721)/0.5 = 2.561684,
+    L = log(1 + e^−0.2561684) = log(1.774014) = 0.573243. At πθ = πref every h is 0 and L = log 2.
     """
     r_w, r_l = log_ratios(inputs, p.reference_free)
-    logits = p.beta * (r_w - r_l)
-    eps = p.label_smoothing
-    losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
-    return LossOutput(losses, p.beta * r_w, p.beta * r_l)
+    reward_w = p.beta * f_divergence_reward(r_w, p.f_divergence, p.f_alpha)
+    reward_l = p.beta * f_divergence_reward(r_l, p.f_divergence, p.f_alpha)
+    return LossOutput(smoothed_logistic(reward_w - reward_l, p.label_smoothing), reward_w, reward_l)
 
 
 @dataclass
@@ -93,3 +129,90 @@ def ipo(inputs: LossInputs, p: IPOParams) -> LossOutput:
     r_w, r_l = log_ratios(inputs, average=True)
     losses = (r_w - r_l - 1 / (2 * p.beta)) ** 2
     return LossOutput(losses, p.beta * r_w, p.beta * r_l)
+
+
+@dataclass
+class SoftDPOParams:
+    beta: float = param(0.1, "β of the implicit reward.", gt=0)
+
+
+def _check_probability(p: torch.Tensor) -> None:
+    if ((p < 0) | (p > 1)).any():
+        raise ValueError(f"preference_prob must lie in [0, 1], got {p[(p < 0) | (p > 1)][:3].tolist()}")
+
+
+@register(
+    "soft_dpo", params=SoftDPOParams, columns=("preference_prob",), aliases=("probabilistic_dpo",),
+    paper="Furuta et al. 2024, Geometric-Averaged Preference Optimization for Soft Preference Labels, "
+          "arXiv:2409.06691, eq. 4 (DPO's Bradley–Terry likelihood with a soft target)",
+    equation="−p·log σ(β h) − (1−p)·log σ(−β h), p = preference_prob of the pair",
+    summary="Per-pair soft labels (e.g. the share of annotators, or a judge's probability, "
+            "preferring the chosen); p = 1 is DPO, p = 0.5 asks for no preference.")
+def soft_dpo(inputs: LossInputs, p: SoftDPOParams) -> LossOutput:
+    """DPO against a soft target: the binary cross-entropy between σ(βh) and p.
+
+    L = −p·log σ(β h) − (1−p)·log σ(−β h). cDPO is the special case p = 1 − ε for all pairs.
+
+    Hand check: β = 0.1, h = 3 (as in ``dpo``), p = 0.8: 0.8·log(1 + e^−0.3) + 0.2·log(1 + e^0.3)
+    = 0.8·0.554355 + 0.2·0.854355 = 0.614355; p = 1 gives DPO's 0.554355.
+    """
+    prob = inputs.extras["preference_prob"]
+    _check_probability(prob)
+    r_w, r_l = log_ratios(inputs)
+    logits = p.beta * (r_w - r_l)
+    losses = -prob * F.logsigmoid(logits) - (1 - prob) * F.logsigmoid(-logits)
+    return LossOutput(losses, p.beta * r_w, p.beta * r_l)
+
+
+@dataclass
+class RPOParams:
+    beta: float = param(0.1, "β of the DPO term.", gt=0)
+    alpha: float = param(1.0, "Weight α of the NLL of the chosen completion (the paper uses 1).", ge=0)
+    label_smoothing: float = param(0.0, "cDPO label smoothing of the DPO term.", ge=0, lt=0.5)
+
+
+@register(
+    "rpo", params=RPOParams, inputs=("chosen_lengths",), aliases=("dpo_nll",),
+    paper="Pang et al. 2024, Iterative Reasoning Preference Optimization, arXiv:2404.19733, eq. 1",
+    equation="DPO + α·NLL(y_w), NLL(y_w) = −log πθ(y_w|x)/|y_w|",
+    summary="DPO that keeps the chosen likelihood up (plain DPO can lower both); the paper's choice "
+            "for reasoning. To add an NLL term to any other loss, mix it with `sft`.")
+def rpo(inputs: LossInputs, p: RPOParams) -> LossOutput:
+    """DPO plus the length-normalised NLL of the chosen completion.
+
+    L = −(1−ε)·log σ(βh) − ε·log σ(−βh) + α·(−log πθ(y_w|x)/|y_w|).
+
+    Hand check: the ``dpo`` pair (h = 3, β = 0.1: 0.554355) with log πθ(y_w) = −10 over 5
+    tokens and α = 1: 0.554355 + 10/5 = 2.554355.
+    """
+    r_w, r_l = log_ratios(inputs)
+    nll = -inputs.policy_chosen_logps / inputs.chosen_lengths.clamp(min=1)
+    losses = smoothed_logistic(p.beta * (r_w - r_l), p.label_smoothing) + p.alpha * nll
+    return LossOutput(losses, p.beta * r_w, p.beta * r_l, {"loss/nll": nll})
+
+
+@dataclass
+class SPINParams:
+    beta: float = param(0.1, "λ of SPIN (the paper's regularisation parameter, β in DPO's notation).", gt=0)
+
+
+@register(
+    "spin", params=SPINParams,
+    paper="Chen et al. 2024, Self-Play Fine-Tuning Converts Weak Language Models to Strong Language "
+          "Models, arXiv:2401.01335, eq. 4.7 with the logistic loss ℓ(t) = log(1 + e^−t)",
+    equation="−log σ(λ·[log πθ(y|x)/πt(y|x) − log πθ(y'|x)/πt(y'|x)])",
+    summary="Self-play: chosen y = the human (SFT) response, rejected y' = the previous iterate's own "
+            "generation, reference πt = the previous iterate. Needs SFT data only; the generation "
+            "loop produces the pairs.")
+def spin(inputs: LossInputs, p: SPINParams) -> LossOutput:
+    """SPIN's objective for one iteration t (eq. 4.7, logistic ℓ).
+
+    With y the ground-truth response, y' ~ πt(·|x) a sample of the current iterate and πt as
+    the reference, the loss has DPO's form: L = log(1 + exp(−λ·(r_y − r_y'))). What makes it
+    SPIN is the data and the reference, not the equation: rejected = the model's own
+    generation, reference = the previous iterate.
+
+    Hand check: the ``dpo`` pair with λ = 0.1: log(1 + e^−0.3) = 0.554355.
+    """
+    r_w, r_l = log_ratios(inputs)
+    return LossOutput(-F.logsigmoid(p.beta * (r_w - r_l)), p.beta * r_w, p.beta * r_l)

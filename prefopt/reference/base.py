@@ -1,12 +1,15 @@
 """The reference strategy interface and the factory that picks one from the config."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 from prefopt.config import ModelConfig, ReferenceConfig
 from prefopt.data.collate import Batch
 from prefopt.errors import ConfigError
 from prefopt.logps import SequenceScores
+
+log = logging.getLogger("prefopt")
 
 
 class ReferenceStrategy(Protocol):
@@ -26,7 +29,9 @@ def build_reference(cfg: ReferenceConfig, model_cfg: ModelConfig, *, needed: boo
     from prefopt.reference.none import NoReference
 
     strategy = cfg.strategy
-    if strategy == "auto":
+    if strategy == "auto" or (strategy == "model" and not needed):
+        if strategy == "model" and (ref_model is not None or cfg.name_or_path is not None):
+            log.warning("a reference model is configured but no loss uses one; it is not loaded")
         strategy = "model" if needed else "none"
     if strategy == "none":
         if needed:
