@@ -183,7 +183,9 @@ def _is_optional(tp) -> tuple[bool, Any]:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/CLI value to the field's type, or raise a ConfigError naming the key."""
     optional, inner = _is_optional(tp)
-    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+    # 'None'/'none' read as null only where a string is not a valid value (strategy: none is).
+    null_words = ("null", "~") if (typing.get_origin(inner) or inner) is str else ("null", "none", "~")
+    if value is None or (isinstance(value, str) and value.lower() in null_words):
         if optional:
             return None
         raise ConfigError(f"{key}: may not be null")

@@ -106,3 +106,9 @@ def test_base_configs_merge_sections_and_replace_the_loss(tmp_path):
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
         load_config(tmp_path / "loop.yaml")
+
+
+def test_string_none_is_a_value_for_string_fields_and_null_for_others():
+    cfg = load_config(None, ["reference.strategy=none", "data.max_prompt_length=None"])
+    assert cfg.reference.strategy == "none" and cfg.data.max_prompt_length is None
+    assert DPOConfig(reference={"strategy": "none"}).reference.strategy == "none"
