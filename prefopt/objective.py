@@ -107,6 +107,11 @@ class Objective:
         return roles
 
     @property
+    def min_batch_size(self) -> int:
+        """KTO's mismatched pairs need two examples in every micro-batch."""
+        return 2 if "kl" in self.roles else 1
+
+    @property
     def optional_columns(self) -> tuple[str, ...]:
         """Columns a loss uses when present (SLiC's ref_completion falls back to the chosen)."""
         return ("ref_completion",) if "ref_completion" in self.roles else ()

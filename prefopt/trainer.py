@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from prefopt.config import RunConfig, config_from_flat, parse_loss, save_config, to_dict
 from prefopt.data.collate import PaddedCollator
@@ -36,6 +36,30 @@ from prefopt.reference import build_reference
 from prefopt.train import loop
 
 log = logging.getLogger("prefopt")
+
+
+class TailMergingBatchSampler(BatchSampler):
+    """Batches of ``batch_size``; a last batch smaller than ``min_size`` joins the one before it.
+
+    Losses that compare examples within a micro-batch (KTO's mismatched pairs) need at least
+    two; merging the tail keeps every example instead of dropping it.
+    """
+
+    def __init__(self, sampler: Sampler, batch_size: int, min_size: int = 1):
+        super().__init__(sampler, batch_size, drop_last=False)
+        self.min_size = min_size
+
+    def __iter__(self):
+        batches = list(super().__iter__())
+        if len(batches) > 1 and len(batches[-1]) < self.min_size:
+            tail = batches.pop()
+            batches[-1] = batches[-1] + tail
+        return iter(batches)
+
+    def __len__(self) -> int:
+        n = super().__len__()
+        tail = len(self.sampler) % self.batch_size
+        return n - 1 if n > 1 and 0 < tail < self.min_size else n
 
 
 class EpochSampler(Sampler):
@@ -169,6 +193,7 @@ class Trainer:
         collator = PaddedCollator(tokenizer.pad_token_id, objective.roles, cfg.data.pad_to_multiple_of,
                                   objective.extra_columns)
         self._train_set, self._collator = train_set, collator
+        self._min_batch_size = objective.min_batch_size
         first = train_set or eval_set
         objective.preflight(collator(first.examples[:tcfg.per_device_train_batch_size]))
         train_loader = self._loader(train_set, collator, tcfg.per_device_train_batch_size, True)
@@ -229,7 +254,8 @@ class Trainer:
         if data is None:
             return None
         sampler = EpochSampler(len(data), self.config.train.seed, shuffle)
-        return DataLoader(data.examples, batch_size=batch_size, sampler=sampler, collate_fn=collator)
+        batches = TailMergingBatchSampler(sampler, batch_size, self._min_batch_size)
+        return DataLoader(data.examples, batch_sampler=batches, collate_fn=collator)
 
     def _optimizer(self, model) -> torch.optim.Optimizer:
         t = self.config.train

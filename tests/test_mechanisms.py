@@ -175,3 +175,33 @@ def test_slic_uses_ref_completion_rows_only_where_present(tiny_model_dir, tmp_pa
     with_ref = [i for i in range(4) if index["ref_completion"][i] not in index["chosen"]]
     reused = [i for i in range(4) if index["ref_completion"][i] == index["chosen"][i]]
     assert len(with_ref) == 2 and len(reused) == 2 and batch.num_sequences == 10
+
+
+def test_tail_merging_batch_sampler_keeps_every_example():
+    from prefopt.trainer import EpochSampler, TailMergingBatchSampler
+
+    for n, size, minimum, expected in [(9, 4, 2, [4, 5]), (9, 4, 1, [4, 4, 1]), (8, 4, 2, [4, 4]),
+                                       (1, 4, 2, [1]), (5, 2, 2, [2, 3])]:
+        sampler = TailMergingBatchSampler(EpochSampler(n, seed=0), size, minimum)
+        batches = list(sampler)
+        assert [len(b) for b in batches] == expected and len(sampler) == len(expected)
+        assert sorted(i for b in batches for i in b) == list(range(n))
+
+
+def test_kto_with_a_one_example_tail_trains_through_the_epoch(tiny_model_dir, tmp_path):
+    # 9 unpaired examples, batches of 4: the tail of 1 joins the previous batch (4 + 5)
+    t = trainer(tiny_model_dir, str(FIXTURES / "kto_en_demo_20.json"), tmp_path, num_train_epochs=1,
+                per_device_train_batch_size=4, loss="kto", max_examples=9)
+    t.train()
+    assert [r["step"] for r in metrics(tmp_path) if "loss" in r] == [1, 2]
+
+
+def test_slic_compute_falls_back_to_the_chosen_like_the_collator():
+    from prefopt import losses
+    kw = dict(policy_chosen_logps=torch.tensor([-4.0]), policy_rejected_logps=torch.tensor([-6.0]),
+              chosen_lengths=torch.tensor([2]), rejected_lengths=torch.tensor([3]))
+    implicit = losses.compute("slic", **kw).losses
+    explicit = losses.compute("slic", **kw, policy_ref_completion_logps=kw["policy_chosen_logps"],
+                              ref_completion_lengths=kw["chosen_lengths"]).losses
+    # max(0, 1 - (-4) + (-6)) + 0.5 * 4 = 0 + 2
+    assert implicit.item() == explicit.item() == pytest.approx(2.0)

@@ -26,6 +26,9 @@ Tensor = torch.Tensor
 
 # Per-example columns a dataset may carry through the pipeline into LossInputs.extras.
 KNOWN_COLUMNS = ("preference_prob", "score_chosen", "score_rejected", "margin", "ref_completion")
+# Inputs that default to another when absent, as the collator does (SLiC's y_ref: the chosen).
+INPUT_FALLBACKS = {"policy_ref_completion_logps": "policy_chosen_logps",
+                   "ref_completion_lengths": "chosen_lengths"}
 
 
 @dataclass
@@ -287,6 +290,9 @@ def compute(name: str, *, params: Any = None, extras: dict | None = None, state:
                         extras=dict(extras or {}), state=state if state is not None else {})
     for key in [k for k in kwargs if k in KNOWN_COLUMNS]:
         inputs.extras[key] = kwargs[key]
+    for name, fallback in INPUT_FALLBACKS.items():
+        if getattr(inputs, name) is None:
+            setattr(inputs, name, getattr(inputs, fallback))
     rest = {k: v for k, v in kwargs.items() if k not in input_names and k not in KNOWN_COLUMNS}
     if params is not None and rest:
         raise ConfigError("pass loss parameters either as params= or as keywords, not both")
