@@ -131,7 +131,18 @@ def cmd_losses(ns) -> int:
         print(f"{'':<16} needs: {spec.needs_text()}")
         print(f"{'':<16} params: {params}")
         print(f"{'':<16} paper: {spec.paper}")
+    print("\nModifiers for any paired loss (loss: {name: ..., ld_alpha: 0.5, wpo: true}):")
+    for name, text in modifier_docs():
+        print(f"  {name}: {text}")
+    print("Mix losses with a list: loss: [{name: dpo, weight: 0.8}, {name: sft, weight: 0.2}]")
     return 0
+
+
+def modifier_docs() -> list[tuple[str, str]]:
+    from dataclasses import fields
+
+    from prefopt.config import LossTerm
+    return [(f.name, f.metadata["help"]) for f in fields(LossTerm) if f.name in LossTerm.MODIFIERS]
 
 
 def losses_markdown() -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,6 +116,12 @@ class Objective:
     def optional_columns(self) -> tuple[str, ...]:
         """Columns a loss uses when present (SLiC's ref_completion falls back to the chosen)."""
         return ("ref_completion",) if "ref_completion" in self.roles else ()
+
+    @property
+    def record_checks(self) -> tuple:
+        """Per-record column checks of the terms' losses, for the data pipeline."""
+        return tuple(functools.partial(t.spec.record_check, p=t.params) for t in self.terms
+                     if t.spec.record_check is not None)
 
     @property
     def extra_columns(self) -> tuple[str, ...]:

@@ -185,7 +185,7 @@ class Trainer:
         train_set, eval_set = prepare_datasets(
             cfg.data, tokenizer, objective.kind, train_source=self._train_source,
             eval_source=self._eval_source, seed=tcfg.seed, required_columns=objective.columns,
-            optional_columns=objective.optional_columns)
+            optional_columns=objective.optional_columns, record_checks=objective.record_checks)
         if need_train and train_set is None:
             raise ConfigError("no training data: pass train_dataset or set data.train")
         self._report_data(accelerator, output_dir, train_set, eval_set)

@@ -205,3 +205,20 @@ def test_slic_compute_falls_back_to_the_chosen_like_the_collator():
                               ref_completion_lengths=kw["chosen_lengths"]).losses
     # max(0, 1 - (-4) + (-6)) + 0.5 * 4 = 0 + 2
     assert implicit.item() == explicit.item() == pytest.approx(2.0)
+
+
+def test_loss_record_checks_report_bad_pairs_at_load_time(tiny_model_dir, tmp_path):
+    rows = [{"prompt": "Q1", "chosen": " a", "rejected": " b", "score_chosen": 8, "score_rejected": 3,
+             "preference_prob": 0.7},
+            {"prompt": "Q2", "chosen": " c", "rejected": " d", "score_chosen": 4, "score_rejected": 4,
+             "preference_prob": 1.5}]
+    path = tmp_path / "scored.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:2: .*needs score_chosen > score_rejected, got 4 and 4"):
+        trainer(tiny_model_dir, str(path), tmp_path / "o", loss="odpo", max_steps=1).train()
+    with pytest.raises(DataError, match=rf"{path}:2: .*preference_prob must lie in \[0, 1\], got 1.5"):
+        trainer(tiny_model_dir, str(path), tmp_path / "o", loss="soft_dpo", max_steps=1).train()
+    t = trainer(tiny_model_dir, str(path), tmp_path / "skip", loss="odpo", max_steps=1, on_error="skip")
+    t.setup()
+    assert t.job is not None and len(t._train_set) == 1
+    assert dict(t._train_set.report.rejected) == {"invalid_column": 1}

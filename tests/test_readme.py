@@ -1,6 +1,8 @@
 """The README is executable documentation: its snippets run as written, its tables are current."""
 import math
 import re
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,3 +42,19 @@ def test_loss_table_is_generated_from_the_registry():
 
     table = README.split("<!-- losses-table:start", 1)[1].split("-->", 1)[1].split("<!-- losses-table:end -->")[0]
     assert table.strip() == losses_markdown().strip(), "run `prefopt losses --markdown` and paste it into README.md"
+
+
+def test_extra_loss_snippet_runs_after_the_api_snippet(tiny_model_dir, tmp_path, monkeypatch):
+    (tmp_path / "runs" / "demo" / "sft").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "sft" / "final").symlink_to(tiny_model_dir)
+    monkeypatch.chdir(tmp_path)
+    api = python_blocks()[0].replace("trainer.train()", "").replace("trainer.save_model()", "")
+    namespace: dict = {}
+    exec(compile(api, "README.md", "exec"), namespace)
+    exec(compile(python_blocks()[2], "README.md", "exec"), namespace)
+    trainer = namespace["trainer"]
+    assert set(trainer._extra_losses) == {"penalty"}
+    job = trainer.setup()
+    batch = next(iter(job.train_loader))
+    step = job.objective.forward(job.model, batch, job.objective.units(batch))
+    assert step.extras["penalty"].item() == pytest.approx(0.01 * -step.inputs.policy_chosen_logps.mean().item())

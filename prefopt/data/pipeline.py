@@ -39,15 +39,18 @@ class Dataset:
 
 def prepare_datasets(cfg: DataConfig, tokenizer, kind: str, *, train_source: Any = None,
                      eval_source: Any = None, seed: int = 0, required_columns: tuple[str, ...] = (),
-                     optional_columns: tuple[str, ...] = ()) -> tuple[Dataset | None, Dataset | None]:
+                     optional_columns: tuple[str, ...] = (),
+                     record_checks: tuple = ()) -> tuple[Dataset | None, Dataset | None]:
     """Read, convert, split and encode the train and eval data for an objective of ``kind``.
 
     ``kind`` is what the objective consumes: "paired", "unpaired" or "completion".
     Sources given here (Python objects or paths) take precedence over ``cfg.train``/``cfg.eval``.
     Per-example columns are read only when a loss needs them (``required_columns``: a record
     without one is a bad record) or can use them (``optional_columns``); others are ignored.
+    ``record_checks`` (``fn(columns) -> problem or None``, from the losses) vet each record's
+    columns at load time.
     """
-    columns = (tuple(required_columns), tuple(optional_columns))
+    columns = (tuple(required_columns), tuple(optional_columns), tuple(record_checks))
     train_source = train_source if train_source is not None else cfg.train
     eval_source = eval_source if eval_source is not None else cfg.eval
     encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.prompt_truncation)
@@ -69,7 +72,7 @@ def prepare_datasets(cfg: DataConfig, tokenizer, kind: str, *, train_source: Any
 
 
 def load_examples(source: Any, cfg: DataConfig, report: DataReport, required_columns: tuple[str, ...] = (),
-                  optional_columns: tuple[str, ...] = ()) -> list[Example]:
+                  optional_columns: tuple[str, ...] = (), record_checks: tuple = ()) -> list[Example]:
     """Read ``source`` and convert every record to a canonical example (bad ones: see report)."""
     fmt: Format | None = None
     if cfg.format != "auto":
@@ -91,7 +94,7 @@ def load_examples(source: Any, cfg: DataConfig, report: DataReport, required_col
             if fmt is None:
                 fmt = detect_format(record, str(raw.origin), ())
             report.format = fmt.name
-            examples.append(convert(fmt, record, raw.origin, required_columns, optional_columns))
+            examples.append(convert(fmt, record, raw.origin, required_columns, optional_columns, record_checks))
         except RecordProblem as problem:
             report.reject(raw.origin, problem.reason, f"[{fmt.name if fmt else '?'}] {problem}", raw.data)
     if report.records == 0:
@@ -115,9 +118,13 @@ def rename_columns(record: dict, columns: dict[str, str]) -> dict:
 
 
 def convert(fmt: Format, record: dict, origin, required_columns: tuple[str, ...] = (),
-            optional_columns: tuple[str, ...] = ()) -> Example:
+            optional_columns: tuple[str, ...] = (), record_checks: tuple = ()) -> Example:
     fields = fmt.convert(record)
     extras = extract_columns(record, required_columns, optional_columns)
+    for check in record_checks:
+        problem = check(extras)
+        if problem:
+            raise RecordProblem("invalid_column", problem)
     if fmt.kind == "paired":
         prompt, chosen, rejected = validate_pair(fields["prompt"], fields["chosen"], fields["rejected"])
         return PreferenceExample(prompt, chosen, rejected, origin, extras)

@@ -133,6 +133,10 @@ class LossSpec:
     token_level: Requirement = False  # needs per-token reference distributions (chosen/rejected_seq_kl)
     aliases: tuple[str, ...] = ()
     stateful: bool = False            # reads/writes LossInputs.state across steps
+    logps: str = "summed"             # how the loss reduces log-probs (docs): summed, length-averaged, ...
+    # Checks one example's columns when the data is loaded: returns a problem or None, so a bad
+    # record is reported with its file and line instead of failing mid-training.
+    record_check: Callable[[dict, Any], str | None] | None = None
 
     # -- requirements, resolved against a parameter instance ------------------------
     def needs_reference(self, params: Any) -> bool:
@@ -201,8 +205,7 @@ class LossSpec:
         bits.append("reference" if self.needs_reference(params) else "no reference")
         if callable(self.reference):
             bits[-1] += " (optional)"
-        lengths = {"chosen_lengths", "rejected_lengths", "lengths"} & set(self.extra_inputs(params))
-        bits.append("length-averaged log-probs" if lengths else "summed log-probs")
+        bits.append(f"{self.logps} log-probs")
         if self.needs_token_stats(params):
             bits.append("token-level reference distributions")
         cols = self.needed_columns(params)
@@ -220,7 +223,8 @@ _ALIASES: dict[str, str] = {}
 def register(name: str, *, params: type, paper: str, equation: str, summary: str,
              data: str = "paired", reference: Requirement = True, normalize: str = "example",
              inputs=(), columns=(), token_level: Requirement = False,
-             aliases: tuple[str, ...] = (), stateful: bool = False):
+             aliases: tuple[str, ...] = (), stateful: bool = False, logps: str = "summed",
+             record_check: Callable[[dict, Any], str | None] | None = None):
     """Decorator: register ``fn(inputs, params) -> LossOutput`` under ``name``."""
     assert data in ("paired", "unpaired", "any") and normalize in ("example", "token")
 
@@ -230,7 +234,8 @@ def register(name: str, *, params: type, paper: str, equation: str, summary: str
         _REGISTRY[name] = LossSpec(name=name, fn=fn, params=params, paper=paper, equation=equation,
                                    summary=summary, data=data, reference=reference,
                                    normalize=normalize, inputs=inputs, columns=columns,
-                                   token_level=token_level, aliases=tuple(aliases), stateful=stateful)
+                                   token_level=token_level, aliases=tuple(aliases), stateful=stateful,
+                                   logps=logps, record_check=record_check)
         for alias in aliases:
             _ALIASES[alias] = name
         return fn

@@ -11,31 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from prefopt.losses.base import LossInputs, LossOutput, param, register
-
-
-def log_ratios(inputs: LossInputs, reference_free: bool = False, average: bool = False):
-    """(r_w, r_l): policy minus reference log-probs of chosen and rejected, shape (B,).
-
-    ``reference_free`` uses an implicit uniform reference (log πref = 0); ``average``
-    divides each log-prob by its completion length first (IPO, SimPO-style losses).
-    """
-    pc, pr = inputs.policy_chosen_logps, inputs.policy_rejected_logps
-    rc = torch.zeros_like(pc) if reference_free else inputs.ref_chosen_logps
-    rr = torch.zeros_like(pr) if reference_free else inputs.ref_rejected_logps
-    r_w, r_l = pc - rc, pr - rr
-    if average:
-        r_w = r_w / inputs.chosen_lengths.clamp(min=1)
-        r_l = r_l / inputs.rejected_lengths.clamp(min=1)
-    return r_w, r_l
+from prefopt.losses.common import log_ratios, smoothed_logistic
 
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
 EXP_CAP = 50.0  # exponents of the α-divergence reward are capped here so the loss stays finite
-
-
-def smoothed_logistic(logits: torch.Tensor, eps: float) -> torch.Tensor:
-    """−(1−ε)·log σ(z) − ε·log σ(−z): the logistic loss with label smoothing ε."""
-    return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
 
 
 def f_divergence_reward(r: torch.Tensor, divergence: str, alpha: float) -> torch.Tensor:
@@ -110,7 +90,7 @@ class IPOParams:
 
 
 @register(
-    "ipo", params=IPOParams, inputs=("chosen_lengths", "rejected_lengths"),
+    "ipo", params=IPOParams, inputs=("chosen_lengths", "rejected_lengths"), logps="length-averaged",
     paper="Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from Human "
           "Preferences, arXiv:2310.12036, eq. 17",
     equation="(h̄ − 1/(2τ))², h̄ from length-averaged log-probs",
@@ -136,6 +116,10 @@ class SoftDPOParams:
     beta: float = param(0.1, "β of the implicit reward.", gt=0)
 
 
+def _probability_problem(p: float) -> str | None:
+    return None if 0 <= p <= 1 else f"preference_prob must lie in [0, 1], got {p}"
+
+
 def _check_probability(p: torch.Tensor) -> None:
     if ((p < 0) | (p > 1)).any():
         raise ValueError(f"preference_prob must lie in [0, 1], got {p[(p < 0) | (p > 1)][:3].tolist()}")
@@ -143,6 +127,7 @@ def _check_probability(p: torch.Tensor) -> None:
 
 @register(
     "soft_dpo", params=SoftDPOParams, columns=("preference_prob",), aliases=("probabilistic_dpo",),
+    record_check=lambda extras, p: _probability_problem(extras["preference_prob"]),
     paper="Furuta et al. 2024, Geometric-Averaged Preference Optimization for Soft Preference Labels, "
           "arXiv:2409.06691, eq. 4 (DPO's Bradley–Terry likelihood with a soft target)",
     equation="−p·log σ(β h) − (1−p)·log σ(−β h), p = preference_prob of the pair",
@@ -173,6 +158,7 @@ class RPOParams:
 
 @register(
     "rpo", params=RPOParams, inputs=("chosen_lengths",), aliases=("dpo_nll",),
+    logps="summed (+ length-normalised NLL of the chosen)",
     paper="Pang et al. 2024, Iterative Reasoning Preference Optimization, arXiv:2404.19733, eq. 1",
     equation="DPO + α·NLL(y_w), NLL(y_w) = −log πθ(y_w|x)/|y_w|",
     summary="DPO that keeps the chosen likelihood up (plain DPO can lower both); the paper's choice "

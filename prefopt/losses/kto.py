@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from prefopt.losses.base import LossInputs, LossOutput, param, register
-from prefopt.losses.dpo import log_ratios
+from prefopt.losses.common import log_ratios
 
 
 Z0_CHOICES = ("batch", "zero")

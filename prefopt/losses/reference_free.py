@@ -17,22 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from prefopt.losses.base import LossInputs, LossOutput, param, register
-from prefopt.losses.dpo import log_ratios
+from prefopt.losses.common import average_logps, log_ratios, smoothed_logistic
 
 Tensor = torch.Tensor
 
 # ORPO's log(1 − p) is evaluated at log p ≤ −ODDS_EPS: at p = 1 the odds are infinite.
 ODDS_EPS = 1e-6
-
-
-def _average(logps: Tensor, lengths: Tensor) -> Tensor:
-    """Length-averaged log-prob log πθ(y|x)/|y| (lengths below 1 count as 1)."""
-    return logps / lengths.clamp(min=1).to(logps.dtype)
-
-
-def _logistic(logits: Tensor, eps: float) -> Tensor:
-    """−(1−ε)·log σ(z) − ε·log σ(−z): the logistic loss with label smoothing ε (cDPO)."""
-    return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
 
 
 def log1m_exp(logp: Tensor, eps: float = ODDS_EPS) -> Tensor:
@@ -59,6 +49,7 @@ class SimPOParams:
 
 @register(
     "simpo", params=SimPOParams, reference=False, inputs=("chosen_lengths", "rejected_lengths"),
+    logps="length-averaged",
     paper="Meng, Xia & Chen 2024, SimPO: Simple Preference Optimization with a Reference-Free "
           "Reward, arXiv:2405.14734, eq. 6",
     equation="−log σ(β/|y_w|·log πθ(y_w|x) − β/|y_l|·log πθ(y_l|x) − γ)",
@@ -80,10 +71,10 @@ def simpo(inputs: LossInputs, p: SimPOParams) -> LossOutput:
     rewards −4 and −10. Chosen −8 over 4 tokens (−2), rejected −3 over 1 token (−3):
     z = −4 + 6 − 1 = 1, L = log(1 + e^−1) = 0.313262.
     """
-    avg_w = _average(inputs.policy_chosen_logps, inputs.chosen_lengths)
-    avg_l = _average(inputs.policy_rejected_logps, inputs.rejected_lengths)
+    avg_w = average_logps(inputs.policy_chosen_logps, inputs.chosen_lengths)
+    avg_l = average_logps(inputs.policy_rejected_logps, inputs.rejected_lengths)
     reward_w, reward_l = p.beta * avg_w, p.beta * avg_l
-    losses = _logistic(reward_w - reward_l - p.gamma, p.label_smoothing)
+    losses = smoothed_logistic(reward_w - reward_l - p.gamma, p.label_smoothing)
     return LossOutput(losses, reward_w, reward_l)
 
 
@@ -96,6 +87,7 @@ class ORPOParams:
 
 @register(
     "orpo", params=ORPOParams, reference=False, inputs=("chosen_lengths", "rejected_lengths"),
+    logps="length-averaged",
     paper="Hong, Lee & Thorne 2024, ORPO: Monolithic Preference Optimization without Reference "
           "Model, arXiv:2403.07691, eqs. 6–7",
     equation="NLL(y_w) − λ·log σ(log odds(y_w) − log odds(y_l)), odds(y) = p/(1−p), "
@@ -121,8 +113,8 @@ def orpo(inputs: LossInputs, p: ORPOParams) -> LossOutput:
     L = 0.693147 + 0.1·0.287682 = 0.721915. Chosen log 0.8 (odds 4), rejected log 0.5 (odds 1):
     L_OR = −log(4/5) = 0.223144, NLL = −log 0.8 = 0.223144, L = 0.245458.
     """
-    avg_w = _average(inputs.policy_chosen_logps, inputs.chosen_lengths)
-    avg_l = _average(inputs.policy_rejected_logps, inputs.rejected_lengths)
+    avg_w = average_logps(inputs.policy_chosen_logps, inputs.chosen_lengths)
+    avg_l = average_logps(inputs.policy_rejected_logps, inputs.rejected_lengths)
     log_odds = (avg_w - log1m_exp(avg_w)) - (avg_l - log1m_exp(avg_l))
     nll = -avg_w
     losses = nll - p.beta * F.logsigmoid(log_odds)
@@ -141,6 +133,7 @@ class CPOParams:
 
 @register(
     "cpo", params=CPOParams, reference=False, inputs=("chosen_lengths",),
+    logps="summed (+ length-normalised NLL of the chosen)",
     paper="Xu et al. 2024, Contrastive Preference Optimization: Pushing the Boundaries of LLM "
           "Performance in Machine Translation, arXiv:2401.08417, eqs. 3–5",
     equation="−(1−ε)·log σ(β(log πθ(y_w|x) − log πθ(y_l|x))) − ε·log σ(−β(…)) + α·NLL(y_w)",
@@ -161,8 +154,8 @@ def cpo(inputs: LossInputs, p: CPOParams) -> LossOutput:
     2 tokens, rejected −4: z = −0.2, log(1 + e^0.2) = 0.798139, NLL = 3, L = 3.798139.
     """
     r_w, r_l = log_ratios(inputs, reference_free=True)
-    nll = -_average(inputs.policy_chosen_logps, inputs.chosen_lengths)
-    losses = _logistic(p.beta * (r_w - r_l), p.label_smoothing) + p.alpha * nll
+    nll = -average_logps(inputs.policy_chosen_logps, inputs.chosen_lengths)
+    losses = smoothed_logistic(p.beta * (r_w - r_l), p.label_smoothing) + p.alpha * nll
     return LossOutput(losses, p.beta * r_w, p.beta * r_l, metrics={"loss/nll": nll.detach()})
 
 
@@ -212,5 +205,5 @@ def slic(inputs: LossInputs, p: SLiCParams) -> LossOutput:
     losses = hinge - p.reg_weight * target
     metrics = {"slic/reg": -target.detach()}
     if target_lengths is not None:
-        metrics["loss/nll"] = -_average(target.detach(), target_lengths)
+        metrics["loss/nll"] = -average_logps(target.detach(), target_lengths)
     return LossOutput(losses, pc, pr, metrics=metrics)

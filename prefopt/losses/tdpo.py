@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from prefopt.losses.base import LossInputs, LossOutput, param, register
-from prefopt.losses.dpo import log_ratios
+from prefopt.losses.common import log_ratios
 
 
 def _seq_kl_metrics(inputs: LossInputs) -> dict:
