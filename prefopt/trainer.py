@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -169,7 +170,10 @@ class Trainer:
         tcfg = cfg.train
         if tcfg.gradient_accumulation_steps < 1 or tcfg.per_device_train_batch_size < 1:
             raise ConfigError("train.per_device_train_batch_size and gradient_accumulation_steps must be >= 1")
-        accelerator = Accelerator(mixed_precision=tcfg.mixed_precision)
+        # Under torchrun on a machine without CUDA, accelerate only forms the gloo process group
+        # when asked for CPU explicitly; otherwise each process would silently train alone.
+        distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, cpu=distributed_cpu)
         set_seed(tcfg.seed)
         output_dir = Path(cfg.output_dir)
 

@@ -657,3 +657,16 @@ def test_columns_no_loss_reads_are_neither_extracted_nor_validated(tmp_path):
     assert ex.extras == {"preference_prob": 0.7}
     with pytest.raises(DataError, match="column 'margin' must be a number"):
         load_examples(path, DataConfig(), report, required_columns=("margin",))
+
+
+def test_a_folder_of_data_files_loads_through_the_hub_code_path(tmp_path):
+    """datasets.load_dataset(<folder>) is the same call as for a hub id: tested offline."""
+    repo = tmp_path / "org__pairs"
+    (repo / "data").mkdir(parents=True)
+    write_jsonl(repo / "data" / "train.jsonl", FIVE[:3])
+    write_jsonl(repo / "data" / "test.jsonl", FIVE[3:])
+    examples, _ = load(repo)
+    assert triples(examples) == [(r["prompt"], r["chosen"], r["rejected"]) for r in FIVE[:3]]
+    examples, _ = load(repo, split="test")
+    assert [e.prompt for e in examples] == ["Unicode: café ☕", "Last one"]
+    assert str(examples[0].origin) == f"{repo}[test] record 1"

@@ -147,3 +147,14 @@ def test_python_api_accepts_model_objects_and_hf_datasets(tiny_model_dir, demo_r
     assert trainer.config.loss[0].params["beta"] == 0.2 and "eval/loss" in result
     assert trainer.model is model  # trained in place
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_bf16_autocast_keeps_policy_and_reference_on_the_same_path(tiny_model_dir, demo_records, tmp_path):
+    """Under bf16 autocast (CPU here) the first loss is still exactly ln 2: policy and reference run
+    through the same score_batch in the same precision, and log-softmax is taken in float32."""
+    trainer = dpo(tiny_model_dir, demo_records[:8], tmp_path, max_steps=3, per_device_train_batch_size=4,
+                  mixed_precision="bf16", learning_rate=1e-3)
+    trainer.train()
+    rows = [r for r in metrics(tmp_path) if "loss" in r]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] != rows[0]["loss"]

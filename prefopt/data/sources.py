@@ -197,7 +197,11 @@ def _from_csv(text: str, path: str) -> Iterator[RawRecord]:
 
 
 def _from_disk(path: Path, split: str) -> Iterator[RawRecord]:
+    """A save_to_disk folder, or else a folder of data files read like a hub dataset repo."""
     import datasets
+    if not any((path / marker).is_file() for marker in ("dataset_dict.json", "state.json")):
+        yield from _from_hub(str(path), split)
+        return
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # datasets raises FileNotFoundError or its own errors
@@ -212,6 +216,7 @@ def _from_hub(name: str, split: str) -> Iterator[RawRecord]:
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # offline, unknown repo, missing split: all surface here
-        raise DataError(name, f"no such file, and loading it as a hub dataset failed: "
+        what = "a folder of data files" if Path(name).is_dir() else "no such file, and"
+        raise DataError(name, f"{what} loading it as a hub dataset failed: "
                               f"{type(e).__name__}: {str(e)[:300]}") from None
     yield from _from_rows(ds, f"{name}[{split}]")
