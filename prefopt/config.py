@@ -48,6 +48,9 @@ class ModelConfig:
         None, "Override the tokenizer's chat template: 'chatml' or a Jinja template string.")
     trust_remote_code: bool = option(False, "Allow custom modelling code from the model repository.")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
+    disable_dropout: bool = option(True, "Turn dropout off in the policy and the reference, so both "
+                                         "score alike (DPO's loss is log 2 at step 0) and log-ratios "
+                                         "carry no sampling noise.")
 
 
 @dataclass

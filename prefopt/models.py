@@ -45,6 +45,17 @@ def load_model(name_or_path: str, dtype: str = "float32", model_cfg: ModelConfig
         raise ConfigError(f"cannot load model '{name_or_path}': {str(e).splitlines()[0]}") from None
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere: with it, policy (train mode) and reference (eval mode) would
+    differ at step 0 and every log-ratio would carry sampling noise."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout_p"):  # attention modules keep a float rate
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
 def load_tokenizer(name_or_path: str, chat_template: str | None = None):
     """AutoTokenizer.from_pretrained, with a pad token and an optional chat template override."""
     from transformers import AutoTokenizer
@@ -98,7 +109,8 @@ ARCHITECTURES = ("llama", "qwen2", "gpt2")
 def build_tiny_model(vocab_size: int, arch: str = "llama", hidden_size: int = 64, layers: int = 2,
                      heads: int = 4, kv_heads: int | None = None, intermediate_size: int | None = None,
                      max_positions: int = 1024, seed: int = 0, tie_embeddings: bool = False):
-    """A small randomly initialised causal LM of a real architecture (no dropout)."""
+    """A small randomly initialised causal LM of a real architecture (GPT-2 keeps its 0.1 dropout,
+    as the real one has; prefopt's model.disable_dropout turns it off for training)."""
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
     _quiet_transformers()
@@ -114,8 +126,7 @@ def build_tiny_model(vocab_size: int, arch: str = "llama", hidden_size: int = 64
                           max_position_embeddings=max_positions, tie_word_embeddings=tie_embeddings)
     elif arch == "gpt2":
         cfg = GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=layers, n_head=heads,
-                         n_positions=max_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                         tie_word_embeddings=tie_embeddings)
+                         n_positions=max_positions, tie_word_embeddings=tie_embeddings)
     else:
         raise ConfigError(f"unknown tiny architecture '{arch}'; one of {ARCHITECTURES}")
     torch.manual_seed(seed)

@@ -79,6 +79,7 @@ class Objective:
         self.wpo = any(t.wpo for t in terms)
         self.columns = tuple(sorted({c for t in terms for c in t.spec.needed_columns(t.params)}))
         self._checked = False
+        self.reduce_mean = None  # set by the trainer when several processes train together
         if self.needs_reference and getattr(reference, "name", "none") == "none":
             names = [t.spec.name for t in terms if t.spec.needs_reference(t.params)]
             raise ConfigError(f"loss {', '.join(names)} needs a reference model, but none is configured")
@@ -177,7 +178,8 @@ class Objective:
 
     def _run_term(self, term: Term, batch: Batch, inputs: LossInputs, policy: SequenceScores,
                   ref: SequenceScores | None, training: bool) -> LossOutput:
-        inputs = dataclasses.replace(inputs, state=term.state if training else copy.deepcopy(term.state))
+        inputs = dataclasses.replace(inputs, state=term.state if training else copy.deepcopy(term.state),
+                                     reduce_mean=self.reduce_mean)
         if term.ld_alpha is not None:
             inputs = self._length_desensitised(inputs, batch, policy, ref, term.ld_alpha)
         out = term.spec.fn(inputs, term.params)
@@ -281,12 +283,14 @@ class Objective:
         for name, value in step.extras.items():
             out[f"loss/{name}"] = (value.detach(), 1.0)
         inputs, pol = step.inputs, step.policy
+        lengths = batch.sequence_lengths.to(pol.logits_mean.dtype)
         if self.kind == "paired":
             ci, ri = batch.index["chosen"], batch.index["rejected"]
             _mean(out, "logps/chosen", inputs.policy_chosen_logps)
             _mean(out, "logps/rejected", inputs.policy_rejected_logps)
-            _mean(out, "logits/chosen", pol.logits_mean[ci])
-            _mean(out, "logits/rejected", pol.logits_mean[ri])
+            # token means over the step (TRL's definition), not a mean of per-sequence means
+            out["logits/chosen"] = ((pol.logits_mean[ci] * lengths[ci]).sum(), float(lengths[ci].sum()))
+            out["logits/rejected"] = ((pol.logits_mean[ri] * lengths[ri]).sum(), float(lengths[ri].sum()))
         else:
             logps = inputs.policy_logps
             if batch.labels is None:
@@ -294,7 +298,11 @@ class Objective:
             else:
                 _mean(out, "logps/chosen", logps[batch.labels.bool()])
                 _mean(out, "logps/rejected", logps[~batch.labels.bool()])
-        out["mean_token_accuracy"] = (pol.correct.sum(), float(pol.lengths.sum()))
+        target = batch.index["chosen" if self.kind == "paired" else "completion"]
+        if batch.labels is not None and self.kind != "paired":
+            target = target[batch.labels.bool()]
+        # on the completions the model should produce (not rejected, mismatched or y_ref rows)
+        out["mean_token_accuracy"] = (pol.correct[target].sum(), float(lengths[target].sum()))
         rewarded = next((r for r in step.outputs.values() if r.chosen_rewards is not None), None)
         if rewarded is not None:
             _mean(out, "rewards/chosen", rewarded.chosen_rewards)

@@ -10,12 +10,14 @@
 is a frozen copy of the initial policy (or no reference when the loss needs none);
 datasets are a ``datasets.Dataset``, a list of dicts, or a path. ``extra_losses`` maps names
 to callables ``fn(step: StepOutput) -> scalar tensor`` (e.g. a safety penalty) added to the
-loss, averaged over the micro-batches of a step and logged as ``loss/<name>``. The trainer builds the
-pieces (tokenizer, model, reference strategy, objective, data, optimizer, schedule),
-hands them to accelerate, and runs prefopt.train.loop; the CLI goes through the same code.
+loss, averaged over the micro-batches of a step and logged as ``loss/<name>``. The trainer
+builds the pieces (tokenizer, model, reference strategy, objective, data, optimizer,
+schedule), hands them to accelerate, and runs prefopt.train.loop; the CLI goes through the
+same code. The config passed in is copied, never modified.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -26,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from prefopt.config import RunConfig, config_from_flat, parse_loss, save_config, to_dict
 from prefopt.data.collate import PaddedCollator
@@ -34,53 +35,10 @@ from prefopt.data.pipeline import Dataset, prepare_datasets
 from prefopt.errors import ConfigError
 from prefopt.objective import Objective
 from prefopt.reference import build_reference
-from prefopt.train import loop
+from prefopt.train import batches, loop
+from prefopt.train.checkpoint import save_final
 
 log = logging.getLogger("prefopt")
-
-
-class TailMergingBatchSampler(BatchSampler):
-    """Batches of ``batch_size``; a last batch smaller than ``min_size`` joins the one before it.
-
-    Losses that compare examples within a micro-batch (KTO's mismatched pairs) need at least
-    two; merging the tail keeps every example instead of dropping it.
-    """
-
-    def __init__(self, sampler: Sampler, batch_size: int, min_size: int = 1):
-        super().__init__(sampler, batch_size, drop_last=False)
-        self.min_size = min_size
-
-    def __iter__(self):
-        batches = list(super().__iter__())
-        if len(batches) > 1 and len(batches[-1]) < self.min_size:
-            tail = batches.pop()
-            batches[-1] = batches[-1] + tail
-        return iter(batches)
-
-    def __len__(self) -> int:
-        n = super().__len__()
-        tail = len(self.sampler) % self.batch_size
-        return n - 1 if n > 1 and 0 < tail < self.min_size else n
-
-
-class EpochSampler(Sampler):
-    """A seeded permutation per epoch: the order of epoch e is a function of (seed, e) only,
-    so a resumed run sees exactly the batches the uninterrupted run would have seen."""
-
-    def __init__(self, size: int, seed: int, shuffle: bool = True):
-        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        if not self.shuffle:
-            return iter(range(self.size))
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=gen).tolist())
-
-    def __len__(self) -> int:
-        return self.size
 
 
 class Trainer:
@@ -91,17 +49,20 @@ class Trainer:
                  train_dataset: Any = None, eval_dataset: Any = None, tokenizer: Any = None,
                  processing_class: Any = None, loss: Any = None,
                  extra_losses: dict[str, Callable] | None = None, **loss_params):
-        config = args if args is not None else config_from_flat({"loss": self.default_loss}, {})
+        config = copy.deepcopy(args) if args is not None else config_from_flat({"loss": self.default_loss}, {})
         if loss is not None or loss_params:
-            terms = to_dict(config.loss)
-            if loss is not None:
-                terms = loss
-            elif len(terms) == 1:
-                terms = {**terms[0], **loss_params}
-            else:
-                raise ConfigError("loss parameters given as keywords, but the objective has several "
-                                  "losses; pass loss=[{name: ..., ...}, ...]")
+            terms = to_dict(config.loss) if loss is None else loss
+            if loss_params:  # beta=..., label_smoothing=...: parameters of the one loss
+                single = terms if not isinstance(terms, list) else terms[0] if len(terms) == 1 else None
+                if single is None:
+                    raise ConfigError(f"loss parameters {sorted(loss_params)} given as keywords, but the "
+                                      f"objective has several losses; pass loss=[{{name: ..., ...}}, ...]")
+                terms = {**({"name": single} if isinstance(single, str) else to_dict(single)
+                            if not isinstance(single, dict) else single), **loss_params}
             config.loss = parse_loss(terms)
+        if ref_model is not None and ref_model is model and not isinstance(model, (str, Path)):
+            raise ConfigError("ref_model is the policy itself: it would be frozen and become its own "
+                              "reference; pass ref_model=None for a frozen copy of the initial policy")
         self.config = config
         self._model_arg = model
         self._ref_model_arg = ref_model
@@ -118,8 +79,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ public API
     def train(self) -> dict:
-        """Train; returns the last logged eval metrics (empty without eval data)."""
-        job = self.setup(need_train=True)
+        """Train once; returns the last logged eval metrics (empty without eval data)."""
+        if self.state is not None:
+            raise ConfigError("this trainer has already trained; build a new trainer to train again "
+                              "(train.resume_from continues from a checkpoint)")
+        job = self.setup()
+        if job.train_loader is None:
+            raise ConfigError("no training data: pass train_dataset or set data.train")
+        if job.accelerator.is_main_process:
+            save_config(job.config, job.output_dir / "config.yaml")
+            log.info("objective: %s | reference: %s | %d optimizer steps (%d per epoch)",
+                     " + ".join(f"{t.weight:g}*{t.spec.name}" for t in job.objective.terms),
+                     getattr(job.objective.reference, "description", job.objective.reference.name),
+                     job.total_steps, job.steps_per_epoch)
         self.state, last_eval = loop.train(job)
         return last_eval
 
@@ -128,13 +100,13 @@ class Trainer:
 
         ``on="eval"`` uses the eval data; ``on="train"`` the training examples, in order,
         with the eval batch size (e.g. to report reward accuracy on the training pairs).
+        Every example counts once, on any number of processes.
         """
-        job = self.setup(need_train=False)
+        job = self.setup()
         if on == "train":
             if self._train_set is None:
                 raise ConfigError("evaluate(on='train') needs training data")
-            loader = job.accelerator.prepare_data_loader(self._loader(
-                self._train_set, self._collator, self.config.train.per_device_eval_batch_size, False))
+            loader = self._eval_loader(self._train_set)
         elif on == "eval":
             loader = job.eval_loader
             if loader is None:
@@ -145,35 +117,37 @@ class Trainer:
         return {f"eval/{k}": v for k, v in values.items()}
 
     def save_model(self, path: str | Path | None = None) -> Path:
-        """Save model + tokenizer in HF format (default OUTPUT_DIR/final)."""
-        from prefopt.train.checkpoint import save_final
-        job = self.setup(need_train=False)
-        if path is None:
-            return save_final(job.accelerator, job.model, job.tokenizer, job.config, job.output_dir)
-        path = Path(path)
-        job.accelerator.unwrap_model(job.model).save_pretrained(path, safe_serialization=True)
-        job.tokenizer.save_pretrained(path)
-        return path
+        """Save model + tokenizer in HF format (default OUTPUT_DIR/final), from every process's
+        shards under FSDP/ZeRO-3, written once."""
+        job = self.setup()
+        return save_final(job.accelerator, job.model, job.tokenizer, job.config, job.output_dir, path)
 
     @property
     def model(self):
         return self.job.accelerator.unwrap_model(self.job.model) if self.job else self._model_arg
 
     # ------------------------------------------------------------------ assembly
-    def setup(self, need_train: bool = True) -> loop.Job:
+    def setup(self) -> loop.Job:
+        """Build every piece once (model, reference, objective, data, optimizer, schedule)."""
         if self.job is not None:
             return self.job
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
 
-        cfg = self.config
-        tcfg = cfg.train
-        if tcfg.gradient_accumulation_steps < 1 or tcfg.per_device_train_batch_size < 1:
-            raise ConfigError("train.per_device_train_batch_size and gradient_accumulation_steps must be >= 1")
+        cfg, tcfg = self.config, self.config.train
+        if min(tcfg.gradient_accumulation_steps, tcfg.per_device_train_batch_size, tcfg.per_device_eval_batch_size) < 1:
+            raise ConfigError("train.per_device_train_batch_size, per_device_eval_batch_size and "
+                              "gradient_accumulation_steps must be >= 1")
         # Under torchrun on a machine without CUDA, accelerate only forms the gloo process group
         # when asked for CPU explicitly; otherwise each process would silently train alone.
         distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-        accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, cpu=distributed_cpu)
+        # accelerate keeps one process-wide state; a second trainer in the same process (SFT in
+        # fp32, then DPO in bf16) needs its own precision. The process group (PartialState) stays.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        # The schedule counts optimizer steps: accelerate must not step it once per process.
+        accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, cpu=distributed_cpu,
+                                  step_scheduler_with_optimizer=False)
         set_seed(tcfg.seed)
         output_dir = Path(cfg.output_dir)
 
@@ -190,18 +164,24 @@ class Trainer:
             cfg.data, tokenizer, objective.kind, train_source=self._train_source,
             eval_source=self._eval_source, seed=tcfg.seed, required_columns=objective.columns,
             optional_columns=objective.optional_columns, record_checks=objective.record_checks)
-        if need_train and train_set is None:
-            raise ConfigError("no training data: pass train_dataset or set data.train")
         self._report_data(accelerator, output_dir, train_set, eval_set)
+        self._train_set = train_set
+        self._collator = PaddedCollator(tokenizer.pad_token_id, objective.roles, cfg.data.pad_to_multiple_of,
+                                        objective.extra_columns)
+        for data, size, key in ((train_set, tcfg.per_device_train_batch_size, "per_device_train_batch_size"),
+                                (eval_set, tcfg.per_device_eval_batch_size, "per_device_eval_batch_size")):
+            if data is not None:
+                if size < objective.min_batch_size:
+                    raise ConfigError(f"train.{key}={size}: the objective needs at least "
+                                      f"{objective.min_batch_size} examples per micro-batch (KTO's z0 is "
+                                      f"estimated from mismatched pairs within it); or use z0: zero")
+                objective.preflight(self._collator(data.examples[:size]))
 
-        collator = PaddedCollator(tokenizer.pad_token_id, objective.roles, cfg.data.pad_to_multiple_of,
-                                  objective.extra_columns)
-        self._train_set, self._collator = train_set, collator
-        self._min_batch_size = objective.min_batch_size
-        first = train_set or eval_set
-        objective.preflight(collator(first.examples[:tcfg.per_device_train_batch_size]))
-        train_loader = self._loader(train_set, collator, tcfg.per_device_train_batch_size, True)
-        eval_loader = self._loader(eval_set, collator, tcfg.per_device_eval_batch_size, False)
+        train_loader = (batches.train_loader(train_set.examples, self._collator, tcfg.per_device_train_batch_size,
+                                             tcfg.seed, objective.min_batch_size, accelerator)
+                        if train_set is not None else None)
+        eval_loader = self._eval_loader(eval_set, accelerator, objective) if eval_set is not None else None
+        # Counted on the prepared (per-process) loader: with N processes an epoch is N times shorter.
         steps_per_epoch = max(1, math.ceil(len(train_loader) / tcfg.gradient_accumulation_steps)) \
             if train_loader is not None else 1
         total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.num_train_epochs * steps_per_epoch))
@@ -209,21 +189,20 @@ class Trainer:
         optimizer = self._optimizer(model)
         scheduler = self._scheduler(optimizer, total_steps)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        if train_loader is not None:
-            train_loader = accelerator.prepare_data_loader(train_loader)
-        if eval_loader is not None:
-            eval_loader = accelerator.prepare_data_loader(eval_loader)
         reference.prepare(accelerator)
+        if accelerator.num_processes > 1:  # KTO's z0 and BCO's δ: statistics over every process
+            objective.reduce_mean = lambda t: accelerator.reduce(t, reduction="mean")
         if objective.stateful:  # e.g. BCO's running reward mean: saved and restored with checkpoints
             accelerator.register_for_checkpointing(objective)
-        if accelerator.is_main_process and need_train:
-            save_config(cfg, output_dir / "config.yaml")
-            log.info("objective: %s | reference: %s | %d optimizer steps (%d per epoch)",
-                     " + ".join(f"{t.weight:g}*{t.spec.name}" for t in objective.terms),
-                     getattr(reference, "description", reference.name), total_steps, steps_per_epoch)
         self.job = loop.Job(cfg, accelerator, model, tokenizer, objective, optimizer, scheduler,
                             train_loader, eval_loader, output_dir, total_steps, steps_per_epoch)
         return self.job
+
+    def _eval_loader(self, data: Dataset, accelerator=None, objective=None):
+        accelerator = accelerator or self.job.accelerator
+        objective = objective or self.job.objective
+        return batches.eval_loader(data.examples, self._collator, self.config.train.per_device_eval_batch_size,
+                                   objective.min_batch_size, accelerator)
 
     def _build_tokenizer(self):
         from prefopt.models import load_tokenizer, prepare_tokenizer
@@ -242,24 +221,21 @@ class Trainer:
         return self.config.model.name_or_path if self._model_arg is None else None
 
     def _build_model(self):
-        from prefopt.models import load_model
+        from prefopt.models import disable_dropout, load_model
 
         if isinstance(self._model_arg, torch.nn.Module):
             if self.config.model.name_or_path is None:
                 self.config.model.name_or_path = getattr(self._model_arg.config, "_name_or_path", None) or None
-            return self._model_arg
-        path = self._model_path()
-        if path is None:
-            raise ConfigError("no model: pass model= or set model.name_or_path")
-        self.config.model.name_or_path = path
-        return load_model(path, self.config.model.dtype, self.config.model)
-
-    def _loader(self, data: Dataset | None, collator, batch_size: int, shuffle: bool):
-        if data is None:
-            return None
-        sampler = EpochSampler(len(data), self.config.train.seed, shuffle)
-        batches = TailMergingBatchSampler(sampler, batch_size, self._min_batch_size)
-        return DataLoader(data.examples, batch_sampler=batches, collate_fn=collator)
+            model = self._model_arg
+        else:
+            path = self._model_path()
+            if path is None:
+                raise ConfigError("no model: pass model= or set model.name_or_path")
+            self.config.model.name_or_path = path
+            model = load_model(path, self.config.model.dtype, self.config.model)
+        if self.config.model.disable_dropout:
+            disable_dropout(model)
+        return model
 
     def _optimizer(self, model) -> torch.optim.Optimizer:
         t = self.config.train

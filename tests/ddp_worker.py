@@ -1,16 +1,23 @@
 """Launched by tests/test_ddp.py under torch.distributed.run (not collected by pytest).
 
-Runs the first optimizer step of a tiny DPO or SFT job (2 pairs per micro-batch, 2 micro-batches
-per step) and saves the all-reduced gradient that the optimizer would apply.
+Tasks (comma-separated in argv[1]), each writing its result under OUT:
+  grad-dpo, grad-sft   the all-reduced gradient of the first optimizer step (2 pairs per
+                       micro-batch, 2 micro-batches per step)
+  run-dpo              a whole run: 16 pairs, 1 epoch, eval on 10 pairs (eval batches of 4,
+                       so one process evaluates a padding batch)
+  run-kto              KTO on 7 unpaired examples (a short last round)
 """
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from prefopt import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from prefopt.train import loop
 from prefopt.train.checkpoint import TrainState
+
+SHORT = dict(max_grad_norm=None, max_length=64, max_prompt_length=32, progress_bar=False, logging_steps=1)
 
 
 def first_step_gradient(trainer) -> torch.Tensor:
@@ -24,15 +31,30 @@ def first_step_gradient(trainer) -> torch.Tensor:
 
 def build(loss: str, model_dir: str, records: list, out: str, micro: int, accum: int):
     cls, cfg = (SFTTrainer, SFTConfig) if loss == "sft" else (DPOTrainer, DPOConfig)
-    args = cfg(output_dir=out, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
-               max_grad_norm=None, max_length=64, max_prompt_length=32, progress_bar=False)
+    args = cfg(output_dir=out, per_device_train_batch_size=micro, gradient_accumulation_steps=accum, **SHORT)
     return cls(model_dir, train_dataset=records, args=args)
 
 
+def whole_run(model_dir: str, records: list, out: str, micro: int, accum: int) -> DPOTrainer:
+    args = DPOConfig(output_dir=out, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
+                     per_device_eval_batch_size=4, num_train_epochs=1, learning_rate=1e-3, warmup_steps=1, **SHORT)
+    trainer = DPOTrainer(model_dir, None, train_dataset=records[:16], eval_dataset=records[16:26], args=args)
+    trainer.train()
+    return trainer
+
+
 if __name__ == "__main__":
-    losses, model_dir, data_path, out = sys.argv[1].split(","), *sys.argv[2:5]
-    records = json.load(open(data_path))[:8]
-    for loss in losses:  # one launch for all losses: process start-up dominates the cost
-        grad, accelerator = first_step_gradient(build(loss, model_dir, records, f"{out}/{loss}", 2, 2))
-        if accelerator.is_main_process:
-            torch.save({"grad": grad, "processes": accelerator.num_processes}, f"{out}/{loss}.pt")
+    tasks, model_dir, data_path, kto_path, out = sys.argv[1].split(","), *sys.argv[2:6]
+    records = json.load(open(data_path))
+    for task in tasks:
+        if task.startswith("grad-"):
+            loss = task[5:]
+            grad, accelerator = first_step_gradient(build(loss, model_dir, records[:8], f"{out}/{task}", 2, 2))
+            if accelerator.is_main_process:
+                torch.save({"grad": grad, "processes": accelerator.num_processes}, f"{out}/{task}.pt")
+        elif task == "run-dpo":
+            whole_run(model_dir, records, f"{out}/{task}", 2, 2)
+        elif task == "run-kto":
+            args = DPOConfig(output_dir=f"{out}/{task}", per_device_train_batch_size=2, max_examples=7,
+                             num_train_epochs=1, **SHORT)
+            DPOTrainer(model_dir, None, loss="kto", train_dataset=kto_path, eval_dataset=kto_path, args=args).train()

@@ -1,10 +1,12 @@
-"""1 process == 2 processes: DDP on CPU (gloo) through accelerate gives the single-process gradient.
+"""1 process == 2 processes: DDP on CPU (gloo) through accelerate, against one process.
 
-Two processes with 2 pairs per micro-batch and 2 micro-batches per step see the same 8
-examples as one process with 2 per micro-batch and 4 micro-batches; because every term is
-divided by its units summed over the step *and the processes* (and scaled by the process
-count that DDP's averaging divides out), the gradients must match.
+Two processes with 2 pairs per micro-batch and 2 micro-batches per step see the same
+examples per step as one process with 4 micro-batches of 2. Because every term is divided
+by its units summed over the step *and the processes*, the first gradient, the learning-rate
+schedule, the epoch count, the final weights and the (exactly counted) eval metrics must all
+match. One launch runs every task: process start-up dominates the cost.
 """
+import json
 import os
 import socket
 import subprocess
@@ -12,12 +14,14 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from ddp_worker import build, first_step_gradient  # noqa: E402
+from ddp_worker import build, first_step_gradient, whole_run  # noqa: E402
 
 DATA = HERE.parent / "prefopt" / "demo" / "data" / "dpo_en_demo.json"
+KTO = HERE / "fixtures" / "kto_en_demo_20.json"
 
 
 def free_port() -> int:
@@ -26,16 +30,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_give_the_single_process_gradient(tiny_model_dir, demo_records, tmp_path):
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_match_one(tiny_model_dir, demo_records, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(HERE / "ddp_worker.py"), "dpo,sft", str(tiny_model_dir),
-           str(DATA), str(tmp_path)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+           "--master_port", str(free_port()), str(HERE / "ddp_worker.py"), "grad-dpo,grad-sft,run-dpo,run-kto",
+           str(tiny_model_dir), str(DATA), str(KTO), str(tmp_path)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stderr[-3000:]
+
     for loss in ("dpo", "sft"):
-        saved = torch.load(tmp_path / f"{loss}.pt")
+        saved = torch.load(tmp_path / f"grad-{loss}.pt")
         assert saved["processes"] == 2, "accelerate did not form the 2-process group"
         single, _ = first_step_gradient(build(loss, str(tiny_model_dir), demo_records[:8], str(tmp_path / "one" / loss),
                                               2, 4))
         assert torch.allclose(saved["grad"], single, atol=1e-6, rtol=1e-4), loss
+
+    whole_run(str(tiny_model_dir), demo_records, str(tmp_path / "one" / "run"), 2, 4)
+    two, one = rows(tmp_path / "run-dpo"), rows(tmp_path / "one" / "run")
+    train2, train1 = [r for r in two if "loss" in r], [r for r in one if "loss" in r]
+    assert [(r["step"], r["epoch"], r["learning_rate"]) for r in train2] == \
+           [(r["step"], r["epoch"], r["learning_rate"]) for r in train1] == [(1, 0.5, 1e-3), (2, 1.0, 0.0)]
+    for a, b in zip(train2, train1):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["rewards/margins"] - b["rewards/margins"]) < 1e-5
+    eval2, eval1 = two[-1], one[-1]
+    assert set(eval2) == set(eval1) and all(abs(eval2[k] - eval1[k]) < 1e-5 for k in eval1 if k != "step")
+    w2 = load_file(tmp_path / "run-dpo" / "final" / "model.safetensors")
+    w1 = load_file(tmp_path / "one" / "run" / "final" / "model.safetensors")
+    assert all(torch.allclose(w2[k], w1[k], atol=1e-5) for k in w1)
+
+    kto = rows(tmp_path / "run-kto")
+    assert [r["step"] for r in kto if "loss" in r] and "eval/kl" in kto[-1]

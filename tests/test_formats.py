@@ -554,7 +554,7 @@ def test_csv_numeric_columns(tmp_path):
     examples, report = load(path, on_error="skip")
     assert [e.extras for e in examples] == [{"margin": 0.5, "score_chosen": -2.0}]
     assert report.rejects[0]["where"] == f"{path}:3"
-    assert report.rejects[0]["problem"] == "[plain] column 'margin' must be a number, got 'high'"
+    assert report.rejects[0]["problem"] == "[plain] column 'margin' must be a finite number, got 'high'"
 
 
 def test_missing_file_and_empty_file(tmp_path):
@@ -655,7 +655,7 @@ def test_columns_no_loss_reads_are_neither_extracted_nor_validated(tmp_path):
     assert ex.extras == {}
     (ex,) = load_examples(path, DataConfig(), report, required_columns=("preference_prob",))
     assert ex.extras == {"preference_prob": 0.7}
-    with pytest.raises(DataError, match="column 'margin' must be a number"):
+    with pytest.raises(DataError, match="column 'margin' must be a finite number"):
         load_examples(path, DataConfig(), report, required_columns=("margin",))
 
 

@@ -178,7 +178,7 @@ def test_slic_uses_ref_completion_rows_only_where_present(tiny_model_dir, tmp_pa
 
 
 def test_tail_merging_batch_sampler_keeps_every_example():
-    from prefopt.trainer import EpochSampler, TailMergingBatchSampler
+    from prefopt.train.batches import EpochSampler, TailMergingBatchSampler
 
     for n, size, minimum, expected in [(9, 4, 2, [4, 5]), (9, 4, 1, [4, 4, 1]), (8, 4, 2, [4, 4]),
                                        (1, 4, 2, [1]), (5, 2, 2, [2, 3])]:

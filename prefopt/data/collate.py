@@ -51,6 +51,7 @@ class Batch:
     labels: Tensor | None = None      # (B,) bool, unpaired data: True = desirable
     extras: dict[str, Tensor] = field(default_factory=dict)  # (B,) numeric columns
     position_ids: Tensor | None = None  # (R, T) for layouts that need them (packed, shared)
+    is_padding: bool = False          # an evaluation filler batch: scored, never counted
 
     @property
     def num_examples(self) -> int:

@@ -8,6 +8,7 @@ DataReport for each dataset. Every record that does not make it is in a count.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import random
 from dataclasses import dataclass
@@ -150,8 +151,8 @@ def extract_columns(record: dict, required: tuple[str, ...], optional: tuple[str
                     value = float(value)
                 except ValueError:
                     pass
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise RecordProblem("wrong_type", f"column '{name}' must be a number, got {value!r:.40}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise RecordProblem("wrong_type", f"column '{name}' must be a finite number, got {value!r:.40}")
             value = float(value)
         elif not isinstance(value, str) or not value.strip():
             raise RecordProblem("wrong_type", f"column '{name}' must be non-empty text")

@@ -47,6 +47,9 @@ class Encoder:
         if tokenizer.eos_token_id is None:
             raise ConfigError("the tokenizer has no EOS token; set one (tokenizer.eos_token) so "
                               "completions can end")
+        if max_length < 2 or (max_prompt_length is not None and max_prompt_length < 1):
+            raise ConfigError(f"data.max_length must be >= 2 and data.max_prompt_length >= 1 (got "
+                              f"{max_length} and {max_prompt_length})")
         if max_prompt_length is not None and max_prompt_length >= max_length:
             raise ConfigError(f"data.max_prompt_length ({max_prompt_length}) must be smaller than "
                               f"data.max_length ({max_length})")
@@ -88,8 +91,12 @@ class Encoder:
         if not getattr(self.tok, "chat_template", None):
             raise ConfigError("the data is conversational but the tokenizer has no chat template; "
                               "set model.chat_template (e.g. 'chatml') or use a tokenizer that has one")
-        return self.tok.apply_chat_template(messages, tokenize=False,
-                                            add_generation_prompt=add_generation_prompt)
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=False,
+                                                add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja2 TemplateError: e.g. "System role not supported"
+            raise RecordProblem("template", f"the chat template rejects this conversation: "
+                                            f"{type(e).__name__}: {e}") from None
 
     def _completion_ids(self, prompt: Text, prompt_text: str, prompt_ids: list[int], completion: Text,
                         report: DataReport, example_origin: Origin) -> list[int]:

@@ -64,6 +64,12 @@ class LossInputs:
     # Mutable state of a stateful loss (e.g. BCO's running reward mean); one dict per term,
     # kept by the objective and saved in checkpoints. None for stateless losses.
     state: dict | None = None
+    # Averages a batch statistic over every process (KTO's z0, BCO's δ), as the papers do with
+    # an all-gather; None in one process (the statistic is already global).
+    reduce_mean: Callable[[Tensor], Tensor] | None = None
+
+    def global_mean(self, value: Tensor) -> Tensor:
+        return self.reduce_mean(value) if self.reduce_mean is not None else value
 
     @property
     def paired(self) -> bool:
@@ -72,7 +78,7 @@ class LossInputs:
     def present(self) -> set[str]:
         """Names of the inputs that are set (extras by column name)."""
         names = {f.name for f in fields(self)
-                 if f.name not in ("extras", "state") and getattr(self, f.name) is not None}
+                 if f.name not in ("extras", "state", "reduce_mean") and getattr(self, f.name) is not None}
         return names | set(self.extras)
 
 
@@ -290,7 +296,7 @@ def compute(name: str, *, params: Any = None, extras: dict | None = None, state:
     loss (BCO) keeps its running statistics in ``state`` (pass the same dict across calls).
     """
     spec = get_spec(name)
-    input_names = {f.name for f in fields(LossInputs)} - {"extras", "state"}
+    input_names = {f.name for f in fields(LossInputs)} - {"extras", "state", "reduce_mean"}
     inputs = LossInputs(**{k: v for k, v in kwargs.items() if k in input_names},
                         extras=dict(extras or {}), state=state if state is not None else {})
     for key in [k for k in kwargs if k in KNOWN_COLUMNS]:

@@ -57,11 +57,9 @@ def kto(inputs: LossInputs, p: KTOParams) -> LossOutput:
     pairs); it is detached, as in the paper. Fewer than 2 examples cannot form a mismatched
     pair and raise a ValueError. z0 ("zero"): z0 = 0 and no mismatched pairs are scored.
 
-    Distributed caveat: z0 is estimated per process and per micro-batch. The paper's code and
-    TRL all-gather the per-process estimates and average them before clamping, so every
-    process shares one z0; prefopt's loss functions see only their own micro-batch, so with
-    small per-process micro-batches z0 is noisier (it only shifts the reference point and
-    carries no gradient). Use micro-batches of 8 or more, or z0: zero.
+    Several processes: as in the paper's code and TRL, the per-process means are averaged
+    over every process (``inputs.global_mean``; micro-batches are equal-sized there) before
+    clamping, so every process uses one z0.
 
     Weighting: the paper recommends λ_D·n_D / (λ_U·n_U) ∈ [1, 4/3], n_D and n_U the numbers of
     desirable and undesirable examples. chosen_rewards / rejected_rewards are β·r of the
@@ -79,7 +77,7 @@ def kto(inputs: LossInputs, p: KTOParams) -> LossOutput:
             raise ValueError("KTO's z0 needs at least 2 examples per micro-batch (mismatched pairs "
                              f"x_i with y_(i+1) mod m), got {r.shape[0]}; use a larger micro-batch or "
                              "z0: zero")
-        z0 = (inputs.policy_kl_logps - inputs.ref_kl_logps).detach().mean().clamp(min=0)
+        z0 = inputs.global_mean((inputs.policy_kl_logps - inputs.ref_kl_logps).detach().mean()).clamp(min=0)
     else:
         z0 = torch.zeros((), dtype=r.dtype, device=r.device)
     # 1 − σ(x) = σ(−x), computed without cancellation.

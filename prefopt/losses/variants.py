@@ -366,7 +366,8 @@ def bco_pair(inputs: LossInputs, p: BetaParams) -> LossOutput:
     of an optimizer step does not depend on how the step was split into micro-batches. (TRL's
     RunningMoments is updated with the scalar batch mean and so weighs every micro-batch as one
     sample; both agree when micro-batches have equal sizes.) Without a state dict δ is the batch
-    mean. Each process keeps its own δ (its own batches). Evaluation passes a copy of the state:
+    mean. With several processes the batch mean is averaged over all of them first, so every
+    process holds the same δ (and the checkpointed state is every process's). Evaluation passes a copy of the state:
     δ then includes the evaluated batch but is not stored. Metric ``bco/delta``.
 
     Hand check (β = 0.1), one state dict across two calls. Call 1, pairs A (r_w = 2, r_l = −1)
@@ -385,7 +386,8 @@ def bco_pair(inputs: LossInputs, p: BetaParams) -> LossOutput:
     mean = torch.as_tensor(state.get("mean", 0.0), dtype=torch.float64, device=a.device)
     n = rewards.numel()
     total = count + n
-    mean = mean + (rewards.double().mean() - mean) * (n / total)
+    batch_mean = inputs.global_mean(rewards.double().mean())  # over every process, as in TRL
+    mean = mean + (batch_mean - mean) * (n / total)
     state["count"], state["mean"] = total, mean
     delta = mean.to(a.dtype)
     losses = F.softplus(-(a - delta)) + F.softplus(b - delta)

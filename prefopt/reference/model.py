@@ -25,14 +25,17 @@ class ModelReference:
     @classmethod
     def build(cls, cfg: ReferenceConfig, model_cfg: ModelConfig, *, policy: Any = None,
               ref_model: Any = None) -> "ModelReference":
-        from prefopt.models import load_model
+        from prefopt.models import disable_dropout, load_model
 
         if isinstance(ref_model, torch.nn.Module):
             return cls(ref_model, f"given model ({type(ref_model).__name__})")
         path = ref_model if ref_model is not None else cfg.name_or_path
         if path is not None:
             dtype = cfg.dtype or model_cfg.dtype
-            return cls(load_model(str(path), dtype=dtype, model_cfg=model_cfg), f"loaded from {path}")
+            model = load_model(str(path), dtype=dtype, model_cfg=model_cfg)
+            if model_cfg.disable_dropout:
+                disable_dropout(model)
+            return cls(model, f"loaded from {path}")
         # A copy of the initial policy, taken before any optimizer step.
         return cls(copy.deepcopy(policy), "frozen copy of the initial policy")
 

@@ -72,9 +72,12 @@ def load_checkpoint(accelerator, path: Path) -> TrainState:
     return TrainState(**json.loads((path / STATE_FILE).read_text()))
 
 
-def save_final(accelerator, model, tokenizer, config: RunConfig, output_dir: Path) -> Path:
-    """OUTPUT_DIR/final/: model + tokenizer loadable by AutoModelForCausalLM.from_pretrained."""
-    path = output_dir / "final"
+def save_final(accelerator, model, tokenizer, config: RunConfig, output_dir: Path,
+               path: Path | str | None = None) -> Path:
+    """OUTPUT_DIR/final/ (or ``path``): model + tokenizer loadable by
+    AutoModelForCausalLM.from_pretrained; the state dict is gathered from every process's
+    shards (FSDP, ZeRO-3) and written once, by the main process."""
+    path = Path(path) if path is not None else output_dir / "final"
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(path, state_dict=state_dict, safe_serialization=True)

@@ -56,29 +56,31 @@ def train(job: Job) -> tuple[TrainState, dict]:
     state = TrainState()
     if cfg.resume_from:
         state = load_checkpoint(acc, resolve_resume(cfg.resume_from, job.output_dir))
-    writer = MetricsWriter(job.output_dir / "metrics.jsonl", acc.is_main_process, append=state.step > 0)
+    # A resumed run keeps the metrics of the steps up to its checkpoint, not those logged after it.
+    writer = MetricsWriter(job.output_dir / "metrics.jsonl", acc.is_main_process, keep_until=state.step)
     last_eval: dict = {}
     if cfg.eval_on_start and state.step == 0 and job.eval_loader is not None:
         last_eval = _log_eval(job, writer, state.step)
-    window_metrics, tokens, started = MetricAccumulator(), 0, time.perf_counter()
+    window_metrics, tokens, train_seconds = MetricAccumulator(), 0, 0.0
     bar = tqdm(total=job.total_steps, initial=state.step, desc="train", dynamic_ncols=True,
                disable=not (acc.is_main_process and cfg.progress_bar))
-    for window in _windows(job, state):
+    for window in _windows(job, state) if state.step < job.total_steps else ():
+        started = time.perf_counter()
         tokens += optimizer_step(job, window, window_metrics)
+        train_seconds += time.perf_counter() - started  # eval and checkpoint time excluded
         state.step += 1
         bar.update(1)
         if state.step % cfg.logging_steps == 0 or state.step == job.total_steps:
-            elapsed = time.perf_counter() - started
             tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), reduction="sum"))
             state.num_tokens += tokens
             logged = job.objective.summarize(window_metrics.means(acc))
             logged.update(learning_rate=job.scheduler.get_last_lr()[0],
                           epoch=round(state.step / job.steps_per_epoch, 4),
-                          tokens_per_second=tokens / max(elapsed, 1e-9), num_tokens=state.num_tokens)
+                          tokens_per_second=tokens / max(train_seconds, 1e-9), num_tokens=state.num_tokens)
             writer.write(state.step, logged)
             bar.set_postfix({k: f"{logged[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in logged})
             window_metrics.reset()
-            tokens, started = 0, time.perf_counter()
+            tokens, train_seconds = 0, 0.0
         if job.eval_loader is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
             last_eval = _log_eval(job, writer, state.step)
         if cfg.save_steps and state.step % cfg.save_steps == 0:
@@ -129,7 +131,7 @@ def optimizer_step(job: Job, window: list, metrics: MetricAccumulator) -> int:
         last = i == len(window) - 1
         with contextlib.nullcontext() if last else acc.no_sync(model):
             out = objective.forward(model, batch, units)
-            if not torch.isfinite(out.loss):
+            if not _finite_everywhere(acc, out.loss):
                 raise NonFiniteLossError(
                     "non-finite loss; with fp16 this is usually an overflow: use "
                     "train.mixed_precision=bf16, a lower learning rate, or check the data")
@@ -147,15 +149,30 @@ def optimizer_step(job: Job, window: list, metrics: MetricAccumulator) -> int:
     return tokens
 
 
+def _finite_everywhere(acc, loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every process (all raise together, none hangs)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, reduction="sum")
+    return not bool(bad.item())
+
+
 @torch.no_grad()
 def evaluate(accelerator, model, objective: Objective, loader) -> dict[str, float]:
-    """Objective metrics over ``loader`` (no gradient); the reference is the objective's own."""
+    """Objective metrics over ``loader`` (no gradient); the reference is the objective's own.
+
+    Every process runs the same number of batches (forward passes may be collectives);
+    padding batches that even them out are scored but not counted."""
     was_training = model.training
     model.eval()
     metrics = MetricAccumulator()
     for batch in loader:
+        batch = batch.to(accelerator.device)
         out = objective.forward(model, batch, objective.units(batch), training=False)
-        metrics.add_all(objective.metrics(out, batch))
+        values = objective.metrics(out, batch)
+        # A padding batch adds its metric names with zero weight: every process must hold the
+        # same names for the single all-reduce of sums and counts.
+        metrics.add_all({k: (0.0, 0.0) for k in values} if batch.is_padding else values)
     model.train(was_training)
     return objective.summarize(metrics.means(accelerator))
 

@@ -47,13 +47,18 @@ class MetricAccumulator:
 class MetricsWriter:
     """OUTPUT_DIR/metrics.jsonl: one JSON object per logging or eval event, with ``step``."""
 
-    def __init__(self, path: Path, enabled: bool, append: bool):
+    def __init__(self, path: Path, enabled: bool, keep_until: int = 0):
+        """Start the file afresh, or (resuming at step ``keep_until`` > 0) keep the rows of the
+        steps up to it and drop any logged after it by the interrupted run."""
         self.path = path
         self.enabled = enabled
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
-            if not append:
-                path.write_text("")
+            kept = []
+            if keep_until > 0 and path.is_file():
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= keep_until]
+            path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
