@@ -9,24 +9,13 @@ Tasks (comma-separated in argv[1]), each writing its result under OUT:
 """
 import json
 import sys
-from pathlib import Path
 
 import torch
 
 from prefopt import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
-from prefopt.train import loop
-from prefopt.train.checkpoint import TrainState
+from helpers import first_step_gradient
 
 SHORT = dict(max_grad_norm=None, max_length=64, max_prompt_length=32, progress_bar=False, logging_steps=1)
-
-
-def first_step_gradient(trainer) -> torch.Tensor:
-    job = trainer.setup()
-    captured = {}
-    job.optimizer.step = lambda *a, **k: captured.setdefault(
-        "g", torch.cat([p.grad.flatten().clone() for p in job.model.parameters()]))
-    loop.optimizer_step(job, next(loop._windows(job, TrainState())), loop.MetricAccumulator())
-    return captured["g"], job.accelerator
 
 
 def build(loss: str, model_dir: str, records: list, out: str, micro: int, accum: int):
@@ -49,7 +38,8 @@ if __name__ == "__main__":
     for task in tasks:
         if task.startswith("grad-"):
             loss = task[5:]
-            grad, accelerator = first_step_gradient(build(loss, model_dir, records[:8], f"{out}/{task}", 2, 2))
+            trainer = build(loss, model_dir, records[:8], f"{out}/{task}", 2, 2)
+            grad, accelerator = first_step_gradient(trainer), trainer.job.accelerator
             if accelerator.is_main_process:
                 torch.save({"grad": grad, "processes": accelerator.num_processes}, f"{out}/{task}.pt")
         elif task == "run-dpo":

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from ddp_worker import build, first_step_gradient, whole_run  # noqa: E402
+from ddp_worker import build, whole_run  # noqa: E402
+from helpers import first_step_gradient  # noqa: E402
 
 DATA = HERE.parent / "prefopt" / "demo" / "data" / "dpo_en_demo.json"
 KTO = HERE / "fixtures" / "kto_en_demo_20.json"
@@ -45,8 +46,8 @@ def test_two_processes_match_one(tiny_model_dir, demo_records, tmp_path):
     for loss in ("dpo", "sft"):
         saved = torch.load(tmp_path / f"grad-{loss}.pt")
         assert saved["processes"] == 2, "accelerate did not form the 2-process group"
-        single, _ = first_step_gradient(build(loss, str(tiny_model_dir), demo_records[:8], str(tmp_path / "one" / loss),
-                                              2, 4))
+        single = first_step_gradient(build(loss, str(tiny_model_dir), demo_records[:8], str(tmp_path / "one" / loss),
+                                           2, 4))
         assert torch.allclose(saved["grad"], single, atol=1e-6, rtol=1e-4), loss
 
     whole_run(str(tiny_model_dir), demo_records, str(tmp_path / "one" / "run"), 2, 4)

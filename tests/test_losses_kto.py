@@ -1,6 +1,5 @@
 """Hand-derived values for KTO (unpaired) and kto_pair, and KTO's z0 through the objective."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ from prefopt.errors import ConfigError
 from prefopt.logps import score_batch
 from prefopt.losses import MissingInputError, get_spec
 from prefopt.objective import Objective, Term
+
+from helpers import FrozenReference, TinyLM
 
 T = torch.tensor
 
@@ -145,33 +146,10 @@ def test_kto_pair_reference_points_clamped_and_detached():
 
 
 # ------------------------------------------------------------------- through the objective
-class TinyLM(torch.nn.Module):
-    """A bigram 'language model': enough for score_batch."""
-
-    def __init__(self, vocab=16, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.emb, self.head = torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, vocab)
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
-        return SimpleNamespace(logits=self.head(self.emb(input_ids)))
-
-
-class ModelReference:
-    name = "model"
-
-    def __init__(self, model):
-        self.model = model
-
-    def scores(self, batch, keep_token_logprobs=False):
-        with torch.no_grad():
-            return score_batch(self.model, batch, keep_token_logprobs=keep_token_logprobs)
-
-
 def test_kto_through_the_objective_uses_mismatched_pairs():
     spec = get_spec("kto")
     ref_model, policy = TinyLM(seed=0), TinyLM(seed=7)  # seeds where z0 > 0 (about 1.08)
-    objective = Objective([Term(spec, spec.make_params({}), 1.0, "kto")], ModelReference(ref_model))
+    objective = Objective([Term(spec, spec.make_params({}), 1.0, "kto")], FrozenReference(ref_model))
     assert objective.kind == "unpaired" and objective.roles == ("completion", "kl")
     O = Origin("t", 0)
     examples = [EncodedExample([1, 2], {"completion": [3, 4, 5]}, O, label=True),

@@ -1,6 +1,5 @@
 """Hand-derived values for TDPO1 and TDPO2, their reduction to DPO, and TDPO2's stop-gradient."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,9 +8,10 @@ from prefopt import losses
 from prefopt.data.collate import PaddedCollator
 from prefopt.data.schema import Origin
 from prefopt.data.tokenize import EncodedExample
-from prefopt.logps import score_batch
 from prefopt.losses import MissingInputError, get_spec
 from prefopt.objective import Objective, Term
+
+from helpers import FrozenReference, TinyLM
 
 T = torch.tensor
 
@@ -105,27 +105,6 @@ def test_every_field_set_and_extremes(name):
         assert t.grad is None or torch.isfinite(t.grad).all()
 
 
-class TinyLM(torch.nn.Module):
-    def __init__(self, vocab=16, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.emb, self.head = torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, vocab)
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
-        return SimpleNamespace(logits=self.head(self.emb(input_ids)))
-
-
-class ModelReference:
-    name = "model"
-
-    def __init__(self, model):
-        self.model = model
-
-    def scores(self, batch, keep_token_logprobs=False):
-        with torch.no_grad():
-            return score_batch(self.model, batch, keep_token_logprobs=keep_token_logprobs)
-
-
 def test_tdpo_through_the_objective_gets_seq_kl():
     O = Origin("t", 0)
     examples = [EncodedExample([1, 2], {"chosen": [3, 4, 5], "rejected": [6, 7]}, O),
@@ -134,7 +113,7 @@ def test_tdpo_through_the_objective_gets_seq_kl():
     ref_model = TinyLM(seed=0)
     for name in ("tdpo1", "tdpo2"):
         spec = get_spec(name)
-        objective = Objective([Term(spec, spec.make_params({}), 1.0, name)], ModelReference(ref_model))
+        objective = Objective([Term(spec, spec.make_params({}), 1.0, name)], FrozenReference(ref_model))
         assert objective.token_level
         # policy == reference: SeqKL = 0, every loss is log 2 (DPO at h = 0)
         same = objective.forward(ref_model, batch, objective.units(batch)).outputs[name]

@@ -15,8 +15,8 @@ from prefopt.data.tokenize import EncodedExample
 from prefopt.errors import ConfigError, DataError
 from prefopt.logps import SequenceScores, prefix_logps, sequence_scores
 from prefopt.objective import Objective
-from prefopt.train import loop
-from prefopt.train.checkpoint import TrainState
+
+from helpers import first_step_gradient
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SHORT = dict(max_length=64, max_prompt_length=32, logging_steps=1, progress_bar=False, max_grad_norm=None)
@@ -25,15 +25,6 @@ SHORT = dict(max_length=64, max_prompt_length=32, logging_steps=1, progress_bar=
 def trainer(tiny_model_dir, data, out, extra_losses=None, **kw):
     return DPOTrainer(str(tiny_model_dir), None, train_dataset=data, extra_losses=extra_losses,
                       args=DPOConfig(output_dir=str(out), **{**SHORT, **kw}))
-
-
-def first_step_gradient(t) -> torch.Tensor:
-    job = t.setup()
-    captured = {}
-    job.optimizer.step = lambda *a, **k: captured.setdefault(
-        "g", torch.cat([p.grad.flatten().clone() for p in job.model.parameters()]))
-    loop.optimizer_step(job, next(loop._windows(job, TrainState())), loop.MetricAccumulator())
-    return captured["g"]
 
 
 def metrics(out):

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefopt import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
-from prefopt.train import loop
-from prefopt.train.checkpoint import TrainState
+
+from helpers import first_step_gradient
 
 SHORT = dict(max_length=64, max_prompt_length=32, logging_steps=1, progress_bar=False)
 
@@ -80,17 +80,6 @@ def test_resume_gives_identical_weights(tiny_model_dir, demo_records, tmp_path, 
         assert torch.equal(full[name], again[name]), name
     # the resumed run logged only the steps after the checkpoint
     assert [r["step"] for r in metrics(tmp_path / "resumed") if "loss" in r] == list(range(resume_step + 1, 7))
-
-
-def first_step_gradient(trainer) -> torch.Tensor:
-    """The gradient of the first optimizer step (captured just before optimizer.step)."""
-    job = trainer.setup()
-    captured = {}
-    job.optimizer.step = lambda *a, **k: captured.setdefault(
-        "g", torch.cat([p.grad.flatten().clone() for p in job.model.parameters()]))
-    window = next(loop._windows(job, TrainState()))
-    loop.optimizer_step(job, window, loop.MetricAccumulator())
-    return captured["g"]
 
 
 @pytest.mark.parametrize("loss", ["sft", "dpo"])
