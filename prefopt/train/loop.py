@@ -12,7 +12,9 @@ micro-batch x accumulation x process split give the same gradient as one large b
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +30,8 @@ from prefopt.objective import Objective
 from prefopt.train.checkpoint import (TrainState, load_checkpoint, resolve_resume, save_checkpoint,
                                       save_final)
 from prefopt.train.metrics import MetricAccumulator, MetricsWriter, prefixed
+
+log = logging.getLogger("prefopt")
 
 
 @dataclass
@@ -62,8 +66,11 @@ def train(job: Job) -> tuple[TrainState, dict]:
     if cfg.eval_on_start and state.step == 0 and job.eval_loader is not None:
         last_eval = _log_eval(job, writer, state.step)
     window_metrics, tokens, train_seconds = MetricAccumulator(), 0, 0.0
+    # A bar on a terminal; in a log file (CI, nohup) one compact line per logging step instead.
+    show = acc.is_main_process and cfg.progress_bar
+    interactive = show and sys.stderr.isatty()
     bar = tqdm(total=job.total_steps, initial=state.step, desc="train", dynamic_ncols=True,
-               disable=not (acc.is_main_process and cfg.progress_bar))
+               disable=not interactive)
     for window in _windows(job, state) if state.step < job.total_steps else ():
         started = time.perf_counter()
         tokens += optimizer_step(job, window, window_metrics)
@@ -78,7 +85,13 @@ def train(job: Job) -> tuple[TrainState, dict]:
                           epoch=round(state.step / job.steps_per_epoch, 4),
                           tokens_per_second=tokens / max(train_seconds, 1e-9), num_tokens=state.num_tokens)
             writer.write(state.step, logged)
-            bar.set_postfix({k: f"{logged[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in logged})
+            headline = {k: f"{logged[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in logged}
+            if interactive:
+                bar.set_postfix(headline)
+            elif show:
+                log.info("step %d/%d %s lr %.3g, %.0f tokens/s", state.step, job.total_steps,
+                         " ".join(f"{k} {v}" for k, v in headline.items()), logged["learning_rate"],
+                         logged["tokens_per_second"])
             window_metrics.reset()
             tokens, train_seconds = 0, 0.0
         if job.eval_loader is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
