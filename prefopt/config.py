@@ -382,12 +382,10 @@ def deep_merge(base: dict, over: dict) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] = (),
                 defaults: dict | None = None) -> RunConfig:
     """Read a YAML config (and its ``base`` chain), apply dotted overrides, validate everything."""
-    data: dict = {}
-    if defaults:
-        data.update(defaults)
+    data: dict = dict(defaults or {})
     if path is not None:
         path = Path(path)
-        data.update(read_yaml(path))
+        data = deep_merge(data, read_yaml(path))  # a file's train: section keeps the verb's other defaults
     for assignment in overrides:
         apply_override(data, assignment)
     try:

@@ -112,3 +112,9 @@ def test_string_none_is_a_value_for_string_fields_and_null_for_others():
     cfg = load_config(None, ["reference.strategy=none", "data.max_prompt_length=None"])
     assert cfg.reference.strategy == "none" and cfg.data.max_prompt_length is None
     assert DPOConfig(reference={"strategy": "none"}).reference.strategy == "none"
+
+
+def test_verb_defaults_merge_with_a_files_sections(tmp_path):
+    (tmp_path / "c.yaml").write_text("train: {seed: 3}\n")
+    cfg = load_config(tmp_path / "c.yaml", defaults={"loss": "sft", "train": {"learning_rate": 2e-5}})
+    assert cfg.train.learning_rate == 2e-5 and cfg.train.seed == 3 and cfg.loss[0].name == "sft"
