@@ -139,10 +139,8 @@ def cmd_losses(ns) -> int:
 
 
 def modifier_docs() -> list[tuple[str, str]]:
-    from dataclasses import fields
-
-    from prefopt.config import LossTerm
-    return [(f.name, f.metadata["help"]) for f in fields(LossTerm) if f.name in LossTerm.MODIFIERS]
+    from prefopt.losses.modifiers import MODIFIERS
+    return [(spec.name, spec.help) for spec in MODIFIERS.values()]
 
 
 def losses_markdown() -> str:

@@ -20,7 +20,10 @@ from typing import Any
 
 import yaml
 
+from prefopt.coerce import coerce
 from prefopt.errors import ConfigError, did_you_mean, unknown
+from prefopt.losses import get_spec
+from prefopt.losses.modifiers import MODIFIERS
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
@@ -48,6 +51,15 @@ class ModelConfig:
         None, "Override the tokenizer's chat template: 'chatml' or a Jinja template string.")
     trust_remote_code: bool = option(False, "Allow custom modelling code from the model repository.")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
+    lm_head: str = option(
+        "auto", "Where the LM head runs: 'fused' applies it to the scored (completion) positions only, in "
+                "chunks (model.lm_head_chunk_size) recomputed in backward; 'scored' passes those positions "
+                "to the model's own forward (logits_to_keep); 'full' computes logits everywhere. 'auto' "
+                "takes the first of fused, scored, full that reproduces the full log-probs on a probe batch.",
+        choices=("auto", "fused", "scored", "full"))
+    lm_head_chunk_size: int | None = option(
+        None, "Scored tokens per LM-head chunk with the fused head; None: as many as keep one chunk's "
+              "float32 logits under 256 MiB (one chunk, no recomputation, when they all fit).")
     disable_dropout: bool = option(True, "Turn dropout off in the policy and the reference, so both "
                                          "score alike (DPO's loss is log 2 at step 0) and log-ratios "
                                          "carry no sampling noise.")
@@ -81,6 +93,15 @@ class DataConfig:
         "raise", "Bad records: 'raise' stops with file, line and problem; 'skip' skips them, "
                  "counts them and writes them to OUTPUT_DIR/rejected_records.jsonl.",
         choices=("raise", "skip"))
+    layout: str = option(
+        "auto", "How a micro-batch is laid out: 'padded' (one sequence per row), 'packed' (several "
+                "sequences per row, no padding between them), 'shared' (packed, each prompt encoded once "
+                "with its completions branching from it). 'auto' takes the first of shared, packed, "
+                "padded that the model's attention implementation runs exactly (checked on a probe batch).",
+        choices=("auto", "padded", "packed", "shared"))
+    max_tokens_per_row: int | None = option(
+        None, "Row budget of the packed and shared layouts; None: the longest unit of the micro-batch "
+              "(rows never grow longer than that unit alone, shorter units fill the room padding took).")
     pad_to_multiple_of: int | None = option(None, "Pad batch length up to a multiple of this.")
 
 
@@ -133,20 +154,12 @@ class LossTerm:
     name: str = option("dpo", "Registry key of the loss (`prefopt losses` lists them).")
     weight: float = option(1.0, "Weight of this loss in the objective.")
     params: dict = option(factory=dict, help="Parameters of the loss (beta, label_smoothing, ...).")
-    ld_alpha: float | None = option(
-        None, "LD-DPO (Liu et al. 2024, arXiv:2409.06411): log-probs of the tokens of the longer "
-              "completion beyond the shorter one's length are scaled by this α in [0, 1] (policy and "
-              "reference alike), desensitising the loss to verbosity. Any paired loss; None: off.")
-    wpo: bool = option(
-        False, "WPO weighting (Zhou et al. 2024, arXiv:2406.11827): each pair's loss is multiplied by "
-               "min(1, w(y_w)·w(y_l)), w(y) = exp(mean_t [log πθ(y_t) − log Σ_v πθ(v)²]) (detached), "
-               "so pairs the policy would itself generate weigh more. Any paired loss.")
-
-    MODIFIERS = ("ld_alpha", "wpo")
+    modifiers: dict = option(
+        factory=dict, help="Modifiers of this term by key (ld_alpha, wpo; `prefopt losses` lists them). "
+                           "Written in YAML beside the loss parameters: {name: ipo, ld_alpha: 0.5}.")
 
     def resolved_params(self):
         """The loss's parameter dataclass, defaults filled in and values checked."""
-        from prefopt.losses import get_spec
         return get_spec(self.name).make_params(self.params, where=f"loss '{self.name}'")
 
 
@@ -175,53 +188,6 @@ FLAT_EXCLUDED = {"data.train", "data.eval"}
 
 # ----------------------------------------------------------------------------- parsing
 
-def _is_optional(tp) -> tuple[bool, Any]:
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return True, rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
-    return False, tp
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a YAML/CLI value to the field's type, or raise a ConfigError naming the key."""
-    optional, inner = _is_optional(tp)
-    # 'None'/'none' read as null only where a string is not a valid value (strategy: none is).
-    null_words = ("null", "~") if (typing.get_origin(inner) or inner) is str else ("null", "none", "~")
-    if value is None or (isinstance(value, str) and value.lower() in null_words):
-        if optional:
-            return None
-        raise ConfigError(f"{key}: may not be null")
-    origin = typing.get_origin(inner) or inner
-    try:
-        if origin is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-                return value.lower() in ("true", "yes", "1")
-            raise ValueError
-        if origin is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) else int(value)
-        if origin is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)  # YAML reads '1e-5' as a string; float() accepts it
-        if origin is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError
-            return str(value)
-        if origin is dict:
-            if not isinstance(value, dict):
-                raise ValueError
-            return dict(value)
-    except (TypeError, ValueError):
-        name = getattr(inner, "__name__", str(inner))
-        raise ConfigError(f"{key}: expected {name}, got {value!r}") from None
-    return value
-
-
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
@@ -238,7 +204,7 @@ def _build(cls, data: dict, prefix: str):
         elif is_dataclass(hints[key]):
             kwargs[key] = _build(hints[key], value or {}, f"{path}.")
         else:
-            kwargs[key] = _coerce(value, hints[key], path)
+            kwargs[key] = coerce(value, hints[key], path)
             choices = f.metadata.get("choices")
             if choices and kwargs[key] not in choices:
                 raise ConfigError(f"{path}: '{kwargs[key]}' is not one of {list(choices)}"
@@ -248,8 +214,6 @@ def _build(cls, data: dict, prefix: str):
 
 def parse_loss(value: Any) -> list[LossTerm]:
     """`loss` may be a name, a mapping with `name` and parameters, or a list of those."""
-    from prefopt.losses import get_spec  # the registry validates names and parameters
-
     items = value if isinstance(value, list) else [value]
     if not items:
         raise ConfigError("loss: the objective needs at least one loss")
@@ -257,28 +221,26 @@ def parse_loss(value: Any) -> list[LossTerm]:
     for i, item in enumerate(items):
         where = f"loss[{i}]" if isinstance(value, list) else "loss"
         if isinstance(item, LossTerm):
-            item = {"name": item.name, "weight": item.weight, **item.params}
+            item = to_dict(item)
         if isinstance(item, str):
             item = {"name": item}
         if not isinstance(item, dict) or "name" not in item:
             raise ConfigError(f"{where}: expected a loss name or a mapping with 'name', got {item!r}")
         item = dict(item)
         name = str(item.pop("name"))
-        weight = _coerce(item.pop("weight", 1.0), float, f"{where}.weight")
-        ld_alpha = _coerce(item.pop("ld_alpha", None), float | None, f"{where}.ld_alpha")
-        wpo = _coerce(item.pop("wpo", False), bool, f"{where}.wpo")
+        weight = coerce(item.pop("weight", 1.0), float, f"{where}.weight")
+        modifiers = {key: spec.parse(item.pop(key), where) for key, spec in MODIFIERS.items() if key in item}
+        modifiers = {key: value for key, value in modifiers.items() if MODIFIERS[key].active(value)}
         params = dict(item.pop("params", {}) or {})
         params.update(item)
         try:
             spec = get_spec(name)
         except KeyError as e:
             raise ConfigError(f"{where}.name: {e.args[0]}") from None
-        if (ld_alpha is not None or wpo) and spec.data != "paired":
-            raise ConfigError(f"{where}: ld_alpha and wpo apply to paired losses; '{spec.name}' is "
+        if modifiers and spec.data != "paired":
+            raise ConfigError(f"{where}: {', '.join(modifiers)} apply to paired losses; '{spec.name}' is "
                               f"{spec.data}")
-        if ld_alpha is not None and not 0 <= ld_alpha <= 1:
-            raise ConfigError(f"{where}.ld_alpha={ld_alpha} must be in [0, 1]")
-        term = LossTerm(name=spec.name, weight=weight, params=params, ld_alpha=ld_alpha, wpo=wpo)
+        term = LossTerm(name=spec.name, weight=weight, params=params, modifiers=modifiers)
         term.params = dataclasses.asdict(term.resolved_params())  # validate now, store resolved
         terms.append(term)
     return terms
@@ -291,8 +253,7 @@ def config_from_dict(data: dict | None, cls=RunConfig) -> RunConfig:
 def to_dict(cfg: Any) -> Any:
     """Plain data for YAML: loss terms are written flat ({name, weight, **params})."""
     if isinstance(cfg, LossTerm):
-        mods = {m: getattr(cfg, m) for m in LossTerm.MODIFIERS if getattr(cfg, m) not in (None, False)}
-        return {"name": cfg.name, "weight": cfg.weight, **cfg.params, **mods}
+        return {"name": cfg.name, "weight": cfg.weight, **cfg.params, **cfg.modifiers}
     if is_dataclass(cfg):
         return {f.name: to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
     if isinstance(cfg, list):
@@ -416,8 +377,6 @@ def config_from_flat(defaults: dict, kwargs: dict) -> RunConfig:
     ``output_dir``, ``loss`` and dotted keys (``"data.max_length": 256``) work as well; any
     other name is taken as a parameter of the (single) loss, e.g. ``beta=0.1``.
     """
-    from prefopt.losses import get_spec
-
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
     kwargs = {k: (to_dict(v) if is_dataclass(v) or isinstance(v, list) else v) for k, v in kwargs.items()}
     paths = flat_key_paths()

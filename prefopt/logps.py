@@ -1,23 +1,62 @@
-"""The only code that turns logits into log-probs.
+"""The only code that turns a model's hidden states or logits into log-probs.
 
 ``score_batch`` runs a causal LM over a Batch and returns per-sequence statistics of the
 *scored* tokens only (completion tokens; prompt and padding never enter): the summed
 log-prob, the token count, and detached diagnostics. Policy and reference both go through
-here, so a reference log-prob always comes from the same tokenisation, masking and
+here, so a reference log-prob always comes from the same tokenisation, masking, layout and
 precision as the policy's.
 
-Log-softmax is taken in float32 on the K scored rows only: under bf16 autocast the (K, V)
-slice is upcast, never the full (R, T, V) logits.
+Where the LM head runs (``Scoring.head``), decided once per model at setup and verified
+against the plain path on a probe batch (prefopt.scoring):
+
+* ``full``: the model's own forward, logits at every position; the K scored rows are taken.
+* ``scored``: the model's own forward with ``logits_to_keep`` set to the scored positions, so
+  the head (and whatever the model does after it: soft-capping, scaling) runs on those only.
+* ``fused``: a forward pre-hook on the output embedding takes the K scored hidden states and
+  applies the head itself, in chunks of ``chunk_size`` scored tokens, each chunk recomputed in
+  backward (activation checkpointing), so no (K, V) float32 tensor larger than a chunk lives
+  at once. The hook runs inside the wrapped model's forward, so DDP/FSDP hooks still fire.
+
+Log-softmax is taken in float32 on the scored rows only. Per-token statistics that other
+modules need (e.g. WPO's collision probability) are registered by name in ``TOKEN_STATS``
+and summed per sequence into ``SequenceScores.stats``; this module knows no method.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+from prefopt.attention import attn_implementation, model_inputs
 from prefopt.data.collate import Batch
 
 Tensor = torch.Tensor
+
+# name -> fn(logprobs (k, V) float32, token_logps (k,)) -> (k,), computed without gradient.
+TOKEN_STATS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
+HEAD_MODES = ("full", "scored", "fused")
+CHUNK_BYTES = 256 * 2**20  # default chunk: float32 logits of at most 256 MiB
+
+
+def register_token_stat(name: str, fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+    TOKEN_STATS[name] = fn
+
+
+@dataclass
+class Scoring:
+    """How a model is run and scored (see the module docstring)."""
+    attn: str = "sdpa"               # attention implementation: which mask form the layouts need
+    head: str = "full"               # full | scored | fused
+    chunk_size: int | None = None    # fused head: scored tokens per chunk (None: CHUNK_BYTES worth)
+    dtype: torch.dtype = torch.float32  # the model's dtype (an eager additive mask is built in it)
+
+    @classmethod
+    def for_model(cls, model, head: str = "full", chunk_size: int | None = None) -> "Scoring":
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        return cls(attn_implementation(unwrap_model(model)), head, chunk_size, dtype)
 
 
 @dataclass
@@ -29,7 +68,25 @@ class SequenceScores:
     token_logps: Tensor | None = None     # (K,) log p of each scored token (LD-DPO's prefix sums)
     seq_kl: Tensor | None = None          # (S,) Σ_t KL(πref ‖ πθ), when reference log-probs given
     token_logprobs: Tensor | None = None  # (K, V) log-softmax, kept only when asked (reference side)
-    wpo_log_weight: Tensor | None = None  # (S,) WPO: mean_t [log p(y_t) − log Σ_v p(v)²] (detached)
+    stats: dict[str, Tensor] = field(default_factory=dict)  # (S,) sums of registered token stats
+
+
+@dataclass
+class TokenStats:
+    """Per scored token, float32."""
+    logps: Tensor                       # (k,) with gradient
+    logit_mean: Tensor                  # (k,) detached
+    correct: Tensor                     # (k,) detached
+    kl: Tensor | None = None            # (k,) KL(πref ‖ πθ) at the token, with gradient
+    logprobs: Tensor | None = None      # (k, V)
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def cat(parts: list["TokenStats"]) -> "TokenStats":
+        def join(values):
+            return None if values[0] is None else torch.cat(values)
+        out = {f.name: join([getattr(p, f.name) for p in parts]) for f in fields(TokenStats) if f.name != "stats"}
+        return TokenStats(**out, stats={k: torch.cat([p.stats[k] for p in parts]) for k in parts[0].stats})
 
 
 def token_logps(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -44,52 +101,146 @@ def token_logps(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     return picked - lse, lse
 
 
-def sequence_scores(token_logits: Tensor, batch: Batch, *, keep_token_logprobs: bool = False,
-                    ref_token_logprobs: Tensor | None = None, wpo: bool = False) -> SequenceScores:
-    """Per-sequence statistics from the logits of the K scored tokens, (K, V).
+def token_statistics(logits: Tensor, targets: Tensor, *, ref_logprobs: Tensor | None = None,
+                     stats: tuple[str, ...] = (), keep_logprobs: bool = False) -> TokenStats:
+    """Statistics of the scored tokens from their logits (k, V).
 
-    ``ref_token_logprobs`` (K, V), when given, adds the token-level KL sum
-    Σ_t Σ_v πref(v) (log πref(v) − log πθ(v)) per sequence (TDPO's D_SeqKL).
-    ``wpo`` adds WPO's length-normalised log weight (Zhou et al. 2024, eq. 2 with the
-    sampling-distribution alignment of §3.2): mean over tokens of log p(y_t) − log Σ_v p(v)².
+    ``ref_logprobs`` (k, V) adds the token-level KL Σ_v πref(v) (log πref(v) − log πθ(v))
+    (TDPO's D_SeqKL summands); ``stats`` names entries of TOKEN_STATS.
     """
-    seq, n = batch.token_sequence, batch.num_sequences
-    logps, lse = token_logps(token_logits, batch.token_target)
-    out = SequenceScores(
-        logps=torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, seq, logps),
-        lengths=batch.sequence_lengths,
-        logits_mean=_sum_by(token_logits.detach().float().mean(-1), seq, n)
-        / batch.sequence_lengths.clamp(min=1),
-        correct=_sum_by((token_logits.detach().argmax(-1) == batch.token_target).float(), seq, n),
-        token_logps=logps,
-    )
-    if wpo:
-        with torch.no_grad():
-            logprobs = token_logits.detach().float() - lse.detach().unsqueeze(-1)  # (K, V)
-            adjusted = logps.detach() - torch.logsumexp(2 * logprobs, dim=-1)      # (K,)
-            out.wpo_log_weight = _sum_by(adjusted, seq, n) / batch.sequence_lengths.clamp(min=1)
-    if keep_token_logprobs or ref_token_logprobs is not None:
-        policy_logprobs = token_logits.float() - lse.unsqueeze(-1)  # (K, V)
-        if keep_token_logprobs:
-            out.token_logprobs = policy_logprobs
-        if ref_token_logprobs is not None:
-            kl = (ref_token_logprobs.exp() * (ref_token_logprobs - policy_logprobs)).sum(-1)  # (K,)
-            out.seq_kl = torch.zeros(n, dtype=kl.dtype, device=kl.device).index_add(0, seq, kl)
+    logits = logits.float()
+    logps, lse = token_logps(logits, targets)
+    with torch.no_grad():
+        out = TokenStats(logps, logits.mean(-1), (logits.argmax(-1) == targets).float())
+        if stats:
+            detached = logits - lse.unsqueeze(-1)
+            out.stats = {name: TOKEN_STATS[name](detached, logps.detach()) for name in stats}
+    if keep_logprobs or ref_logprobs is not None:
+        logprobs = logits - lse.unsqueeze(-1)                                          # (k, V)
+        if keep_logprobs:
+            out.logprobs = logprobs
+        if ref_logprobs is not None:
+            out.kl = (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)
     return out
+
+
+def sequence_scores(token_logits: Tensor, batch: Batch, *, keep_token_logprobs: bool = False,
+                    ref_token_logprobs: Tensor | None = None, token_stats: tuple[str, ...] = ()) -> SequenceScores:
+    """Per-sequence statistics from the logits of the K scored tokens, (K, V)."""
+    return by_sequence(token_statistics(token_logits, batch.token_target, ref_logprobs=ref_token_logprobs,
+                                        stats=token_stats, keep_logprobs=keep_token_logprobs), batch)
+
+
+def by_sequence(tok: TokenStats, batch: Batch) -> SequenceScores:
+    seq, n, lengths = batch.token_sequence, batch.num_sequences, batch.sequence_lengths
+    return SequenceScores(
+        logps=_sum_by(tok.logps, seq, n), lengths=lengths,
+        logits_mean=_sum_by(tok.logit_mean, seq, n) / lengths.clamp(min=1),
+        correct=_sum_by(tok.correct, seq, n), token_logps=tok.logps,
+        seq_kl=None if tok.kl is None else _sum_by(tok.kl, seq, n),
+        token_logprobs=tok.logprobs,
+        stats={name: _sum_by(values, seq, n) for name, values in tok.stats.items()})
 
 
 def _sum_by(values: Tensor, seq: Tensor, n: int) -> Tensor:
     return torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, seq, values)
 
 
-def score_batch(model, batch: Batch, *, keep_token_logprobs: bool = False,
-                ref_token_logprobs: Tensor | None = None, wpo: bool = False) -> SequenceScores:
+def score_batch(model, batch: Batch, scoring: Scoring | None = None, *, keep_token_logprobs: bool = False,
+                ref_token_logprobs: Tensor | None = None, token_stats: tuple[str, ...] = ()) -> SequenceScores:
     """Forward ``model`` over the batch and score its completion tokens."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids, use_cache=False)
-    token_logits = out.logits[batch.token_row, batch.token_pos]  # (K, V)
-    return sequence_scores(token_logits, batch, keep_token_logprobs=keep_token_logprobs,
-                           ref_token_logprobs=ref_token_logprobs, wpo=wpo)
+    scoring = scoring or Scoring.for_model(model)
+    inputs = model_inputs(batch, scoring.attn, scoring.dtype)
+    want = dict(ref_logprobs=ref_token_logprobs, stats=token_stats, keep_logprobs=keep_token_logprobs)
+    if scoring.head == "fused":
+        tok = _fused_forward(model, inputs, batch, scoring.chunk_size, want)
+    elif scoring.head == "scored":
+        keep, where = scored_positions(batch)
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits       # (U, V)
+        tok = token_statistics(logits[where], batch.token_target, **want)
+    else:
+        logits = model(**inputs, use_cache=False).logits                            # (R, T, V)
+        tok = token_statistics(logits[batch.token_row, batch.token_pos], batch.token_target, **want)
+    return by_sequence(tok, batch)
+
+
+def scored_positions(batch: Batch) -> tuple[Tensor, Tensor]:
+    """(R, T) bool mask of the positions whose logits are scored, and for each scored token the
+    index of its position among the True ones in row-major order (``logits_to_keep`` order).
+    A shared prompt's last position scores several first tokens: it is kept once."""
+    rows, width = batch.input_ids.shape
+    flat = batch.token_row * width + batch.token_pos
+    unique, where = torch.unique(flat, return_inverse=True)
+    keep = torch.zeros(rows * width, dtype=torch.bool, device=flat.device)
+    keep[unique] = True
+    return keep.view(rows, width), where
+
+
+def unwrap_model(model):
+    """The module under DDP/FSDP/DeepSpeed wrappers (a PeftModel stays a PeftModel)."""
+    from accelerate.utils import extract_model_from_parallel
+    return extract_model_from_parallel(model)
+
+
+def output_head(model) -> torch.nn.Module | None:
+    """The model's LM head when it is a plain ``nn.Linear`` (what the fused head can apply), else None."""
+    getter = getattr(unwrap_model(model), "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return head if type(head) is torch.nn.Linear else None
+
+
+def logit_postprocess(config) -> Callable[[Tensor], Tensor]:
+    """What known causal LMs apply to the head's output: Gemma's soft-capping, Cohere's and
+    Granite's logit scaling. Models doing anything else fail the setup check on a probe batch
+    and use the ``scored`` or ``full`` head, which run the model's own code."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    divide = getattr(config, "logits_scaling", None)
+
+    def post(logits: Tensor) -> Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if divide is not None:
+            logits = logits / divide
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+    return post
+
+
+def _fused_forward(model, inputs: dict, batch: Batch, chunk_size: int | None, want: dict) -> TokenStats:
+    head = output_head(model)
+    if head is None:
+        raise ValueError("the fused LM head needs a plain nn.Linear output embedding")
+    post = logit_postprocess(unwrap_model(model).config)
+    chunk = chunk_size or max(64, CHUNK_BYTES // (4 * head.out_features))
+    result: dict[str, TokenStats] = {}
+
+    def run(hidden: Tensor, targets: Tensor, ref: Tensor | None) -> TokenStats:
+        logits = post(F.linear(hidden, head.weight, head.bias))
+        return token_statistics(logits, targets, **{**want, "ref_logprobs": ref})
+
+    def pre_hook(module, args):
+        states = args[0]                                                       # (R, T, H)
+        hidden = states[batch.token_row, batch.token_pos]                      # (K, H)
+        targets, ref = batch.token_target, want["ref_logprobs"]
+        if len(targets) <= chunk:
+            result["tok"] = run(hidden, targets, ref)
+        else:
+            recompute = torch.is_grad_enabled() and hidden.requires_grad
+            parts = []
+            for s in range(0, len(targets), chunk):
+                piece = (hidden[s:s + chunk], targets[s:s + chunk], None if ref is None else ref[s:s + chunk])
+                parts.append(checkpoint(run, *piece, use_reentrant=False) if recompute else run(*piece))
+            result["tok"] = TokenStats.cat(parts)
+        return (states[..., :0, :],)  # the model's own head then runs on nothing
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    return result["tok"]
 
 
 def prefix_logps(scores: SequenceScores, batch: Batch, limits: Tensor) -> Tensor:

@@ -6,11 +6,11 @@ The objective is the single place that knows how a Batch becomes LossInputs:
     batch ──reference.scores────▶ SequenceScores ─┴─▶ LossInputs ──terms──▶ LossOutputs
 
 It reads the registry flags of its terms to decide which data kind it consumes
-(paired / unpaired / completion), which roles the collator must build, whether the
-reference runs and whether token-level statistics are needed, and how each term's
-per-example losses are normalised. Term modifiers that apply to any paired loss (LD-DPO's
-``ld_alpha``, WPO weighting) and extra loss terms given as Python callables are applied
-here too. The training loop only calls ``units``, ``forward``, ``metrics`` and ``summarize``.
+(paired / unpaired / completion), which roles every example must carry (prefopt.data.roles),
+whether the reference runs and whether token-level statistics are needed, and how each term's
+per-example losses are normalised. Registered term modifiers (prefopt.losses.modifiers: LD-DPO,
+WPO) and extra loss terms given as Python callables are applied here too, through their hooks.
+The training loop only calls ``units``, ``forward``, ``metrics`` and ``summarize``.
 """
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ import torch
 from prefopt.config import LossTerm
 from prefopt.data.collate import Batch
 from prefopt.errors import ConfigError, PrefoptError
-from prefopt.logps import SequenceScores, prefix_logps, score_batch
+from prefopt.logps import Scoring, SequenceScores, score_batch
 from prefopt.losses import LossInputs, LossOutput, LossSpec, check_inputs, get_spec
+from prefopt.losses.modifiers import MODIFIERS, ModifierContext
 
 Tensor = torch.Tensor
 ExtraLoss = Callable[["StepOutput"], Tensor]
@@ -39,13 +40,12 @@ class Term:
     params: Any
     weight: float
     label: str                      # metric name suffix: loss/<label>
-    ld_alpha: float | None = None   # LD-DPO modifier
-    wpo: bool = False               # WPO weighting modifier
+    modifiers: dict[str, Any] = field(default_factory=dict)  # active modifiers by key, with their values
     state: dict = field(default_factory=dict)  # a stateful loss's running statistics
 
     @classmethod
     def from_config(cls, term: LossTerm, label: str) -> "Term":
-        return cls(get_spec(term.name), term.resolved_params(), term.weight, label, term.ld_alpha, term.wpo)
+        return cls(get_spec(term.name), term.resolved_params(), term.weight, label, dict(term.modifiers))
 
 
 @dataclass
@@ -76,7 +76,8 @@ class Objective:
             raise ConfigError(f"extra loss name(s) {sorted(clash)} collide with loss terms")
         self.needs_reference = any(t.spec.needs_reference(t.params) for t in terms)
         self.token_level = any(t.spec.needs_token_stats(t.params) for t in terms)
-        self.wpo = any(t.wpo for t in terms)
+        self.token_stats = tuple(sorted({s for t in terms for m in t.modifiers for s in MODIFIERS[m].token_stats}))
+        self.scoring: Scoring | None = None  # how the policy is scored; set by the trainer at setup
         self.columns = tuple(sorted({c for t in terms for c in t.spec.needed_columns(t.params)}))
         self._checked = False
         self.reduce_mean = None  # set by the trainer when several processes train together
@@ -107,11 +108,6 @@ class Objective:
         if "policy_ref_completion_logps" in needs:
             roles += ("ref_completion",)
         return roles
-
-    @property
-    def min_batch_size(self) -> int:
-        """KTO's mismatched pairs need two examples in every micro-batch."""
-        return 2 if "kl" in self.roles else 1
 
     @property
     def optional_columns(self) -> tuple[str, ...]:
@@ -154,7 +150,7 @@ class Objective:
         ref = None
         if self.needs_reference:
             ref = self.reference.scores(batch, keep_token_logprobs=self.token_level)
-        policy = score_batch(model, batch, wpo=self.wpo,
+        policy = score_batch(model, batch, self.scoring, token_stats=self.token_stats,
                              ref_token_logprobs=ref.token_logprobs if ref is not None else None)
         if ref is not None:
             ref.token_logprobs = None  # (K, V): not needed past this point
@@ -180,35 +176,15 @@ class Objective:
                   ref: SequenceScores | None, training: bool) -> LossOutput:
         inputs = dataclasses.replace(inputs, state=term.state if training else copy.deepcopy(term.state),
                                      reduce_mean=self.reduce_mean)
-        if term.ld_alpha is not None:
-            inputs = self._length_desensitised(inputs, batch, policy, ref, term.ld_alpha)
+        ctx = ModifierContext(batch, policy, ref)
+        for key, value in term.modifiers.items():
+            if MODIFIERS[key].adjust_inputs is not None:
+                inputs = MODIFIERS[key].adjust_inputs(inputs, ctx, value)
         out = term.spec.fn(inputs, term.params)
-        if term.wpo:
-            weights = torch.exp(policy.wpo_log_weight[batch.index["chosen"]]
-                                + policy.wpo_log_weight[batch.index["rejected"]]).clamp(max=1.0)
-            out = dataclasses.replace(out, losses=out.losses * weights,
-                                      metrics={**out.metrics, "wpo/weight": weights})
+        for key, value in term.modifiers.items():
+            if MODIFIERS[key].adjust_output is not None:
+                out = MODIFIERS[key].adjust_output(out, ctx, value)
         return out
-
-    @staticmethod
-    def _length_desensitised(inputs: LossInputs, batch: Batch, policy: SequenceScores,
-                             ref: SequenceScores | None, alpha: float) -> LossInputs:
-        """LD-DPO: log p = log p(first m tokens) + α · log p(the rest), m = min(|y_w|, |y_l|)."""
-        ci, ri = batch.index["chosen"], batch.index["rejected"]
-        shared = torch.minimum(batch.sequence_lengths[ci], batch.sequence_lengths[ri])
-        limits = torch.zeros_like(batch.sequence_lengths)
-        limits[ci], limits[ri] = shared, shared
-
-        def ld(scores: SequenceScores):
-            prefix = prefix_logps(scores, batch, limits)
-            mixed = prefix + alpha * (scores.logps - prefix)
-            return mixed[ci], mixed[ri]
-
-        pc, pr = ld(policy)
-        changes = {"policy_chosen_logps": pc, "policy_rejected_logps": pr}
-        if ref is not None:
-            changes["ref_chosen_logps"], changes["ref_rejected_logps"] = ld(ref)
-        return dataclasses.replace(inputs, **changes)
 
     def make_inputs(self, batch: Batch, policy: SequenceScores, ref: SequenceScores | None) -> LossInputs:
         def pick(scores: SequenceScores | None, role: str, attr: str = "logps"):
@@ -248,7 +224,7 @@ class Objective:
         def fake(token_level: bool) -> SequenceScores:
             return SequenceScores(torch.zeros(n), batch.sequence_lengths, torch.zeros(n), torch.zeros(n),
                                   token_logps=torch.zeros(k), seq_kl=torch.zeros(n) if token_level else None,
-                                  wpo_log_weight=torch.zeros(n) if self.wpo else None)
+                                  stats={name: torch.zeros(n) for name in self.token_stats})
 
         policy = fake(self.token_level)
         ref = fake(False) if self.needs_reference else None

@@ -30,11 +30,14 @@ from typing import Any
 import torch
 
 from prefopt.config import RunConfig, config_from_flat, parse_loss, save_config, to_dict
-from prefopt.data.collate import PaddedCollator
+from prefopt.data.collate import Collator
 from prefopt.data.pipeline import Dataset, prepare_datasets
+from prefopt.data.roles import expand_roles
 from prefopt.errors import ConfigError
 from prefopt.objective import Objective
-from prefopt.reference import build_reference
+from prefopt.logps import Scoring
+from prefopt.reference import ReferenceContext, build_reference
+from prefopt.scoring import Plan, plan_scoring
 from prefopt.train import batches, loop
 from prefopt.train.checkpoint import save_final
 
@@ -160,27 +163,11 @@ class Trainer:
                                     policy=model, ref_model=self._ref_model_arg)
         objective = Objective.from_config(cfg.loss, reference, self._extra_losses)
 
-        train_set, eval_set = prepare_datasets(
-            cfg.data, tokenizer, objective.kind, train_source=self._train_source,
-            eval_source=self._eval_source, seed=tcfg.seed, required_columns=objective.columns,
-            optional_columns=objective.optional_columns, record_checks=objective.record_checks)
-        self._report_data(accelerator, output_dir, train_set, eval_set)
-        self._train_set = train_set
-        self._collator = PaddedCollator(tokenizer.pad_token_id, objective.roles, cfg.data.pad_to_multiple_of,
-                                        objective.extra_columns)
-        for data, size, key in ((train_set, tcfg.per_device_train_batch_size, "per_device_train_batch_size"),
-                                (eval_set, tcfg.per_device_eval_batch_size, "per_device_eval_batch_size")):
-            if data is not None:
-                if size < objective.min_batch_size:
-                    raise ConfigError(f"train.{key}={size}: the objective needs at least "
-                                      f"{objective.min_batch_size} examples per micro-batch (KTO's z0 is "
-                                      f"estimated from mismatched pairs within it); or use z0: zero")
-                objective.preflight(self._collator(data.examples[:size]))
-
+        train_set, eval_set = self._datasets(accelerator, tokenizer, objective, output_dir)
         train_loader = (batches.train_loader(train_set.examples, self._collator, tcfg.per_device_train_batch_size,
-                                             tcfg.seed, objective.min_batch_size, accelerator)
+                                             tcfg.seed, 1, accelerator)
                         if train_set is not None else None)
-        eval_loader = self._eval_loader(eval_set, accelerator, objective) if eval_set is not None else None
+        eval_loader = self._eval_loader(eval_set, accelerator) if eval_set is not None else None
         # Counted on the prepared (per-process) loader: with N processes an epoch is N times shorter.
         steps_per_epoch = max(1, math.ceil(len(train_loader) / tcfg.gradient_accumulation_steps)) \
             if train_loader is not None else 1
@@ -189,7 +176,14 @@ class Trainer:
         optimizer = self._optimizer(model)
         scheduler = self._scheduler(optimizer, total_steps)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        reference.prepare(accelerator)
+        plan = self._plan_scoring(model, accelerator, objective, cfg.data.layout)
+        self._collator.use(plan.layout)
+        objective.scoring = plan.scoring
+        reference.prepare(ReferenceContext(
+            accelerator, model, self._collator,
+            plan=lambda ref: self._plan_scoring(ref, accelerator, objective, plan.layout, "reference").scoring,
+            datasets={name: d.examples for name, d in (("train", train_set), ("eval", eval_set)) if d is not None},
+            batch_size=tcfg.per_device_eval_batch_size, output_dir=output_dir, token_level=objective.token_level))
         if accelerator.num_processes > 1:  # KTO's z0 and BCO's δ: statistics over every process
             objective.reduce_mean = lambda t: accelerator.reduce(t, reduction="mean")
         if objective.stateful:  # e.g. BCO's running reward mean: saved and restored with checkpoints
@@ -198,11 +192,46 @@ class Trainer:
                             train_loader, eval_loader, output_dir, total_steps, steps_per_epoch)
         return self.job
 
-    def _eval_loader(self, data: Dataset, accelerator=None, objective=None):
+    def _datasets(self, accelerator, tokenizer, objective: Objective, output_dir: Path):
+        """Read, encode and report the data; give every example its roles; build the collator and
+        check every loss on a first batch."""
+        cfg, tcfg = self.config, self.config.train
+        train_set, eval_set = prepare_datasets(
+            cfg.data, tokenizer, objective.kind, train_source=self._train_source,
+            eval_source=self._eval_source, seed=tcfg.seed, required_columns=objective.columns,
+            optional_columns=objective.optional_columns, record_checks=objective.record_checks)
+        self._report_data(accelerator, output_dir, train_set, eval_set)
+        for data in (train_set, eval_set):
+            if data is not None:
+                data.examples = expand_roles(data.examples, objective.roles)
+        self._train_set, self._eval_set = train_set, eval_set
+        self._collator = Collator("padded", tokenizer.pad_token_id, objective.roles, extras=objective.extra_columns,
+                                  pad_to_multiple_of=cfg.data.pad_to_multiple_of,
+                                  max_tokens_per_row=cfg.data.max_tokens_per_row)
+        for data, size in ((train_set, tcfg.per_device_train_batch_size), (eval_set, tcfg.per_device_eval_batch_size)):
+            if data is not None:
+                objective.preflight(self._collator(data.examples[:size]))
+        return train_set, eval_set
+
+    def _plan_scoring(self, model, accelerator, objective: Objective, layout: str, what: str = "policy"):
+        """Settle the layout and LM-head mode ``model`` runs exactly (prefopt.scoring)."""
+        data = self._train_set or self._eval_set
+        probe = data.examples[:2] if data is not None else []
+        if not probe:
+            return Plan("padded", Scoring.for_model(model), [])
+        cfg = self.config
+        plan = plan_scoring(model, layout=layout, head=cfg.model.lm_head, chunk_size=cfg.model.lm_head_chunk_size,
+                            probe=probe, pad_id=self._collator.pad_id, roles=objective.roles,
+                            max_length=cfg.data.max_length, device=accelerator.device,
+                            autocast=accelerator.autocast, what=what)
+        if what == "policy" and accelerator.is_main_process:
+            log.info("layout: %s | LM head: %s | attention: %s", plan.layout, plan.scoring.head, plan.scoring.attn)
+        return plan
+
+    def _eval_loader(self, data: Dataset, accelerator=None):
         accelerator = accelerator or self.job.accelerator
-        objective = objective or self.job.objective
         return batches.eval_loader(data.examples, self._collator, self.config.train.per_device_eval_batch_size,
-                                   objective.min_batch_size, accelerator)
+                                   1, accelerator)
 
     def _build_tokenizer(self):
         from prefopt.models import load_tokenizer, prepare_tokenizer

@@ -2,6 +2,7 @@
 import torch
 
 from prefopt.data.collate import PaddedCollator
+from prefopt.data.roles import expand_roles
 from prefopt.data.schema import Origin
 from prefopt.data.tokenize import EncodedExample
 
@@ -38,8 +39,8 @@ def test_two_pairs_role_major_with_padding_multiple_and_extras():
 def test_unpaired_with_kl_mismatched_pairs():
     a = EncodedExample([1, 2], {"completion": [3, 9]}, O, label=True)
     b = EncodedExample([4], {"completion": [5, 6, 9]}, O, label=False)
-    batch = PaddedCollator(0, ("completion", "kl"))([a, b])
-    # kl rows: prompt i with the completion of example (i + 1) mod B
+    batch = PaddedCollator(0, ("completion", "kl"))(expand_roles([a, b], ("completion", "kl")))
+    # kl rows: prompt i with the completion of example (i + 1) mod N in dataset order
     assert batch.input_ids.tolist() == [[1, 2, 3, 9, 0], [4, 5, 6, 9, 0], [1, 2, 5, 6, 9], [4, 3, 9, 0, 0]]
     assert batch.index["completion"].tolist() == [0, 1] and batch.index["kl"].tolist() == [2, 3]
     assert batch.labels.tolist() == [True, False]

@@ -6,6 +6,7 @@ import torch
 
 from prefopt import losses
 from prefopt.data.collate import PaddedCollator
+from prefopt.data.roles import expand_roles
 from prefopt.data.schema import Origin
 from prefopt.data.tokenize import EncodedExample
 from prefopt.errors import ConfigError
@@ -81,10 +82,12 @@ def test_kto_reference_point_is_clamped_at_zero_and_detached():
     assert policy.grad is not None and policy.grad.abs().min() > 0
 
 
-def test_kto_batch_reference_point_needs_two_examples():
+def test_kto_batch_reference_point_from_a_single_example():
+    # one example still has its mismatched pair (a role fixed per example): z0 = max(0, 1) = 1,
+    # r = 2 (desirable): 1 - sigma(0.1 * (2 - 1)) = 0.475021
     one = {k: v[:1] for k, v in {**UNPAIRED, **KL_PAIRS}.items()}
-    with pytest.raises(ValueError, match="at least 2 examples per micro-batch"):
-        losses.compute("kto", **one)
+    out = losses.compute("kto", **one)
+    assert out.metrics["kl"].item() == pytest.approx(1.0) and out.losses.item() == pytest.approx(0.475021, abs=1e-6)
     assert torch.isfinite(losses.compute("kto", **one, z0="zero").losses).all()  # z0 = 0 needs no pairs
 
 
@@ -155,6 +158,7 @@ def test_kto_through_the_objective_uses_mismatched_pairs():
     examples = [EncodedExample([1, 2], {"completion": [3, 4, 5]}, O, label=True),
                 EncodedExample([6], {"completion": [7, 8]}, O, label=False),
                 EncodedExample([9, 10, 11], {"completion": [12]}, O, label=True)]
+    examples = expand_roles(examples, objective.roles)
     batch = PaddedCollator(0, objective.roles)(examples)
     step = objective.forward(policy, batch, objective.units(batch))
     out = step.outputs["kto"]
@@ -167,6 +171,8 @@ def test_kto_through_the_objective_uses_mismatched_pairs():
     r = (pol.logps[rows] - ref.logps[rows]).tolist()
     expected = [1 - sigmoid(0.1 * (r[0] - z0)), 1 - sigmoid(0.1 * (z0 - r[1])), 1 - sigmoid(0.1 * (r[2] - z0))]
     assert out.losses.tolist() == pytest.approx(expected, abs=1e-6)
-    # one example per micro-batch cannot form a mismatched pair: preflight says so before training
-    with pytest.raises(ConfigError, match="at least 2 examples"):
-        objective.preflight(PaddedCollator(0, objective.roles)(examples[:1]))
+    # the mismatched pair is fixed per example (dataset order), so a one-example micro-batch
+    # still has one: example 0 with example 1's completion
+    single = PaddedCollator(0, objective.roles)(examples[:1])
+    assert single.input_ids[single.index["kl"][0]].tolist()[:4] == [1, 2, 7, 8]
+    objective.preflight(single)

@@ -176,6 +176,7 @@ def test_slic_through_the_objective_reads_the_ref_completion_role():
     from types import SimpleNamespace
 
     from prefopt.data.collate import PaddedCollator
+    from prefopt.data.roles import expand_roles
     from prefopt.data.schema import Origin
     from prefopt.data.tokenize import EncodedExample
     from prefopt.logps import score_batch
@@ -196,7 +197,7 @@ def test_slic_through_the_objective_reads_the_ref_completion_role():
     O = Origin("t", 0)
     examples = [EncodedExample([1], {"chosen": [2, 3], "rejected": [4], "ref_completion": [5, 6, 7]}, O),
                 EncodedExample([8], {"chosen": [9], "rejected": [10, 11]}, O)]  # no column: the chosen
-    batch = PaddedCollator(0, objective.roles)(examples)
+    batch = PaddedCollator(0, objective.roles)(expand_roles(examples, objective.roles))
     model = TinyLM()
     out = objective.forward(model, batch, objective.units(batch)).outputs["slic"]
     with torch.no_grad():

@@ -81,7 +81,8 @@ def test_prefix_logps_and_ld_dpo_hand_values():
     # LD-DPO, alpha = 0.5: pair 0 shares 2 tokens: chosen -3 + 0.5 * -3 = -4.5, rejected -11 (no rest);
     # pair 1 shares 1 token: chosen -4, rejected -7 + 0.5 * (-8 - 9 - 10) = -20.5
     from prefopt.losses import LossInputs
-    ld = Objective._length_desensitised(LossInputs(), batch, scores, scores, 0.5)
+    from prefopt.losses.modifiers import MODIFIERS, ModifierContext
+    ld = MODIFIERS["ld_alpha"].adjust_inputs(LossInputs(), ModifierContext(batch, scores, scores), 0.5)
     assert ld.policy_chosen_logps.tolist() == [-4.5, -4.0] and ld.policy_rejected_logps.tolist() == [-11.0, -20.5]
     assert ld.ref_chosen_logps.tolist() == [-4.5, -4.0]
 
@@ -90,12 +91,12 @@ def test_wpo_weight_matches_naive():
     batch = _pair_batch()
     torch.manual_seed(0)
     logits = torch.randn(len(batch.token_row), 11) * 2
-    scores = sequence_scores(logits, batch, wpo=True)
+    scores = sequence_scores(logits, batch, token_stats=("wpo_adjusted_logp",))
     logprobs = logits.log_softmax(-1)
     picked = logprobs.gather(-1, batch.token_target[:, None]).squeeze(-1)
     adjusted = picked - torch.log((logprobs.exp() ** 2).sum(-1))
     expected = torch.zeros(4).index_add(0, batch.token_sequence, adjusted) / batch.sequence_lengths
-    assert torch.allclose(scores.wpo_log_weight, expected, atol=1e-5)
+    assert torch.allclose(scores.stats["wpo_adjusted_logp"] / batch.sequence_lengths, expected, atol=1e-5)
 
 
 def test_ld_and_wpo_modifiers_train_end_to_end(tiny_model_dir, demo_records, tmp_path):
@@ -120,10 +121,15 @@ def test_kto_on_real_unpaired_data_reports_balance_and_kl(tiny_model_dir, tmp_pa
     assert "rewards/accuracies" not in rows[0]  # no pairs: no accuracy
 
 
-def test_kto_needs_two_examples_per_micro_batch(tiny_model_dir, tmp_path):
-    with pytest.raises(ConfigError, match="at least 2 examples"):
-        trainer(tiny_model_dir, str(FIXTURES / "kto_en_demo_20.json"), tmp_path, max_steps=1,
-                per_device_train_batch_size=1, loss="kto").train()
+def test_kto_trains_on_one_example_micro_batches(tiny_model_dir, tmp_path):
+    """The mismatched pair is a role of each example (the next example's completion), so a
+    micro-batch of one still estimates z0; at step 0 policy == reference gives 1 - σ(0)."""
+    t = trainer(tiny_model_dir, str(FIXTURES / "kto_en_demo_20.json"), tmp_path, max_steps=2,
+                per_device_train_batch_size=1, loss="kto")
+    t.train()
+    assert metrics(tmp_path)[0]["loss"] == pytest.approx(0.5, abs=1e-6)
+    examples = t._train_set.examples
+    assert examples[0].completions["kl"] == examples[1].completions["completion"]
 
 
 def test_tdpo_starts_at_ln2_with_the_reference_copy(tiny_model_dir, demo_records, tmp_path):
@@ -157,8 +163,9 @@ def test_missing_reference_fails_before_training(tiny_model_dir, demo_records, t
 
 
 def test_slic_uses_ref_completion_rows_only_where_present(tiny_model_dir, tmp_path):
+    # (long enough that the ref_completion, a cut rejected, is not truncated to the rejected's ids)
     t = trainer(tiny_model_dir, str(FIXTURES / "scored_pairs.jsonl"), tmp_path, max_steps=1,
-                per_device_train_batch_size=4, loss="slic", max_examples=4)
+                per_device_train_batch_size=4, loss="slic", max_examples=4, max_length=256, max_prompt_length=128)
     job = t.setup()
     batch = next(iter(job.train_loader))
     index = {k: v.tolist() for k, v in batch.index.items()}
@@ -180,11 +187,11 @@ def test_tail_merging_batch_sampler_keeps_every_example():
 
 
 def test_kto_with_a_one_example_tail_trains_through_the_epoch(tiny_model_dir, tmp_path):
-    # 9 unpaired examples, batches of 4: the tail of 1 joins the previous batch (4 + 5)
+    # 9 unpaired examples, batches of 4: 4 + 4 + 1; the last example still has its mismatched pair
     t = trainer(tiny_model_dir, str(FIXTURES / "kto_en_demo_20.json"), tmp_path, num_train_epochs=1,
                 per_device_train_batch_size=4, loss="kto", max_examples=9)
     t.train()
-    assert [r["step"] for r in metrics(tmp_path) if "loss" in r] == [1, 2]
+    assert [r["step"] for r in metrics(tmp_path) if "loss" in r] == [1, 2, 3]
 
 
 def test_slic_compute_falls_back_to_the_chosen_like_the_collator():

@@ -20,6 +20,8 @@ Rules (each one fixes a bug users hit in the anchors):
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,15 @@ class EncodedExample:
     origin: Origin
     label: bool | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @functools.cached_property
+    def uid(self) -> int:
+        """A stable 63-bit id: a hash of the tokenised content (prompt, completions by role, label,
+        extra columns), so equal content gets equal ids in any run. Per-example caches (the
+        precomputed reference log-probs) are keyed on it."""
+        content = (self.prompt_ids, sorted(self.completions.items()), self.label, sorted(self.extras.items()))
+        digest = hashlib.blake2b(repr(content).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 1
 
 
 class Encoder:

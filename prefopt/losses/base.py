@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from prefopt.coerce import coerce
 from prefopt.errors import ConfigError, PrefoptError, unknown
 
 Tensor = torch.Tensor
@@ -177,8 +178,6 @@ class LossSpec:
     # -- parameters -------------------------------------------------------------------
     def make_params(self, values: dict | Any = None, where: str | None = None):
         """Build and validate the parameter dataclass from a mapping (unknown keys: error)."""
-        from prefopt.config import _coerce
-
         where = where or f"loss '{self.name}'"
         if isinstance(values, self.params):
             values = dataclasses.asdict(values)
@@ -189,7 +188,7 @@ class LossSpec:
         for key, value in values.items():
             if key not in valid:
                 raise ConfigError(f"{where}: " + unknown(f"parameter of '{self.name}'", key, valid))
-            kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+            kwargs[key] = coerce(value, hints[key], f"{where}.{key}")
             _check_range(key, kwargs[key], valid[key].metadata, where)
         instance = self.params(**kwargs)
         check = getattr(instance, "validate", None)

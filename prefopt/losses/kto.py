@@ -32,8 +32,8 @@ class KTOParams:
     undesirable_weight: float = param(1.0, "λ_U: weight of the undesirable examples (see "
                                            "desirable_weight).", ge=0)
     z0: str = param("batch", "Reference point z0: 'batch' estimates KL(πθ‖πref) from mismatched pairs "
-                             "(x_i, y_(i+1) mod m) of the micro-batch, as the paper does (one extra "
-                             "forward per completion); 'zero' uses z0 = 0 (no extra forward).",
+                             "(x_i, y_(i+1) mod N), each example paired once with the next one in "
+                             "dataset order as TRL does (one extra sequence per completion); 'zero' uses z0 = 0 (no extra forward).",
                     choices=Z0_CHOICES)
 
 
@@ -42,9 +42,9 @@ class KTOParams:
     paper="Ethayarajh et al. 2024, KTO: Model Alignment as Prospect Theoretic Optimization, "
           "arXiv:2402.01306, eq. 8",
     equation="desirable: λ_D·(1 − σ(β(r − z0))); undesirable: λ_U·(1 − σ(β(z0 − r))); "
-             "z0 = max(0, mean_i [log πθ(y_(i+1)|x_i) − log πref(y_(i+1)|x_i)]), not back-propagated",
+             "z0 = max(0, mean_i [log πθ(y_j|x_i) − log πref(y_j|x_i)]), j = i+1 mod N, not back-propagated",
     summary="Unpaired data (a thumbs-up/down label per completion). Weight the scarcer class so "
-            "λ_D·n_D/(λ_U·n_U) is in [1, 4/3]; needs micro-batches of 2 or more (z0: batch).")
+            "λ_D·n_D/(λ_U·n_U) is in [1, 4/3].")
 def kto(inputs: LossInputs, p: KTOParams) -> LossOutput:
     """KTO per example: L = λ_y − v(x, y) (eq. 8; TRL's code comment calls it eq. 7, the
     numbering differs between versions of the paper), i.e.
@@ -52,10 +52,12 @@ def kto(inputs: LossInputs, p: KTOParams) -> LossOutput:
         desirable:    λ_D·(1 − σ(β(r − z0)))
         undesirable:  λ_U·(1 − σ(β(z0 − r))),      r = log πθ(y|x) − log πref(y|x).
 
-    z0 ("batch"): z0 = max(0, (1/m)·Σ_i [log πθ(y_j|x_i) − log πref(y_j|x_i)]), j = (i+1) mod m,
-    over the m examples of the micro-batch (the collator's ``kl`` role builds these mismatched
-    pairs); it is detached, as in the paper. Fewer than 2 examples cannot form a mismatched
-    pair and raise a ValueError. z0 ("zero"): z0 = 0 and no mismatched pairs are scored.
+    z0 ("batch"): z0 = max(0, (1/m)·Σ_i [log πθ(y_j|x_i) − log πref(y_j|x_i)]) over the m
+    examples of the micro-batch, where y_j is the completion of the next example (j = i+1 mod N)
+    in dataset order: the ``kl`` role, fixed per example before any batching
+    (prefopt.data.roles), as TRL builds its KL dataset, so it does not depend on which examples
+    share a micro-batch and a cached reference value stays valid. z0 is detached, as in the
+    paper. z0 ("zero"): z0 = 0 and no mismatched pairs are scored.
 
     Several processes: as in the paper's code and TRL, the per-process means are averaged
     over every process (``inputs.global_mean``; micro-batches are equal-sized there) before
@@ -73,10 +75,6 @@ def kto(inputs: LossInputs, p: KTOParams) -> LossOutput:
     r = inputs.policy_logps - inputs.ref_logps
     desirable = inputs.labels.to(torch.bool)
     if p.z0 == "batch":
-        if r.shape[0] < 2:
-            raise ValueError("KTO's z0 needs at least 2 examples per micro-batch (mismatched pairs "
-                             f"x_i with y_(i+1) mod m), got {r.shape[0]}; use a larger micro-batch or "
-                             "z0: zero")
         z0 = inputs.global_mean((inputs.policy_kl_logps - inputs.ref_kl_logps).detach().mean()).clamp(min=0)
     else:
         z0 = torch.zeros((), dtype=r.dtype, device=r.device)

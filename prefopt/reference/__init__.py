@@ -10,8 +10,8 @@ is built, before any training starts.
   trained policy as its reference).
 * ``NoReference``: for reference-free objectives.
 """
-from prefopt.reference.base import ReferenceStrategy, build_reference
+from prefopt.reference.base import ReferenceContext, ReferenceStrategy, build_reference
 from prefopt.reference.model import ModelReference
 from prefopt.reference.none import NoReference
 
-__all__ = ["ReferenceStrategy", "ModelReference", "NoReference", "build_reference"]
+__all__ = ["ReferenceContext", "ReferenceStrategy", "ModelReference", "NoReference", "build_reference"]

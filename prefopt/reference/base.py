@@ -1,22 +1,48 @@
-"""The reference strategy interface and the factory that picks one from the config."""
+"""The reference strategy interface, what a strategy gets at ``prepare``, and the factory.
+
+A strategy is built from the config before the data is read (a frozen copy of the policy
+must be taken before any optimizer step) and prepared after everything else is built, with
+a ``ReferenceContext``: the prepared policy (an adapter-disabled LoRA reference scores with
+it), the datasets and the run's collator (a pre-pass computes a cache from them), the
+accelerator, and a function that settles how a reference model is scored (layout and head,
+checked on a probe batch like the policy's). Each strategy checks its own incompatibilities
+when it is built or prepared, before any training step.
+"""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from prefopt.config import ModelConfig, ReferenceConfig
 from prefopt.data.collate import Batch
 from prefopt.errors import ConfigError
-from prefopt.logps import SequenceScores
+from prefopt.logps import Scoring, SequenceScores
 
 log = logging.getLogger("prefopt")
 
 
+@dataclass
+class ReferenceContext:
+    accelerator: Any
+    policy: Any                                  # the prepared policy model
+    collator: Any                                # the run's collator (its layout is settled)
+    plan: Callable[[Any], Scoring]               # how to score a given reference model
+    datasets: dict[str, list] = field(default_factory=dict)  # "train"/"eval": examples, roles expanded
+    batch_size: int = 8                          # examples per batch of a pre-pass
+    output_dir: Path = Path(".")
+    token_level: bool = False                    # the objective needs (K, V) reference distributions
+    fingerprint: dict = field(default_factory=dict)  # what else the reference values depend on
+
+
 class ReferenceStrategy(Protocol):
     name: str
+    description: str
 
-    def prepare(self, accelerator) -> None:
-        """Place the reference on the accelerator's device (once, before training)."""
+    def prepare(self, ctx: ReferenceContext) -> None:
+        """Everything the strategy needs before the first step (device placement, a cache)."""
 
     def scores(self, batch: Batch, keep_token_logprobs: bool = False) -> SequenceScores | None:
         """Reference statistics for every sequence of ``batch`` (no gradient)."""

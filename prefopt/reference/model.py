@@ -9,7 +9,7 @@ import torch
 from prefopt.config import ModelConfig, ReferenceConfig
 from prefopt.data.collate import Batch
 from prefopt.errors import ConfigError
-from prefopt.logps import SequenceScores, score_batch
+from prefopt.logps import Scoring, SequenceScores, score_batch
 
 
 class ModelReference:
@@ -21,6 +21,7 @@ class ModelReference:
         self.model = model
         self.description = description
         self.accelerator = None
+        self.scoring: Scoring | None = None
 
     @classmethod
     def build(cls, cfg: ReferenceConfig, model_cfg: ModelConfig, *, policy: Any = None,
@@ -39,7 +40,8 @@ class ModelReference:
         # A copy of the initial policy, taken before any optimizer step.
         return cls(copy.deepcopy(policy), "frozen copy of the initial policy")
 
-    def prepare(self, accelerator) -> None:
+    def prepare(self, ctx) -> None:
+        accelerator = ctx.accelerator
         state = accelerator.state
         sharded = getattr(state, "deepspeed_plugin", None) is not None and \
             getattr(state.deepspeed_plugin, "zero_stage", 0) == 3
@@ -48,9 +50,18 @@ class ModelReference:
                               "the reference; set reference.name_or_path to the initial checkpoint")
         self.accelerator = accelerator
         self.model = accelerator.prepare_model(self.model, evaluation_mode=True)
+        # accelerate saves every prepared model in a checkpoint; the frozen reference is not
+        # training state (it is rebuilt from the config), so it must not be one of them.
+        if self.model in accelerator._models:
+            accelerator._models.remove(self.model)
+        self.scoring = ctx.plan(self.model)
 
     @torch.no_grad()
     def scores(self, batch: Batch, keep_token_logprobs: bool = False) -> SequenceScores:
         ctx = self.accelerator.autocast() if self.accelerator is not None else torch.autocast("cpu", enabled=False)
         with ctx:
-            return score_batch(self.model, batch, keep_token_logprobs=keep_token_logprobs)
+            return score_batch(self.model, batch, self.scoring, keep_token_logprobs=keep_token_logprobs)
+
+    def release(self) -> None:
+        """Free the model (after a pre-pass has cached what it computes)."""
+        self.model = None

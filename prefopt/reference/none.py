@@ -6,8 +6,9 @@ from prefopt.data.collate import Batch
 
 class NoReference:
     name = "none"
+    description = "none"
 
-    def prepare(self, accelerator) -> None:
+    def prepare(self, ctx) -> None:
         pass
 
     def scores(self, batch: Batch, keep_token_logprobs: bool = False):

@@ -1,0 +1,183 @@
+"""The ``Batch`` every collator returns, and the pieces the layouts share.
+
+A Batch separates *what the model reads* (``input_ids`` and an ``Attention`` description)
+from *what is scored*: a flat list of K scored tokens, each given by the row and position
+whose logits predict it, its target id, and the sequence it belongs to. Per-sequence
+log-probs are a scatter-sum over that list (prefopt.logps), so the log-prob code, the
+reference strategies and the losses never change with the layout.
+
+``Attention`` says, as data, which tokens of a row each token may attend to:
+
+* ``segment is None``: one causal sequence per row, right-padded (``padding`` marks real
+  tokens): the plain 2D padding mask every model accepts.
+* ``segment`` (R, T): several sequences in a row. A token attends to earlier tokens of its
+  own segment only (-1 marks padding), with ``position_ids`` restarting at 0 per segment.
+* ``branch`` (R, T), with segments: a prompt shared by its completions. Branch 0 is the
+  trunk (the prompt); a token of branch b > 0 attends to the trunk and to earlier tokens of
+  branch b, never to another branch. Completions continue the prompt's positions.
+
+prefopt.attention turns this into what an attention implementation takes (a 4D mask for
+SDPA/eager, a BlockMask for FlexAttention, position ids for varlen kernels).
+
+Every example carries a stable id (``example_ids``, a hash of its tokenised content), so a
+cache of per-example values (the precomputed reference) can be keyed on it; ``index`` maps
+each role ("chosen", "rejected", "completion", "kl", "ref_completion") to the sequence
+number of every example. Roles of one example whose token ids are equal share one sequence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+
+import torch
+
+from prefopt.data.tokenize import EncodedExample
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Attention:
+    padding: Tensor                    # (R, T) 1 = real token
+    segment: Tensor | None = None      # (R, T) sequence (or shared unit) within the row; -1 padding
+    branch: Tensor | None = None       # (R, T) 0 = shared prompt, b > 0 = completion b of its unit
+    position_ids: Tensor | None = None  # (R, T) positions as the model must see them
+
+    @property
+    def kind(self) -> str:
+        """'padded' (causal rows), 'packed' (several sequences per row) or 'shared' (branches)."""
+        return "padded" if self.segment is None else "packed" if self.branch is None else "shared"
+
+    def allowed(self) -> Tensor:
+        """(R, T, T) bool: may query position i attend to key position j. Padding attends to
+        itself only, so no softmax row is empty (its output is never scored)."""
+        rows, width = self.padding.shape
+        idx = torch.arange(width, device=self.padding.device)
+        causal = idx[None, :] <= idx[:, None]                                     # (T, T)
+        if self.segment is None:
+            real = self.padding.bool()
+            ok = causal[None] & real[:, None, :] & real[:, :, None]
+        else:
+            seg = self.segment
+            ok = causal[None] & (seg[:, :, None] == seg[:, None, :]) & (seg >= 0)[:, None, :]
+            if self.branch is not None:
+                q, k = self.branch[:, :, None], self.branch[:, None, :]
+                ok &= (k == 0) | (k == q)
+        return ok | torch.eye(width, dtype=torch.bool, device=ok.device)[None]
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor                 # (R, T)
+    attention: Attention              # which tokens attend to which (see the module docstring)
+    token_row: Tensor                 # (K,) row of the logits that score each token
+    token_pos: Tensor                 # (K,) position of those logits
+    token_target: Tensor              # (K,) token id scored there
+    token_sequence: Tensor            # (K,) sequence each scored token belongs to (contiguous, in order)
+    sequence_lengths: Tensor          # (S,) completion tokens per sequence
+    index: dict[str, Tensor]          # role -> (B,) sequence numbers
+    example_ids: Tensor               # (B,) int64 hash of each example's tokenised content
+    labels: Tensor | None = None      # (B,) bool, unpaired data: True = desirable
+    extras: dict[str, Tensor] = field(default_factory=dict)  # (B,) numeric columns
+    is_padding: bool = False          # an evaluation filler batch: scored, never counted
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """(R, T) 1 = real token (the padding mask; see ``attention`` for the full structure)."""
+        return self.attention.padding
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.example_ids)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.sequence_lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens the model reads: the throughput unit."""
+        return int(self.attention.padding.sum())
+
+    @property
+    def fill(self) -> float:
+        """Real tokens / (rows x width): how well the rows are filled."""
+        return self.num_tokens / max(1, self.input_ids.numel())
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return _move(self, device, non_blocking)
+
+
+def _move(value, device, non_blocking):
+    if isinstance(value, Tensor):
+        return value.to(device, non_blocking=non_blocking)
+    if isinstance(value, dict):
+        return {k: _move(v, device, non_blocking) for k, v in value.items()}
+    if is_dataclass(value) and not isinstance(value, type):
+        return replace(value, **{f.name: _move(getattr(value, f.name), device, non_blocking)
+                                 for f in fields(value)})
+    return value
+
+
+@dataclass
+class Sequence:
+    """One completion to score: example ``example``'s ``completion`` after its prompt."""
+    example: int
+    prompt: list[int]
+    completion: list[int]
+
+
+class ScoredSequences:
+    """The sequences of a list of examples, numbered role-major, with equal completions of one
+    example shared (SLiC's absent ``ref_completion`` is its chosen: no extra row), and the
+    scored-token list built as each layout places them."""
+
+    def __init__(self, examples: list[EncodedExample], roles: tuple[str, ...]):
+        self.sequences: list[Sequence] = []
+        self.index: dict[str, list[int]] = {role: [0] * len(examples) for role in roles}
+        own: list[dict[tuple, int]] = [{} for _ in examples]
+        for role in roles:
+            for i, ex in enumerate(examples):
+                ids = ex.completions[role]
+                key = tuple(ids)
+                if key not in own[i]:
+                    own[i][key] = len(self.sequences)
+                    self.sequences.append(Sequence(i, ex.prompt_ids, ids))
+                self.index[role][i] = own[i][key]
+        self.rows: list[int] = []
+        self.pos: list[int] = []
+        self.target: list[int] = []
+        self.seq: list[int] = []
+
+    def score(self, number: int, row: int, first_logit: int, next_logits: range) -> None:
+        """Score sequence ``number``: its first token from the logits at ``first_logit`` (the
+        last prompt position), the others from ``next_logits`` (positions of its own tokens)."""
+        completion = self.sequences[number].completion
+        self.rows += [row] * len(completion)
+        self.pos.append(first_logit)
+        self.pos += next_logits[:len(completion) - 1]
+        self.target += completion
+        self.seq += [number] * len(completion)
+
+    def batch(self, examples: list[EncodedExample], input_ids: Tensor, attention: Attention,
+              extras: tuple[str, ...]) -> Batch:
+        long = torch.long
+        seq = torch.tensor(self.seq, dtype=long)
+        order = seq.argsort(stable=True)  # each sequence's tokens contiguous and in order
+        return Batch(
+            input_ids=input_ids, attention=attention,
+            token_row=torch.tensor(self.rows, dtype=long)[order],
+            token_pos=torch.tensor(self.pos, dtype=long)[order],
+            token_target=torch.tensor(self.target, dtype=long)[order],
+            token_sequence=seq[order],
+            sequence_lengths=torch.tensor([len(s.completion) for s in self.sequences], dtype=long),
+            index={role: torch.tensor(v, dtype=long) for role, v in self.index.items()},
+            example_ids=torch.tensor([e.uid for e in examples], dtype=torch.int64),
+            labels=(torch.tensor([bool(e.label) for e in examples])
+                    if examples and examples[0].label is not None else None),
+            extras={name: torch.tensor([float(e.extras[name]) for e in examples], dtype=torch.float32)
+                    for name in extras},
+        )
+
+
+def round_up(width: int, multiple: int | None) -> int:
+    return -(-width // multiple) * multiple if multiple else width

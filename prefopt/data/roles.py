@@ -1,0 +1,34 @@
+"""Role expansion: every example gets a completion for each role the objective scores, once,
+before any collator, so every layout (and the reference cache) gets them for free.
+
+* ``chosen``/``rejected``/``completion`` come from the data.
+* ``kl`` (KTO's reference point z0, Ethayarajh et al. 2024 §4.1): the prompt of example i with
+  the completion of example i + 1 (mod N) in dataset order: a mismatched pair fixed per
+  example, as TRL builds its KL dataset, so it does not depend on which examples share a
+  micro-batch and a cached reference value stays valid across epochs and batch sizes.
+* ``ref_completion`` (SLiC's regularisation target): the record's column when present, else
+  the chosen completion; equal completions of one example share one sequence in a batch,
+  so a dataset without the column costs no extra forward.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from prefopt.data.tokenize import EncodedExample
+
+
+def expand_roles(examples: list[EncodedExample], roles: tuple[str, ...]) -> list[EncodedExample]:
+    """New examples carrying one completion per role in ``roles`` (the input is not modified)."""
+    out = []
+    n = len(examples)
+    for i, ex in enumerate(examples):
+        completions = dict(ex.completions)
+        if "kl" in roles:
+            completions["kl"] = examples[(i + 1) % n].completions["completion"]
+        if "ref_completion" in roles and "ref_completion" not in completions:
+            completions["ref_completion"] = completions["chosen"]
+        missing = [r for r in roles if r not in completions]
+        if missing:
+            raise ValueError(f"{ex.origin}: no completion for role(s) {', '.join(missing)}")
+        out.append(dataclasses.replace(ex, completions=completions))
+    return out
