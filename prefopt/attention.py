@@ -53,19 +53,25 @@ def model_inputs(batch: Batch, impl: str, dtype: torch.dtype = torch.float32) ->
     return {"input_ids": batch.input_ids, "attention_mask": mask, "position_ids": att.position_ids}
 
 
-def block_mask(batch: Batch):
-    """A FlexAttention BlockMask for a packed or shared batch: blocks no token of a query block
-    may see are skipped, so a prompt shared by two completions costs no quadratic extra."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
+def mask_mod(batch: Batch):
+    """FlexAttention's ``mask_mod(b, h, q, kv)`` for a packed or shared batch: the same rule as
+    ``Attention.allowed``, evaluated per (query, key) pair."""
     att = batch.attention
     seg = att.segment
     branch = att.branch if att.branch is not None else torch.zeros_like(seg)
 
-    def mask_mod(b, h, q, kv):
+    def allowed(b, h, q, kv):
         same = (seg[b, q] == seg[b, kv]) & (seg[b, kv] >= 0)
         visible = (branch[b, kv] == 0) | (branch[b, kv] == branch[b, q])
         return ((kv <= q) & same & visible) | (q == kv)
+    return allowed
 
-    rows, width = seg.shape
-    return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=seg.device)
+
+def block_mask(batch: Batch):
+    """A FlexAttention BlockMask for a packed or shared batch: blocks no query of a block may
+    see are skipped, so several units per row cost no quadratic extra."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rows, width = batch.input_ids.shape
+    return create_block_mask(mask_mod(batch), B=rows, H=None, Q_LEN=width, KV_LEN=width,
+                             device=batch.input_ids.device)

@@ -1,7 +1,8 @@
-"""The collator's exact tensors (the same ones its docstring shows)."""
+"""The collators' exact tensors (the same ones their docstrings show)."""
+import pytest
 import torch
 
-from prefopt.data.collate import PaddedCollator
+from prefopt.data.collate import PaddedCollator, make_collator
 from prefopt.data.roles import expand_roles
 from prefopt.data.schema import Origin
 from prefopt.data.tokenize import EncodedExample
@@ -45,3 +46,46 @@ def test_unpaired_with_kl_mismatched_pairs():
     assert batch.index["completion"].tolist() == [0, 1] and batch.index["kl"].tolist() == [2, 3]
     assert batch.labels.tolist() == [True, False]
     assert batch.sequence_lengths.tolist() == [2, 3, 3, 2]
+
+
+def test_shared_layout_docstring_exact_tensors():
+    ex = EncodedExample([11, 12], {"chosen": [21, 22, 2], "rejected": [31, 2]}, O)
+    b = make_collator("shared", 0, ("chosen", "rejected"))([ex])
+    assert b.input_ids.tolist() == [[11, 12, 21, 22, 2, 31, 2]]
+    att = b.attention
+    assert att.kind == "shared" and att.padding.tolist() == [[1] * 7] and att.segment.tolist() == [[0] * 7]
+    assert att.branch.tolist() == [[0, 0, 1, 1, 1, 2, 2]]
+    assert att.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3]]
+    assert b.token_row.tolist() == [0, 0, 0, 0, 0]
+    assert b.token_pos.tolist() == [1, 2, 3, 1, 5]
+    assert b.token_target.tolist() == [21, 22, 2, 31, 2]
+    assert b.token_sequence.tolist() == [0, 0, 0, 1, 1] and b.sequence_lengths.tolist() == [3, 2]
+    assert {k: v.tolist() for k, v in b.index.items()} == {"chosen": [0], "rejected": [1]}
+    assert b.num_tokens == 7 and b.fill == 1.0
+
+
+def test_packed_rows_fill_first_fit_decreasing_within_the_longest_unit():
+    a = EncodedExample([1, 2], {"chosen": [3, 4, 5, 6], "rejected": [7]}, O)   # units of 6 and 3 tokens
+    b = EncodedExample([8], {"chosen": [9, 10], "rejected": [11, 12]}, O)     # units of 3 and 3
+    batch = make_collator("packed", 0, ("chosen", "rejected"))([a, b])
+    # budget 6 (the longest unit); longest first, ties in sequence order (a.chosen, b.chosen,
+    # a.rejected, b.rejected): [a.chosen], [b.chosen + a.rejected], [b.rejected]
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 6], [8, 9, 10, 1, 2, 7], [8, 11, 12, 0, 0, 0]]
+    att = batch.attention
+    assert att.kind == "packed" and att.branch is None
+    assert att.segment.tolist() == [[0] * 6, [0, 0, 0, 1, 1, 1], [0, 0, 0, -1, -1, -1]]
+    assert att.position_ids.tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 2], [0, 1, 2, 0, 1, 2]]
+    # sequences numbered role-major (a.chosen, b.chosen, a.rejected, b.rejected), tokens in order
+    assert batch.token_sequence.tolist() == [0, 0, 0, 0, 1, 1, 2, 3, 3]
+    assert batch.token_row.tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2]
+    assert batch.token_pos.tolist() == [1, 2, 3, 4, 0, 1, 4, 0, 1]
+    assert batch.token_target.tolist() == [3, 4, 5, 6, 9, 10, 7, 11, 12]
+    assert batch.num_tokens == 15 and batch.fill == pytest.approx(15 / 18)
+
+
+def test_equal_completions_of_an_example_share_one_sequence():
+    ex = EncodedExample([1], {"chosen": [2, 3], "rejected": [4]}, O)
+    roles = ("chosen", "rejected", "ref_completion")
+    for layout in ("padded", "packed", "shared"):
+        batch = make_collator(layout, 0, roles)(expand_roles([ex], roles))
+        assert batch.num_sequences == 2 and batch.index["ref_completion"].tolist() == batch.index["chosen"].tolist()
