@@ -51,6 +51,14 @@ class ModelConfig:
         None, "Override the tokenizer's chat template: 'chatml' or a Jinja template string.")
     trust_remote_code: bool = option(False, "Allow custom modelling code from the model repository.")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
+    lora: dict | None = option(
+        None, "Train LoRA adapters instead of every weight (peft): a mapping of LoraConfig fields, "
+              "e.g. {r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear} (defaults: r 16, alpha 32, "
+              "dropout 0, all linear layers but the head). The reference is then the same model with its "
+              "adapters disabled. None: full fine-tuning.")
+    load_in_4bit: bool = option(
+        False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes, bfloat16 compute; CUDA only) and train "
+               "LoRA adapters on it (needs model.lora).")
     lm_head: str = option(
         "auto", "Where the LM head runs: 'fused' applies it to the scored (completion) positions only, in "
                 "chunks (model.lm_head_chunk_size) recomputed in backward; 'scored' passes those positions "
@@ -140,12 +148,25 @@ class TrainConfig:
 @dataclass
 class ReferenceConfig:
     strategy: str = option(
-        "auto", "'model': a frozen reference model; 'none': no reference; 'auto': 'model' when a "
-                "loss needs a reference, else 'none'.", choices=("auto", "model", "none"))
+        "auto", "'model': a frozen reference model run alongside the policy; 'lora': the policy with its "
+                "LoRA adapters disabled (no second copy); 'precomputed': reference log-probs computed once "
+                "in a pre-pass (with the model or the LoRA base) and cached on disk, the model then freed; "
+                "'none': no reference; 'auto': 'lora' for a LoRA policy, else 'model', when a loss needs "
+                "a reference, else 'none'.", choices=("auto", "model", "lora", "precomputed", "none"))
     name_or_path: str | None = option(
         None, "Reference model hub id or directory. None: a frozen copy of the initial policy.")
     dtype: str | None = option(None, "dtype of the reference weights; None: same as model.dtype.",
                                choices=(None, "float32", "bfloat16", "float16", "auto"))
+    cache_dir: str | None = option(
+        None, "Where the precomputed reference log-probs are cached (a folder per key: reference weights, "
+              "data, tokenisation, layout, precision); None: OUTPUT_DIR/reference_cache.")
+
+
+@dataclass
+class SaveConfig:
+    merge_lora: bool = option(
+        False, "With LoRA, save the final model with the adapters merged into the base weights (loads with "
+               "AutoModelForCausalLM); false saves the adapter (loads with PeftModel.from_pretrained).")
 
 
 @dataclass
@@ -171,17 +192,18 @@ class RunConfig:
     data: DataConfig = option(factory=DataConfig, help="Datasets and tokenisation.")
     train: TrainConfig = option(factory=TrainConfig, help="Optimisation and bookkeeping.")
     reference: ReferenceConfig = option(factory=ReferenceConfig, help="The reference model.")
+    save: SaveConfig = option(factory=SaveConfig, help="How the final model is written.")
     loss: list = option(factory=lambda: [LossTerm()],
                         help="The objective: one loss or a weighted list of losses.")
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-            "reference": ReferenceConfig}
+            "reference": ReferenceConfig, "save": SaveConfig}
 # Flat names for the Python API beyond the model/data/train field names (which are unique).
 FLAT_ALIASES = {"loss_type": "loss.name", "ref_model": "reference.name_or_path",
                 "ref_dtype": "reference.dtype", "reference_strategy": "reference.strategy",
                 "bf16": "train.mixed_precision", "model_name_or_path": "model.name_or_path"}
-FLAT_SECTIONS = ("model", "data", "train")
+FLAT_SECTIONS = ("model", "data", "train", "save")
 # data.train / data.eval are the trainers' train_dataset / eval_dataset arguments.
 FLAT_EXCLUDED = {"data.train", "data.eval"}
 

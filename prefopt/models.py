@@ -15,6 +15,7 @@ import torch
 
 from prefopt.config import ModelConfig
 from prefopt.errors import ConfigError
+from prefopt.lora import quantization_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -39,6 +40,9 @@ def load_model(name_or_path: str, dtype: str = "float32", model_cfg: ModelConfig
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": model_cfg.trust_remote_code}
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
+    quantization = quantization_config(model_cfg.load_in_4bit)  # checked before anything loads
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except OSError as e:

@@ -36,6 +36,7 @@ from prefopt.data.roles import expand_roles
 from prefopt.errors import ConfigError
 from prefopt.objective import Objective
 from prefopt.logps import Scoring
+from prefopt.lora import trainable_only
 from prefopt.reference import ReferenceContext, build_reference
 from prefopt.scoring import Plan, plan_scoring
 from prefopt.train import batches, loop
@@ -50,7 +51,7 @@ class Trainer:
 
     def __init__(self, model: Any = None, ref_model: Any = None, *, args: RunConfig | None = None,
                  train_dataset: Any = None, eval_dataset: Any = None, tokenizer: Any = None,
-                 processing_class: Any = None, loss: Any = None,
+                 processing_class: Any = None, peft_config: Any = None, loss: Any = None,
                  extra_losses: dict[str, Callable] | None = None, **loss_params):
         config = copy.deepcopy(args) if args is not None else config_from_flat({"loss": self.default_loss}, {})
         if loss is not None or loss_params:
@@ -66,6 +67,11 @@ class Trainer:
         if ref_model is not None and ref_model is model and not isinstance(model, (str, Path)):
             raise ConfigError("ref_model is the policy itself: it would be frozen and become its own "
                               "reference; pass ref_model=None for a frozen copy of the initial policy")
+        if peft_config is not None:  # TRL's argument: a peft.LoraConfig (or a mapping of its fields)
+            from prefopt.lora import lora_config, lora_dict
+            peft_config = lora_config(peft_config)
+            config.model.lora = lora_dict(peft_config)
+        self._peft_config = peft_config
         self.config = config
         self._model_arg = model
         self._ref_model_arg = ref_model
@@ -156,8 +162,6 @@ class Trainer:
 
         tokenizer = self._build_tokenizer()
         model = self._build_model()
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         needed, needed_by = Objective.requirements(cfg.loss)
         reference = build_reference(cfg.reference, cfg.model, needed=needed, needed_by=needed_by,
                                     policy=model, ref_model=self._ref_model_arg)
@@ -176,6 +180,7 @@ class Trainer:
         optimizer = self._optimizer(model)
         scheduler = self._scheduler(optimizer, total_steps)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        accelerator.register_save_state_pre_hook(trainable_only(accelerator))
         plan = self._plan_scoring(model, accelerator, objective, cfg.data.layout)
         self._collator.use(plan.layout)
         objective.scoring = plan.scoring
@@ -250,20 +255,32 @@ class Trainer:
         return self.config.model.name_or_path if self._model_arg is None else None
 
     def _build_model(self):
+        """The policy: loaded (4-bit for QLoRA) or given, dropout off, LoRA adapters when asked,
+        gradient checkpointing when asked."""
+        from prefopt.lora import apply_lora, is_peft_model
         from prefopt.models import disable_dropout, load_model
 
+        mcfg = self.config.model
+        lora = self._peft_config if self._peft_config is not None else mcfg.lora
+        if mcfg.load_in_4bit and lora is None and not is_peft_model(self._model_arg):
+            raise ConfigError("model.load_in_4bit trains LoRA adapters on a 4-bit base (QLoRA): set model.lora "
+                              "(e.g. {r: 16, alpha: 32}) or pass peft_config=LoraConfig(...)")
         if isinstance(self._model_arg, torch.nn.Module):
-            if self.config.model.name_or_path is None:
-                self.config.model.name_or_path = getattr(self._model_arg.config, "_name_or_path", None) or None
+            if mcfg.name_or_path is None:
+                mcfg.name_or_path = getattr(self._model_arg.config, "_name_or_path", None) or None
             model = self._model_arg
         else:
             path = self._model_path()
             if path is None:
                 raise ConfigError("no model: pass model= or set model.name_or_path")
-            self.config.model.name_or_path = path
-            model = load_model(path, self.config.model.dtype, self.config.model)
-        if self.config.model.disable_dropout:
+            mcfg.name_or_path = path
+            model = load_model(path, mcfg.dtype, mcfg)
+        if mcfg.disable_dropout:
             disable_dropout(model)
+        if lora is not None and not is_peft_model(model):
+            model = apply_lora(model, lora, quantized=mcfg.load_in_4bit, gradient_checkpointing=mcfg.gradient_checkpointing)
+        if mcfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
     def _optimizer(self, model) -> torch.optim.Optimizer:

@@ -15,7 +15,7 @@ def first_step_gradient(trainer) -> torch.Tensor:
     job = trainer.setup()
     captured = {}
     job.optimizer.step = lambda *a, **k: captured.setdefault(
-        "g", torch.cat([p.grad.flatten().clone() for p in job.model.parameters()]))
+        "g", torch.cat([p.grad.flatten().clone() for p in job.model.parameters() if p.requires_grad]))
     loop.optimizer_step(job, next(loop._windows(job, TrainState())), loop.MetricAccumulator())
     return captured["g"]
 

@@ -51,18 +51,32 @@ class ReferenceStrategy(Protocol):
 def build_reference(cfg: ReferenceConfig, model_cfg: ModelConfig, *, needed: bool, needed_by: str,
                     policy: Any = None, ref_model: Any = None) -> ReferenceStrategy:
     """Choose and build the strategy. ``ref_model`` may be a model object or a path."""
+    from prefopt.lora import is_peft_model
+    from prefopt.reference.lora import LoraReference
     from prefopt.reference.model import ModelReference
     from prefopt.reference.none import NoReference
+    from prefopt.reference.precomputed import PrecomputedReference
 
     strategy = cfg.strategy
-    if strategy == "auto" or (strategy == "model" and not needed):
-        if strategy == "model" and (ref_model is not None or cfg.name_or_path is not None):
-            log.warning("a reference model is configured but no loss uses one; it is not loaded")
-        strategy = "model" if needed else "none"
+    separate = ref_model is not None or cfg.name_or_path is not None
+    if not needed and strategy != "none":
+        if strategy != "auto" or separate:
+            log.warning("reference.strategy=%s is configured but no loss uses a reference; none is built", strategy)
+        strategy = "none"
     if strategy == "none":
         if needed:
             raise ConfigError(f"{needed_by} needs a reference model, but reference.strategy is 'none'")
         return NoReference()
-    if ref_model is None and cfg.name_or_path is None and policy is None:
-        raise ConfigError("reference.strategy 'model' needs reference.name_or_path or a policy to copy")
+    lora = is_peft_model(policy)
+    if strategy == "lora" and separate:
+        raise ConfigError("reference.strategy=lora uses the policy's base model; a separate reference model "
+                          "(reference.name_or_path / ref_model) needs reference.strategy=model")
+    if strategy == "auto":
+        strategy = "lora" if lora and not separate else "model"
+    if strategy == "precomputed":
+        source = LoraReference() if lora and not separate else \
+            ModelReference.build(cfg, model_cfg, policy=policy, ref_model=ref_model)
+        return PrecomputedReference(source, cfg.cache_dir)
+    if strategy == "lora":
+        return LoraReference()
     return ModelReference.build(cfg, model_cfg, policy=policy, ref_model=ref_model)

@@ -1,10 +1,12 @@
 """Resumable checkpoints: OUTPUT_DIR/checkpoints/step-N/ and the final model in OUTPUT_DIR/final/.
 
-A checkpoint holds what ``accelerate.save_state`` writes (model weights as safetensors,
-optimizer, scheduler, every RNG state; sharded correctly under FSDP/DeepSpeed), the
-trainer state (step, epoch, position in the epoch's batch order) and the resolved config.
-The model's ``config.json`` and the tokenizer are written too, so a checkpoint folder also
-loads with ``AutoModelForCausalLM.from_pretrained``.
+A checkpoint holds what ``accelerate.save_state`` writes (the trainable weights as
+safetensors, optimizer, scheduler, every RNG state; sharded correctly under FSDP/DeepSpeed),
+the trainer state (step, epoch, position in the epoch's batch order) and the resolved
+config. Frozen weights (a LoRA base; the reference model) are never in it: the config
+rebuilds them. The model's ``config.json`` and the tokenizer are written too, so a
+checkpoint folder also loads with ``AutoModelForCausalLM.from_pretrained`` (with LoRA: the
+adapter files, loading with ``PeftModel.from_pretrained``).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from prefopt.config import RunConfig, save_config
 from prefopt.errors import ConfigError
+from prefopt.lora import is_peft_model, merged_copy
 
 STATE_FILE = "trainer_state.json"
 
@@ -41,9 +44,13 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 def save_checkpoint(accelerator, model, tokenizer, state: TrainState, config: RunConfig,
                     output_dir: Path, keep: int | None) -> Path:
     path = checkpoint_dir(output_dir, state.step)
-    accelerator.save_state(str(path))
+    accelerator.save_state(str(path))  # trainable parameters only (prefopt.lora.trainable_only)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).config.save_pretrained(path)
+        raw = accelerator.unwrap_model(model)
+        if is_peft_model(raw):  # the adapter, loadable with PeftModel.from_pretrained(base, path)
+            raw.save_pretrained(path)
+        else:
+            raw.config.save_pretrained(path)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
         save_config(config, path / "config.yaml")
@@ -67,8 +74,10 @@ def resolve_resume(resume_from: str, output_dir: Path) -> Path:
     return path
 
 
-def load_checkpoint(accelerator, path: Path) -> TrainState:
-    accelerator.load_state(str(path))
+def load_checkpoint(accelerator, model, path: Path) -> TrainState:
+    # A checkpoint holds the trainable parameters; frozen ones (a LoRA base) come from the config.
+    frozen = any(not p.requires_grad for p in model.parameters())
+    accelerator.load_state(str(path), strict=not frozen)
     return TrainState(**json.loads((path / STATE_FILE).read_text()))
 
 
@@ -80,7 +89,11 @@ def save_final(accelerator, model, tokenizer, config: RunConfig, output_dir: Pat
     path = Path(path) if path is not None else output_dir / "final"
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+        raw = accelerator.unwrap_model(model)
+        if is_peft_model(raw) and config.save.merge_lora:
+            merged_copy(raw).save_pretrained(path, safe_serialization=True)
+        else:  # a PeftModel writes its adapter (and its config naming the base)
+            raw.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
         save_config(config, path / "prefopt_config.yaml")

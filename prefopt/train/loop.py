@@ -59,7 +59,7 @@ def train(job: Job) -> tuple[TrainState, dict]:
     cfg, acc = job.config.train, job.accelerator
     state = TrainState()
     if cfg.resume_from:
-        state = load_checkpoint(acc, resolve_resume(cfg.resume_from, job.output_dir))
+        state = load_checkpoint(acc, job.model, resolve_resume(cfg.resume_from, job.output_dir))
     # A resumed run keeps the metrics of the steps up to its checkpoint, not those logged after it.
     writer = MetricsWriter(job.output_dir / "metrics.jsonl", acc.is_main_process, keep_until=state.step)
     last_eval: dict = {}

@@ -1,0 +1,125 @@
+"""LoRA and QLoRA through peft: adapters on the policy, the base model as the reference.
+
+``model.lora`` (YAML) or ``peft_config=LoraConfig(...)`` (Python, TRL's argument) wraps the
+policy with ``peft.get_peft_model``; a ``PeftModel`` passed in is used as it is. The
+reference is then the same model with its adapters disabled (prefopt.reference.lora): no
+second copy in memory. ``model.load_in_4bit`` loads the base in 4-bit NF4 with bfloat16
+compute (bitsandbytes, CUDA only) and prepares it for k-bit training (QLoRA, Dettmers et
+al. 2023).
+
+Checkpoints hold the trainable parameters only (the adapters), never the frozen base; the
+final model is the adapter (loads with ``PeftModel.from_pretrained``) or, with
+``save.merge_lora``, the merged weights (loads with ``AutoModelForCausalLM``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+
+from prefopt.errors import ConfigError, unknown
+
+# Short YAML names (rank, alpha, dropout) for the usual LoraConfig fields; every other LoraConfig field works by its own name.
+SHORT_NAMES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
+DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear",
+            "task_type": "CAUSAL_LM"}
+
+
+def is_peft_model(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("LoRA needs the peft package: pip install 'prefopt[lora]'") from None
+    return peft
+
+
+def lora_config(spec: Any):
+    """A ``peft.LoraConfig`` from a LoraConfig or a mapping (short names ``alpha``/``dropout``
+    accepted); unknown keys are errors naming the closest valid one."""
+    peft = _peft()
+    if isinstance(spec, peft.LoraConfig):
+        return spec
+    if not isinstance(spec, dict):
+        raise ConfigError(f"model.lora: expected a mapping of LoraConfig fields, got {spec!r}")
+    valid = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    values = dict(DEFAULTS)
+    for key, value in spec.items():
+        name = SHORT_NAMES.get(key, key)
+        if name not in valid:
+            raise ConfigError("model.lora: " + unknown("LoRA option", key, sorted(valid | set(SHORT_NAMES))))
+        values[name] = value
+    try:
+        return peft.LoraConfig(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.lora: {e}") from None
+
+
+def lora_dict(config) -> dict:
+    """The non-default fields of a LoraConfig, for the saved run config."""
+    peft = _peft()
+    default = peft.LoraConfig()
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in ("peft_type", "task_type", "base_model_name_or_path", "revision", "peft_version") or \
+                value == getattr(default, f.name):
+            continue
+        out[f.name] = sorted(value) if isinstance(value, set) else value
+    return out
+
+
+def apply_lora(model, spec: Any, *, quantized: bool, gradient_checkpointing: bool):
+    """Wrap ``model`` with LoRA adapters (only they train)."""
+    peft = _peft()
+    if quantized:  # casts norms to fp32, enables input grads for checkpointing (QLoRA recipe)
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    return peft.get_peft_model(model, lora_config(spec))
+
+
+def quantization_config(load_in_4bit: bool):
+    """bitsandbytes 4-bit NF4 with bf16 compute and double quantisation; checked before loading."""
+    if not load_in_4bit:
+        return None
+    if not torch.cuda.is_available():
+        raise ConfigError("model.load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels do not run "
+                          "on this machine's CPU. Train LoRA in full precision instead (model.lora, "
+                          "model.load_in_4bit: false)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("model.load_in_4bit needs bitsandbytes: pip install 'prefopt[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def merged_copy(model):
+    """The adapters merged into a copy of the base model (the training model is left as it is)."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model.get_base_model(), "is_loaded_in_4bit", False):
+        raise ConfigError("save.merge_lora: the base model is 4-bit quantised; merging into it would round the "
+                          "merged weights to 4 bits. Save the adapter (save.merge_lora: false), then load the base in "
+                          "bfloat16 with PeftModel.from_pretrained(base, adapter) and call merge_and_unload()")
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def trainable_only(accelerator):
+    """A save_state hook: a checkpoint holds the trainable parameters only (LoRA: the adapters),
+    never frozen weights, which the config rebuilds. Loading then uses strict=False."""
+    def hook(models, weights, output_dir):
+        for i, model in enumerate(models):
+            names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+            if len(names) < len(weights[i]):
+                weights[i] = {k: v for k, v in weights[i].items() if k in names}
+    return hook

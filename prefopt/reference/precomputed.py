@@ -1,0 +1,225 @@
+"""Reference log-probs computed once in a pre-pass and cached on disk (``strategy: precomputed``).
+
+The pre-pass scores every train and eval example with the source strategy (a frozen
+reference model, or the LoRA base with adapters disabled) through the same collator, layout,
+LM head and precision as the live path, then frees the reference model. Values are stored
+per example (keyed by its content hash, ``EncodedExample.uid``) and role: the sequence
+log-prob, its token count and every token's log-prob (LD-DPO's prefix sums need them). KTO's
+mismatched rows are a role fixed per example (prefopt.data.roles), so they cache too.
+
+The cache lives in ``reference.cache_dir`` (default OUTPUT_DIR/reference_cache) in a folder
+named by a key over everything the values depend on: the reference weights (a hash of the
+tensors; LoRA adapters excluded), the examples (their token ids, hence the data, the
+tokenizer and the tokenisation settings), the roles, the layout, the LM-head mode, the
+attention implementation and the precision. A folder holds ``logps.safetensors`` and a
+``manifest.json`` with the key's parts and the file's checksum; a folder that is incomplete,
+whose checksum does not match, or that lacks an example is recomputed (with a log line),
+never used. Writes go to a temporary folder renamed into place.
+
+Token-level reference distributions (TDPO) are a vocabulary-sized vector per token; they are
+not cached: such losses refuse this strategy before anything is computed.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from prefopt.data.collate import Batch
+from prefopt.errors import ConfigError, PrefoptError
+from prefopt.logps import SequenceScores, unwrap_model
+
+log = logging.getLogger("prefopt")
+CACHE_VERSION = 1
+DATA_FILE, MANIFEST = "logps.safetensors", "manifest.json"
+
+
+class ReferenceCache:
+    """Per-example reference values by role, looked up by example id."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], roles: list[str]):
+        self.roles = roles
+        self.tensors = tensors
+        self.row = {int(uid): i for i, uid in enumerate(tensors["uids"].tolist())}
+
+    @classmethod
+    def from_records(cls, records: list[tuple[int, dict]], roles: list[str]) -> "ReferenceCache":
+        """``records``: (uid, {role: (sequence log-prob, token log-probs)}) per example."""
+        records = sorted(dict(records).items())  # one entry per uid, in a fixed order
+        tensors = {"uids": torch.tensor([uid for uid, _ in records], dtype=torch.int64)}
+        for role in roles:
+            values = [by_role[role] for _, by_role in records]
+            tokens = [torch.as_tensor(t, dtype=torch.float32) for _, t in values]
+            tensors[f"{role}.logps"] = torch.tensor([v for v, _ in values], dtype=torch.float32)
+            tensors[f"{role}.lengths"] = torch.tensor([len(t) for t in tokens], dtype=torch.int64)
+            tensors[f"{role}.offsets"] = torch.cumsum(torch.tensor([0] + [len(t) for t in tokens]), 0)
+            tensors[f"{role}.tokens"] = torch.cat(tokens) if tokens else torch.zeros(0)
+        return cls(tensors, roles)
+
+    def missing(self, uids) -> list[int]:
+        return [u for u in uids if u not in self.row]
+
+    def scores(self, batch: Batch) -> SequenceScores:
+        """The reference SequenceScores of ``batch``'s sequences, as the live path would give them."""
+        n, device = batch.num_sequences, batch.token_target.device
+        logps = torch.zeros(n)
+        pieces: list[torch.Tensor | None] = [None] * n
+        rows = []
+        for uid in batch.example_ids.tolist():
+            if uid not in self.row:
+                raise PrefoptError(f"example {uid:x} is not in the precomputed reference cache; it was not part "
+                                   f"of the data the cache was computed for")
+            rows.append(self.row[uid])
+        lengths = batch.sequence_lengths.cpu()
+        for role, sequences in batch.index.items():
+            t = self.tensors
+            for i, s in enumerate(sequences.tolist()):
+                r = rows[i]
+                if int(t[f"{role}.lengths"][r]) != int(lengths[s]):
+                    raise PrefoptError(f"the precomputed reference cache holds {int(t[f'{role}.lengths'][r])} "
+                                       f"tokens for a {role} sequence of {int(lengths[s])}: a stale cache")
+                logps[s] = t[f"{role}.logps"][r]
+                pieces[s] = t[f"{role}.tokens"][t[f"{role}.offsets"][r]:t[f"{role}.offsets"][r + 1]]
+        zeros = torch.zeros(n, device=device)
+        return SequenceScores(logps.to(device), batch.sequence_lengths, zeros, zeros,
+                              token_logps=torch.cat(pieces).to(device))
+
+    # ------------------------------------------------------------------ disk
+    def write(self, folder: Path, manifest: dict) -> None:
+        tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(self.tensors, str(tmp / DATA_FILE))
+        manifest = {**manifest, "sha256": _file_digest(tmp / DATA_FILE), "examples": len(self.row)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        for path in (tmp / DATA_FILE, tmp / MANIFEST):
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+
+    @classmethod
+    def read(cls, folder: Path, manifest: dict) -> tuple["ReferenceCache | None", str]:
+        """The cache in ``folder`` when it is complete and matches ``manifest``, else (None, why)."""
+        path, meta = folder / DATA_FILE, folder / MANIFEST
+        if not path.is_file() or not meta.is_file():
+            return None, "no cache yet"
+        try:
+            stored = json.loads(meta.read_text())
+        except json.JSONDecodeError:
+            return None, "its manifest is unreadable"
+        if {k: stored.get(k) for k in manifest} != manifest:
+            return None, "its key does not match"
+        if stored.get("sha256") != _file_digest(path):
+            return None, "its checksum does not match (a partial or corrupt file)"
+        return cls(load_file(str(path)), manifest["roles"]), ""
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_fingerprint(model) -> str:
+    """A hash of the reference's weights (LoRA adapters excluded: the reference is the base)."""
+    h = hashlib.blake2b(digest_size=16)
+    raw = unwrap_model(model)
+    for name, tensor in sorted(raw.state_dict().items()):
+        if "lora_" in name:
+            continue
+        if tensor.numel() == 0:  # sharded (ZeRO-3): the local view holds no values
+            return "sharded:" + str(getattr(raw.config, "_name_or_path", "?"))
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class PrecomputedReference:
+    name = "precomputed"
+
+    def __init__(self, source, cache_dir: str | None):
+        self.source = source
+        self.cache_dir = cache_dir
+        self.description = f"precomputed from {source.description}"
+        self.cache: ReferenceCache | None = None
+        self.folder: Path | None = None
+
+    def prepare(self, ctx) -> None:
+        if ctx.token_level:
+            raise ConfigError("reference.strategy=precomputed cannot serve token-level losses (TDPO): they need the "
+                              "reference's full distribution over the vocabulary at every token, which a cache "
+                              "cannot hold; use reference.strategy=model (or lora)")
+        self.source.prepare(ctx)
+        examples = {ex.uid: ex for data in ctx.datasets.values() for ex in data}
+        roles = list(ctx.collator.roles)
+        scoring = self.source.scoring
+        manifest = {
+            "version": CACHE_VERSION, "reference": weights_fingerprint(self.source.model), "roles": roles,
+            "examples_hash": hashlib.blake2b(json.dumps(sorted(examples)).encode(), digest_size=16).hexdigest(),
+            "layout": ctx.collator.layout, "lm_head": scoring.head, "attention": scoring.attn,
+            "dtype": str(scoring.dtype), "mixed_precision": str(ctx.accelerator.mixed_precision),
+            **ctx.fingerprint}
+        key = hashlib.blake2b(json.dumps(manifest, sort_keys=True).encode(), digest_size=10).hexdigest()
+        self.folder = Path(self.cache_dir) if self.cache_dir else Path(ctx.output_dir) / "reference_cache"
+        self.folder = self.folder / key
+        cache, why = ReferenceCache.read(self.folder, manifest)
+        if cache is not None and cache.missing(examples):
+            cache, why = None, f"it lacks {len(cache.missing(examples))} example(s)"
+        if cache is None:
+            if ctx.accelerator.is_main_process and why != "no cache yet":
+                log.warning("reference cache %s is not used (%s); recomputing", self.folder, why)
+            cache = self._compute(ctx, list(examples.values()), roles)
+            if ctx.accelerator.is_main_process:
+                cache.write(self.folder, manifest)
+            ctx.accelerator.wait_for_everyone()
+        elif ctx.accelerator.is_main_process:
+            log.info("reference log-probs: %d examples from the cache %s", len(examples), self.folder)
+        self.cache = cache
+        self.source.release()  # the reference model is no longer needed
+        gc.collect()
+
+    def _compute(self, ctx, examples: list, roles: list[str]) -> ReferenceCache:
+        """Score every example once (this process's share), gather every process's records."""
+        from accelerate.utils import gather_object
+
+        acc = ctx.accelerator
+        mine = sorted(examples, key=lambda e: -len(e.prompt_ids) - sum(map(len, e.completions.values())))
+        mine = mine[acc.process_index::acc.num_processes]
+        records = []
+        chunks = range(0, len(mine), ctx.batch_size)
+        bar = acc.is_main_process and sys.stderr.isatty()  # log files get the summary line only
+        for start in tqdm(chunks, desc="reference log-probs", disable=not bar, dynamic_ncols=True):
+            part = mine[start:start + ctx.batch_size]
+            batch = ctx.collator(part).to(acc.device)
+            scores = self.source.scores(batch)
+            seq = batch.token_sequence
+            counts = torch.bincount(seq, minlength=batch.num_sequences)
+            offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
+            tokens = scores.token_logps.float().cpu()
+            logps = scores.logps.float().cpu().tolist()
+            for i, ex in enumerate(part):
+                by_role = {}
+                for role in roles:
+                    s = int(batch.index[role][i])
+                    by_role[role] = (logps[s], tokens[offsets[s]:offsets[s + 1]].tolist())
+                records.append((ex.uid, by_role))
+        if acc.num_processes > 1:
+            records = gather_object(records)
+        if acc.is_main_process:
+            log.info("reference log-probs: computed for %d examples (%s)", len(examples), self.source.description)
+        return ReferenceCache.from_records(records, roles)
+
+    def scores(self, batch: Batch, keep_token_logprobs: bool = False) -> SequenceScores:
+        return self.cache.scores(batch)
