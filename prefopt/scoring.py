@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prefopt.attention import attn_implementation, supported_layouts
+from prefopt.attention import SPLIT_SDPA, attn_implementation, register_split_sdpa, supported_layouts
 from prefopt.data.collate import make_collator
 from prefopt.errors import ConfigError
 from prefopt.logps import Scoring, output_head, score_batch, unwrap_model
@@ -80,7 +80,7 @@ def plan_scoring(model, *, layout: str, head: str, chunk_size: int | None, probe
             alt = [n for n in LAYOUT_ORDER if static_layout_problem(raw, n, max_length) is None]
             raise ConfigError(f"data.layout={name}: {problem}; use data.layout={alt[0]} (or auto)")
     base = Scoring.for_model(model, "full")
-    dtype = base.dtype
+    impl, dtype = base.attn, base.dtype
     tol = TOLERANCE.get(dtype, LOW_PRECISION_TOLERANCE)
     if autocast is not None and getattr(autocast(), "fast_dtype", None) in (torch.bfloat16, torch.float16):
         tol = LOW_PRECISION_TOLERANCE
@@ -88,8 +88,8 @@ def plan_scoring(model, *, layout: str, head: str, chunk_size: int | None, probe
     model.eval()
     try:
         expected = _score(model, probe, "padded", base, pad_id, roles, device, autocast)
-        chosen_layout = _first_exact(candidates, expected, tol, notes, lambda name: _score(
-            model, probe, name, base, pad_id, roles, device, autocast), "layout", explicit=layout != "auto")
+        chosen_layout, attn = _choose_layout(model, candidates, expected, tol, notes, probe, base, pad_id, roles,
+                                             device, autocast, explicit=layout != "auto")
         head_candidates = []
         for name in heads:
             if name == "fused" and output_head(model) is None:
@@ -99,21 +99,54 @@ def plan_scoring(model, *, layout: str, head: str, chunk_size: int | None, probe
                 continue
             head_candidates.append(name)
         chosen_head = _first_exact(head_candidates, expected, tol, notes, lambda name: _score(
-            model, probe, chosen_layout, Scoring(base.attn, name, chunk_size, dtype), pad_id, roles, device,
+            model, probe, chosen_layout, Scoring(attn, name, chunk_size, dtype), pad_id, roles, device,
             autocast), "head", explicit=head != "auto")
     finally:
         model.train(was_training)
     for note in notes:
         log.info("%s: %s", what, note)
-    return Plan(chosen_layout, Scoring(base.attn, chosen_head, chunk_size, dtype), notes)
+    return Plan(chosen_layout, Scoring(attn, chosen_head, chunk_size, dtype), notes)
+
+
+def _choose_layout(model, candidates, expected, tol, notes, probe, base: Scoring, pad_id, roles, device,
+                   autocast, explicit: bool) -> tuple[str, str]:
+    """The first layout (and attention implementation) that reproduces the plain path. For an
+    SDPA model, packed and shared rows first try prefopt's split SDPA, which switches the
+    model's attention implementation (plain SDPA whenever no units are passed)."""
+    raw = unwrap_model(model)
+    for name in candidates:
+        if name == "padded":
+            return name, base.attn
+        options = [SPLIT_SDPA, base.attn] if base.attn == "sdpa" else [base.attn]
+        for option in options:
+            _set_attention(raw, option)
+            try:
+                _first_exact([name], expected, tol, notes, lambda n: _score(
+                    model, probe, n, Scoring(option, "full", None, base.dtype), pad_id, roles, device, autocast),
+                    "layout", explicit=explicit and option == options[-1], fallback=False,
+                    detail=f" with attention '{option}'")
+                return name, option
+            except _NotExact:
+                _set_attention(raw, base.attn)
+    return "padded", base.attn
+
+
+def _set_attention(raw, impl: str) -> None:
+    if impl == SPLIT_SDPA:
+        register_split_sdpa()
+    raw.config._attn_implementation = impl
 
 
 def _refuse(message: str) -> None:
     raise ConfigError(f"model.lm_head={message}")
 
 
+class _NotExact(Exception):
+    pass
+
+
 def _first_exact(candidates: list[str], expected: torch.Tensor, tol: float, notes: list[str], run,
-                 what: str, explicit: bool) -> str:
+                 what: str, explicit: bool, fallback: bool = True, detail: str = "") -> str:
     for name in candidates:
         if name in ("padded", "full"):
             return name
@@ -129,8 +162,10 @@ def _first_exact(candidates: list[str], expected: torch.Tensor, tol: float, note
                        f"(tolerance {tol:g}) on a probe batch")
         if explicit:
             key = "data.layout" if what == "layout" else "model.lm_head"
-            raise ConfigError(f"{key}={name} does not reproduce this model's log-probs: {problem}")
-        notes.append(f"{what} {name} not used: {problem}")
+            raise ConfigError(f"{key}={name} does not reproduce this model's log-probs{detail}: {problem}")
+        notes.append(f"{what} {name}{detail} not used: {problem}")
+    if not fallback:
+        raise _NotExact()
     raise AssertionError("the plain path is always a candidate")
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from prefopt.attention import mask_mod
+from prefopt.attention import SPLIT_SDPA, mask_mod, register_split_sdpa
 from prefopt.data.collate import make_collator
 from prefopt.data.roles import expand_roles
 from prefopt.data.schema import Origin
@@ -72,6 +72,8 @@ def models(tokenizer):
 
 
 def with_attention(model, impl: str):
+    if impl == SPLIT_SDPA:
+        register_split_sdpa()
     model.config._attn_implementation = impl
     return model
 
@@ -80,9 +82,11 @@ LAYOUTS = [("packed", None), ("shared", None), ("packed", 64), ("shared", 64)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", SPLIT_SDPA])
 @pytest.mark.parametrize("layout, row_budget", LAYOUTS)
 def test_layouts_give_the_same_log_probs(models, arch, impl, layout, row_budget):
+    """(prefopt_sdpa gets a placeholder mask that lets every token see every other: only the
+    piece-by-piece kernel, reached through the layers' keyword arguments, gives these numbers.)"""
     model = with_attention(models[arch], impl)
     examples = random_pairs(6)
     plain = make_collator("padded", 0, PAIR_ROLES)(examples)
@@ -170,11 +174,12 @@ def objective_and_examples(name: str, options: dict, ref_model):
     return objective, expand_roles(examples, objective.roles)
 
 
+@pytest.mark.parametrize("impl", ["sdpa", SPLIT_SDPA])
 @pytest.mark.parametrize("name, options", loss_cases(), ids=lambda v: str(v) if isinstance(v, str) else
                          "-".join(f"{k}={x}" for k, x in v.items()) or "default")
-def test_every_loss_agrees_across_layouts(models, tiny_model_dir, name, options):
+def test_every_loss_agrees_across_layouts(models, tiny_model_dir, name, options, impl):
     ref = with_attention(models["llama"], "sdpa")
-    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # other weights than the reference
+    policy = with_attention(AutoModelForCausalLM.from_pretrained(tiny_model_dir), impl)  # other weights than ref
     policy.train()
     objective, examples = objective_and_examples(name, options, ref)
     results = {}

@@ -41,6 +41,10 @@ class Attention:
     segment: Tensor | None = None      # (R, T) sequence (or shared unit) within the row; -1 padding
     branch: Tensor | None = None       # (R, T) 0 = shared prompt, b > 0 = completion b of its unit
     position_ids: Tensor | None = None  # (R, T) positions as the model must see them
+    # The same structure, compact, for kernels that attend piece by piece (prefopt.attention):
+    # per row, (start, prompt length, branch lengths) of each unit; a packed sequence is a
+    # "prompt" of its full length with no branches.
+    units: list[list[tuple[int, int, tuple[int, ...]]]] | None = None
 
     @property
     def kind(self) -> str:

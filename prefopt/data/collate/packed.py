@@ -81,8 +81,10 @@ class PackedCollator:
         segment = torch.full(shape, -1, dtype=torch.long)
         branch = torch.zeros(shape, dtype=torch.long)
         positions = torch.zeros(shape, dtype=torch.long)
+        pieces: list[list[tuple[int, int, tuple[int, ...]]]] = []
         for r, row_units in enumerate(rows):
             offset = 0
+            pieces.append([])
             for slot, u in enumerate(row_units):
                 prompt = seqs.sequences[units[u][0]].prompt
                 end = offset + len(prompt)
@@ -98,8 +100,10 @@ class PackedCollator:
                     end = stop
                 padding[r, offset:end] = 1
                 segment[r, offset:end] = slot
+                branches = tuple(len(seqs.sequences[n].completion) for n in units[u])
+                pieces[r].append((offset, len(prompt), branches) if self.share_prompt else (offset, end - offset, ()))
                 offset = end
             # padding continues as its own positions: varlen kernels read it as one more sequence
             positions[r, offset:] = torch.arange(width - offset)
-        attention = Attention(padding, segment, branch if self.share_prompt else None, positions)
+        attention = Attention(padding, segment, branch if self.share_prompt else None, positions, pieces)
         return seqs.batch(examples, input_ids, attention, self.extras)
