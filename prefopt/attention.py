@@ -130,20 +130,22 @@ def split_sdpa_attention(module, query, key, value, attention_mask, dropout: flo
     attend = functools.partial(F.scaled_dot_product_attention, scale=scaling,
                                dropout_p=dropout if module.training else 0.0)
     rows = []
-    for r, units in enumerate(prefopt_units):
-        q, k, v = query[r:r + 1], key[r:r + 1], value[r:r + 1]
-        pieces, end = [], 0
-        for start, prompt, branches in units:
-            end = start + prompt
-            shared_k, shared_v = k[:, :, start:end], v[:, :, start:end]
-            pieces.append(attend(q[:, :, start:end], shared_k, shared_v, is_causal=True))
-            for length in branches:
-                own = slice(end, end + length)
-                pieces.append(attend(q[:, :, own], torch.cat([shared_k, k[:, :, own]], dim=2),
-                                     torch.cat([shared_v, v[:, :, own]], dim=2),
-                                     attn_mask=_branch_mask(length, prompt, str(q.device))))
-                end += length
-        if end < width:  # padding: never scored
-            pieces.append(q.new_zeros(1, heads, width - end, q.shape[-1]))
+    # splits, not slices: the backward of a split is one concatenation, that of each slice a
+    # zero-filled tensor of the whole input
+    by_row = zip(query.split(1), key.split(1), value.split(1))
+    for units, (q, k, v) in zip(prefopt_units, by_row):
+        sizes = [n for _, prompt, branches in units for n in (prompt, *branches)]
+        tail = width - sum(sizes)
+        qs, ks, vs = (torch.split(t, sizes + [tail] * (tail > 0), dim=2) for t in (q, k, v))
+        pieces, i = [], 0
+        for _, prompt, branches in units:
+            shared_k, shared_v = ks[i], vs[i]
+            pieces.append(attend(qs[i], shared_k, shared_v, is_causal=True))
+            for j, length in enumerate(branches, start=i + 1):
+                pieces.append(attend(qs[j], torch.cat([shared_k, ks[j]], dim=2), torch.cat([shared_v, vs[j]], dim=2),
+                                     attn_mask=_branch_mask(length, prompt, str(query.device))))
+            i += 1 + len(branches)
+        if tail:  # padding: never scored
+            pieces.append(torch.zeros_like(qs[-1]))
         rows.append(torch.cat(pieces, dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None

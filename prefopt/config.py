@@ -110,6 +110,15 @@ class DataConfig:
     max_tokens_per_row: int | None = option(
         None, "Row budget of the packed and shared layouts; None: the longest unit of the micro-batch "
               "(rows never grow longer than that unit alone, shorter units fill the room padding took).")
+    max_tokens_per_batch: int | None = option(
+        None, "Form training micro-batches by tokens instead of train.per_device_train_batch_size: whole "
+              "examples are added while their tokens (the prompt once plus each completion scored) stay "
+              "within this budget. Losses are normalised over the whole optimizer step, so uneven "
+              "micro-batches weigh nothing differently.")
+    group_by_length: bool = option(
+        False, "Sort each window of ~50 micro-batches of the shuffled order by length, so a micro-batch "
+               "holds examples of similar lengths: less padding, fuller packed rows (the logged "
+               "batch_fill); the windows stay in random order.")
     pad_to_multiple_of: int | None = option(None, "Pad batch length up to a multiple of this.")
 
 
@@ -132,8 +141,10 @@ class TrainConfig:
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")
     num_train_epochs: float = option(1, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = option(-1, "Total optimizer steps; > 0 overrides num_train_epochs.")
-    mixed_precision: str = option("no", "Autocast precision for forward passes (accelerate).",
-                                  choices=("no", "bf16", "fp16"))
+    mixed_precision: str = option(
+        "auto", "Autocast precision for forward passes (accelerate). 'auto': bf16 on a CUDA GPU that "
+                "supports it, else full float32: on CPU, bf16 autocast was slower than float32 in every "
+                "measurement (README, 'Precision').", choices=("auto", "no", "bf16", "fp16"))
     seed: int = option(42, "Seed for initialisation, shuffling and dropout.")
     logging_steps: int = option(10, "Log training metrics every N optimizer steps.")
     eval_steps: int = option(0, "Evaluate every N steps; 0: only at the end (when eval data exists).")

@@ -131,6 +131,27 @@ def _choose_layout(model, candidates, expected, tol, notes, probe, base: Scoring
     return "padded", base.attn
 
 
+def architecture_key(model) -> str:
+    """What a plan depends on: the model class, its configuration (not its weights or name), its
+    dtype and its attention implementation (prefopt's split SDPA counts as SDPA)."""
+    import json
+
+    raw = unwrap_model(model)
+    if not hasattr(getattr(raw, "config", None), "to_dict"):
+        return f"unknown:{id(raw)}"  # nothing to compare: no reuse
+    config = {k: v for k, v in raw.config.to_dict().items() if k not in ("_name_or_path", "name_or_path")}
+    impl = attn_implementation(raw)
+    dtype = next((str(p.dtype) for p in raw.parameters() if p.is_floating_point()), "")
+    return json.dumps([type(raw).__name__, "sdpa" if impl == SPLIT_SDPA else impl, dtype, config],
+                      sort_keys=True, default=str)
+
+
+def reuse_plan(model, plan: Plan) -> Plan:
+    """``plan`` (made for a model of the same architecture) applied to ``model``."""
+    _set_attention(unwrap_model(model), plan.scoring.attn)
+    return Plan(plan.layout, plan.scoring, [])
+
+
 def _set_attention(raw, impl: str) -> None:
     if impl == SPLIT_SDPA:
         register_split_sdpa()

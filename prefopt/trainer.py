@@ -38,7 +38,7 @@ from prefopt.objective import Objective
 from prefopt.logps import Scoring
 from prefopt.lora import trainable_only
 from prefopt.reference import ReferenceContext, build_reference
-from prefopt.scoring import Plan, plan_scoring
+from prefopt.scoring import Plan, architecture_key, plan_scoring, reuse_plan
 from prefopt.train import batches, loop
 from prefopt.train.checkpoint import save_final
 
@@ -81,6 +81,7 @@ class Trainer:
         self._extra_losses = extra_losses
         self.job: loop.Job | None = None
         self.state = None
+        self._plans: dict = {}  # scoring plans by model architecture (prefopt.scoring)
 
     @classmethod
     def from_config(cls, config: RunConfig) -> "Trainer":
@@ -155,7 +156,7 @@ class Trainer:
         # fp32, then DPO in bf16) needs its own precision. The process group (PartialState) stays.
         AcceleratorState._reset_state(reset_partial_state=False)
         # The schedule counts optimizer steps: accelerate must not step it once per process.
-        accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, cpu=distributed_cpu,
+        accelerator = Accelerator(mixed_precision=resolve_precision(tcfg.mixed_precision), cpu=distributed_cpu,
                                   step_scheduler_with_optimizer=False)
         set_seed(tcfg.seed)
         output_dir = Path(cfg.output_dir)
@@ -169,7 +170,8 @@ class Trainer:
 
         train_set, eval_set = self._datasets(accelerator, tokenizer, objective, output_dir)
         train_loader = (batches.train_loader(train_set.examples, self._collator, tcfg.per_device_train_batch_size,
-                                             tcfg.seed, 1, accelerator)
+                                             tcfg.seed, accelerator, max_tokens=cfg.data.max_tokens_per_batch,
+                                             group_by_length=cfg.data.group_by_length)
                         if train_set is not None else None)
         eval_loader = self._eval_loader(eval_set, accelerator) if eval_set is not None else None
         # Counted on the prepared (per-process) loader: with N processes an epoch is N times shorter.
@@ -219,24 +221,32 @@ class Trainer:
         return train_set, eval_set
 
     def _plan_scoring(self, model, accelerator, objective: Objective, layout: str, what: str = "policy"):
-        """Settle the layout and LM-head mode ``model`` runs exactly (prefopt.scoring)."""
+        """Settle the layout and LM-head mode ``model`` runs exactly (prefopt.scoring), checked on the
+        two shortest examples; a reference of the policy's architecture reuses the policy's plan."""
         data = self._train_set or self._eval_set
-        probe = data.examples[:2] if data is not None else []
-        if not probe:
+        if data is None:
             return Plan("padded", Scoring.for_model(model), [])
+        key = architecture_key(model)
+        known = self._plans.get(key)
+        if known is not None and layout in ("auto", known.layout):
+            return reuse_plan(model, known)
+        probe = sorted(data.examples, key=batches.example_tokens)[:2]
         cfg = self.config
         plan = plan_scoring(model, layout=layout, head=cfg.model.lm_head, chunk_size=cfg.model.lm_head_chunk_size,
                             probe=probe, pad_id=self._collator.pad_id, roles=objective.roles,
                             max_length=cfg.data.max_length, device=accelerator.device,
                             autocast=accelerator.autocast, what=what)
+        self._plans[key] = plan
         if what == "policy" and accelerator.is_main_process:
-            log.info("layout: %s | LM head: %s | attention: %s", plan.layout, plan.scoring.head, plan.scoring.attn)
+            precision = {"no": "float32"}.get(accelerator.mixed_precision, f"{accelerator.mixed_precision} autocast")
+            log.info("layout: %s | LM head: %s | attention: %s | precision: %s", plan.layout, plan.scoring.head,
+                     plan.scoring.attn, precision)
         return plan
 
     def _eval_loader(self, data: Dataset, accelerator=None):
         accelerator = accelerator or self.job.accelerator
         return batches.eval_loader(data.examples, self._collator, self.config.train.per_device_eval_batch_size,
-                                   1, accelerator)
+                                   accelerator)
 
     def _build_tokenizer(self):
         from prefopt.models import load_tokenizer, prepare_tokenizer
@@ -315,6 +325,14 @@ class Trainer:
                 log.warning("data %s: %d record(s) skipped, written to %s", report.name,
                             len(report.rejects), rejects)
         (output_dir / "data_report.json").write_text(json.dumps([r.as_dict() for r in reports], indent=2))
+
+
+def resolve_precision(mixed_precision: str) -> str:
+    """'auto': bf16 autocast on a CUDA GPU with bf16 support; float32 elsewhere (on CPU, bf16 was
+    slower than float32 in every measurement, with or without bf16 instructions)."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 class DPOTrainer(Trainer):

@@ -52,7 +52,7 @@ def test_loss_forms_name_mapping_list():
     ("loss=dpoo", "unknown loss 'dpoo' (did you mean 'dpo'?)"),
     ("loss.bta=1", "unknown parameter of 'dpo' 'bta' (did you mean 'beta'?)"),
     ("train.max_steps=ten", "train.max_steps: expected int, got 'ten'"),
-    ("train.mixed_precision=bf61", "'bf61' is not one of ['no', 'bf16', 'fp16'] (did you mean 'bf16'?)"),
+    ("train.mixed_precision=bf61", "'bf61' is not one of ['auto', 'no', 'bf16', 'fp16'] (did you mean 'bf16'?)"),
     ("data.on_error=ignore", "is not one of ['raise', 'skip']"),
     ("loss.label_smoothing=0.7", "label_smoothing=0.7 must be < 0.5"),
 ])

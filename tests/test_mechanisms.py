@@ -175,15 +175,23 @@ def test_slic_uses_ref_completion_rows_only_where_present(tiny_model_dir, tmp_pa
     assert len(with_ref) == 2 and len(reused) == 2 and batch.num_sequences == 10
 
 
-def test_tail_merging_batch_sampler_keeps_every_example():
-    from prefopt.train.batches import EpochSampler, TailMergingBatchSampler
+def test_micro_batches_by_count_by_token_budget_and_grouped_by_length():
+    from prefopt.train.batches import EpochSampler, MicroBatchSampler
 
-    for n, size, minimum, expected in [(9, 4, 2, [4, 5]), (9, 4, 1, [4, 4, 1]), (8, 4, 2, [4, 4]),
-                                       (1, 4, 2, [1]), (5, 2, 2, [2, 3])]:
-        sampler = TailMergingBatchSampler(EpochSampler(n, seed=0), size, minimum)
-        batches = list(sampler)
-        assert [len(b) for b in batches] == expected and len(sampler) == len(expected)
-        assert sorted(i for b in batches for i in b) == list(range(n))
+    lengths = [5, 30, 12, 7, 40, 3, 22, 9, 15]
+    by_count = list(MicroBatchSampler(EpochSampler(9, seed=0), 4))
+    assert [len(b) for b in by_count] == [4, 4, 1] and sorted(sum(by_count, [])) == list(range(9))
+    budget = MicroBatchSampler(EpochSampler(9, seed=0), 4, lengths, max_tokens=45)
+    batches = list(budget)
+    assert sum(batches, []) == sum(by_count, [])  # same order, other cuts
+    assert all(sum(lengths[i] for i in b) <= 45 or len(b) == 1 for b in batches) and len(budget) == len(batches)
+    grouped = EpochSampler(9, seed=0, lengths=lengths, window=4)
+    order = list(grouped)
+    assert sorted(order) == list(range(9))
+    for s in range(0, 9, 4):  # each window longest first, windows from the same permutation
+        window = order[s:s + 4]
+        assert [lengths[i] for i in window] == sorted((lengths[i] for i in window), reverse=True)
+        assert set(window) == set(list(EpochSampler(9, seed=0))[s:s + 4])
 
 
 def test_kto_with_a_one_example_tail_trains_through_the_epoch(tiny_model_dir, tmp_path):

@@ -34,8 +34,9 @@ def resolve_data(path: str) -> Path:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_config_trains_tiny_model(path, tiny_model_dir, tmp_path):
     shipped = load_config(path)
+    cache = [f"reference.cache_dir={tmp_path / 'cache'}"] if shipped.reference.cache_dir else []
     config = load_config(path, [f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path}",
-                                f"data.train={resolve_data(shipped.data.train)}", *SMALL])
+                                f"data.train={resolve_data(shipped.data.train)}", *SMALL, *cache])
     Trainer.from_config(config).train()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
@@ -52,4 +53,5 @@ def test_config_trains_tiny_model(path, tiny_model_dir, tmp_path):
     if len(config.loss) > 1:
         assert {f"loss/{t.name}" for t in config.loss} <= first.keys()
         assert first["loss"] == pytest.approx(sum(t.weight * first[f"loss/{t.name}"] for t in config.loss), rel=1e-5)
-    assert (tmp_path / "final" / "model.safetensors").is_file()
+    saved = "adapter_model.safetensors" if config.model.lora and not config.save.merge_lora else "model.safetensors"
+    assert (tmp_path / "final" / saved).is_file()

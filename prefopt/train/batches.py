@@ -1,10 +1,12 @@
 """Batch orders for training and evaluation.
 
-Training: a seeded permutation per epoch (``EpochSampler``), cut into micro-batches; under
-several processes accelerate shards those batches and fills a short last round by
-repeating the first examples (its ``even_batches``), so every process takes full batches.
-In one process a last batch smaller than the objective needs (KTO's mismatched pairs need
-two examples) joins the batch before it instead of being dropped.
+Training: a seeded permutation per epoch (``EpochSampler``), cut into micro-batches of a
+number of examples or of a token budget (``MicroBatchSampler``). With ``group_by_length`` the
+permutation is cut into windows of about 50 micro-batches, each sorted longest first, so a
+micro-batch holds examples of similar lengths (less padding, fuller packed rows) while the
+windows keep the order random. Under several processes accelerate shards the micro-batches
+and fills a short last round by repeating the first examples (its ``even_batches``), so every
+process takes full batches.
 
 Evaluation must count every example exactly once, on any number of processes, while every
 process still runs the same number of forward passes (a sharded model's forward is a
@@ -18,13 +20,18 @@ import math
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
+GROUP_WINDOW = 50  # micro-batches per length-sorted window
+
 
 class EpochSampler(Sampler):
     """A seeded permutation per epoch: the order of epoch e is a function of (seed, e) only,
-    so a resumed run sees exactly the batches the uninterrupted run would have seen."""
+    so a resumed run sees exactly the batches the uninterrupted run would have seen.
+    ``lengths`` and ``window``: sort each consecutive window of the permutation longest first."""
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True):
+    def __init__(self, size: int, seed: int, shuffle: bool = True, lengths: list[int] | None = None,
+                 window: int = 0):
         self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+        self.lengths, self.window = lengths, window
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -33,30 +40,42 @@ class EpochSampler(Sampler):
         if not self.shuffle:
             return iter(range(self.size))
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=gen).tolist())
+        order = torch.randperm(self.size, generator=gen).tolist()
+        if self.lengths is not None and self.window:
+            order = [i for s in range(0, len(order), self.window)
+                     for i in sorted(order[s:s + self.window], key=lambda i: -self.lengths[i])]
+        return iter(order)
 
     def __len__(self) -> int:
         return self.size
 
 
-class TailMergingBatchSampler(BatchSampler):
-    """Batches of ``batch_size``; a last batch smaller than ``min_size`` joins the one before it."""
+class MicroBatchSampler(BatchSampler):
+    """Micro-batches of ``batch_size`` examples, or, with ``max_tokens``, of whole examples whose
+    tokens stay within that budget (an example larger than the budget is a micro-batch alone)."""
 
-    def __init__(self, sampler: Sampler, batch_size: int, min_size: int = 1):
+    def __init__(self, sampler: EpochSampler, batch_size: int, lengths: list[int] | None = None,
+                 max_tokens: int | None = None):
         super().__init__(sampler, batch_size, drop_last=False)
-        self.min_size = min_size
+        self.lengths, self.max_tokens = lengths, max_tokens
 
     def __iter__(self):
-        batches = list(super().__iter__())
-        if len(batches) > 1 and len(batches[-1]) < self.min_size:
-            tail = batches.pop()
-            batches[-1] = batches[-1] + tail
-        return iter(batches)
+        batch, tokens = [], 0
+        for i in self.sampler:
+            cost = self.lengths[i] if self.max_tokens else 1
+            budget = self.max_tokens or self.batch_size
+            if batch and tokens + cost > budget:
+                yield batch
+                batch, tokens = [], 0
+            batch.append(i)
+            tokens += cost
+        if batch:
+            yield batch
 
     def __len__(self) -> int:
-        n = super().__len__()
-        tail = len(self.sampler) % self.batch_size
-        return n - 1 if n > 1 and 0 < tail < self.min_size else n
+        if not self.max_tokens:
+            return math.ceil(len(self.sampler) / self.batch_size)
+        return sum(1 for _ in iter(self))  # this epoch's count (token budgets vary with the order)
 
 
 class EvalBatchSampler(Sampler):
@@ -67,9 +86,8 @@ class EvalBatchSampler(Sampler):
     the first batch with indices shifted by ``size`` (marked as padding).
     """
 
-    def __init__(self, size: int, batch_size: int, num_processes: int = 1, process_index: int = 0,
-                 min_size: int = 1):
-        batches = list(TailMergingBatchSampler(range(size), batch_size, min_size))
+    def __init__(self, size: int, batch_size: int, num_processes: int = 1, process_index: int = 0):
+        batches = [list(range(s, min(s + batch_size, size))) for s in range(0, size, batch_size)]
         rounds = math.ceil(len(batches) / num_processes)
         mine = batches[process_index::num_processes]
         self.batches = mine + [[size + i for i in batches[0]]] * (rounds - len(mine))
@@ -95,19 +113,26 @@ class _Flagged(torch.utils.data.Dataset):
         return self.examples[i % n], i >= n
 
 
-def train_loader(examples: list, collator, batch_size: int, seed: int, min_size: int, accelerator) -> DataLoader:
-    # Several processes: accelerate fills short batches itself, so no merging (it would
-    # break its equal-batch sharding).
-    merge = min_size if accelerator.num_processes == 1 else 1
-    batches = TailMergingBatchSampler(EpochSampler(len(examples), seed), batch_size, merge)
+def example_tokens(example) -> int:
+    """Tokens an example puts in a batch: its prompt once and each distinct completion."""
+    return len(example.prompt_ids) + sum(len(c) for c in {tuple(c) for c in example.completions.values()})
+
+
+def train_loader(examples: list, collator, batch_size: int, seed: int, accelerator, *,
+                 max_tokens: int | None = None, group_by_length: bool = False) -> DataLoader:
+    lengths = [example_tokens(e) for e in examples] if max_tokens or group_by_length else None
+    window = GROUP_WINDOW * batch_size if group_by_length else 0
+    if group_by_length and max_tokens:
+        window = max(batch_size, GROUP_WINDOW * max_tokens // max(1, sum(lengths) // len(lengths)))
+    sampler = EpochSampler(len(examples), seed, lengths=lengths, window=window)
+    batches = MicroBatchSampler(sampler, batch_size, lengths, max_tokens)
     return accelerator.prepare_data_loader(DataLoader(examples, batch_sampler=batches, collate_fn=collator))
 
 
-def eval_loader(examples: list, collator, batch_size: int, min_size: int, accelerator) -> DataLoader:
+def eval_loader(examples: list, collator, batch_size: int, accelerator) -> DataLoader:
     """Not passed through accelerate (its even_batches would count repeats); batches are moved
     to the device by the evaluation loop."""
-    sampler = EvalBatchSampler(len(examples), batch_size, accelerator.num_processes, accelerator.process_index,
-                               min_size)
+    sampler = EvalBatchSampler(len(examples), batch_size, accelerator.num_processes, accelerator.process_index)
 
     def collate(items):
         batch = collator([example for example, _ in items])

@@ -151,6 +151,7 @@ def optimizer_step(job: Job, window: list, metrics: MetricAccumulator) -> int:
             # DDP averages gradients over processes; the units are already global totals.
             acc.backward(out.loss * acc.num_processes)
         metrics.add_all(objective.metrics(out, batch))
+        metrics.add("batch_fill", batch.num_tokens, batch.input_ids.numel())  # real tokens / row slots
         tokens += batch.num_tokens
     max_norm = job.config.train.max_grad_norm
     grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm if max_norm else math.inf)
