@@ -193,8 +193,11 @@ def _first_exact(candidates: list[str], expected: torch.Tensor, tol: float, note
 @torch.no_grad()
 def _score(model, probe: list, layout: str, scoring: Scoring, pad_id: int, roles: tuple[str, ...],
            device, autocast) -> torch.Tensor:
-    """Per-token mean log-prob of every probe sequence, in a fixed (role, example) order."""
-    batch = make_collator(layout, pad_id, roles)(probe).to(device)
+    """Per-token mean log-prob of every probe sequence, in a fixed (role, example) order. Packed and
+    shared probes put every unit in one row, so restarting positions and the isolation between
+    units are checked too."""
+    options = {} if layout == "padded" else {"max_tokens_per_row": 1 << 30}
+    batch = make_collator(layout, pad_id, roles, **options)(probe).to(device)
     with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
         scores = score_batch(model, batch, scoring)
     order = torch.cat([batch.index[r] for r in roles])

@@ -290,7 +290,7 @@ class Trainer:
         if lora is not None and not is_peft_model(model):
             model = apply_lora(model, lora, quantized=mcfg.load_in_4bit, gradient_checkpointing=mcfg.gradient_checkpointing)
         if mcfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         return model
 
     def _optimizer(self, model) -> torch.optim.Optimizer:
@@ -325,6 +325,14 @@ class Trainer:
                 log.warning("data %s: %d record(s) skipped, written to %s", report.name,
                             len(report.rejects), rejects)
         (output_dir / "data_report.json").write_text(json.dumps([r.as_dict() for r in reports], indent=2))
+
+
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing, non-reentrant (transformers 5 renamed the method)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def resolve_precision(mixed_precision: str) -> str:
