@@ -19,9 +19,10 @@ piece instead of through one dense (T, T) mask: each prompt causally over itself
 completion over its prompt and causally over itself. A dense mask makes a kernel compute
 every (query, key) pair of the row, including those between a chosen and a rejected
 completion and those across packed sequences; on CPU that is 1.7-3.4x the FLOPs for rows of
-a prompt and two long completions (measured, bench/README.md). Without the units (generation,
-a model whose layers do not pass keyword arguments on) it is plain SDPA, so switching a model
-to it changes nothing else; the setup probe checks it reproduces the plain path.
+a prompt and two long completions (measured, bench/README.md). Called without units and with
+a real mask (generation, a padded batch) it is plain SDPA; called without units but with the
+placeholder mask a packed batch carries (a layer that drops keyword arguments), it raises
+rather than attend across the whole row. The setup probe checks it reproduces the plain path.
 """
 from __future__ import annotations
 
@@ -109,10 +110,31 @@ def register_split_sdpa() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(SPLIT_SDPA, sdpa_mask)
 
 
-@functools.lru_cache(maxsize=4096)
-def _branch_mask(length: int, prompt: int, device: str) -> torch.Tensor:
-    """(length, prompt + length) bool: the whole prompt, then causal over the branch itself."""
-    return torch.ones(length, prompt + length, dtype=torch.bool, device=device).tril(prompt)
+def ensure_attention(model, impl: str) -> None:
+    if attn_implementation(model) != impl:
+        set_attention(model, impl)
+
+
+def set_attention(model, impl: str) -> None:
+    """Switch ``model`` (unwrapped) to attention implementation ``impl`` (not saved with its config)."""
+    if impl == SPLIT_SDPA:
+        register_split_sdpa()
+    model.config._attn_implementation = impl
+
+
+_MASKS: dict[str, torch.Tensor] = {}  # per device: ones(N, 2N).tril(N), grown on demand
+
+
+def _branch_mask(length: int, prompt: int, device: torch.device) -> torch.Tensor:
+    """(length, prompt + length) bool: the whole prompt, then causal over the branch itself; a
+    view of one cached mask (element (i, c) of the slice is 1 iff c <= i + prompt)."""
+    key, n = str(device), max(length, prompt)
+    big = _MASKS.get(key)
+    if big is None or big.shape[0] < n:
+        size = max(n, 2 * (0 if big is None else big.shape[0]), 1024)
+        big = _MASKS[key] = torch.ones(size, 2 * size, dtype=torch.bool, device=device).tril(size)
+    size = big.shape[0]
+    return big[:length, size - prompt:size + length]
 
 
 def split_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -120,14 +142,15 @@ def split_sdpa_attention(module, query, key, value, attention_mask, dropout: flo
     """transformers attention function (query (R, H, T, D), key/value (R, Hkv, T, D)) returning
     (R, T, H, D). ``prefopt_units``: per row, (start, prompt length, branch lengths) of each unit."""
     if prefopt_units is None:
+        if attention_mask is not None and attention_mask.shape[-2:] == (1, 1) and query.shape[2] > 1:
+            raise RuntimeError("prefopt_sdpa got a packed batch's placeholder mask without its units: a layer "
+                               "of this model does not pass keyword arguments to its attention; use "
+                               "data.layout=padded or model.attn_implementation=eager")
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    heads, width = query.shape[1], query.shape[2]
-    if key.shape[1] != heads:  # grouped-query attention: one key/value head per group of query heads
-        key = key.repeat_interleave(heads // key.shape[1], dim=1)
-        value = value.repeat_interleave(heads // value.shape[1], dim=1)
-    attend = functools.partial(F.scaled_dot_product_attention, scale=scaling,
+    width = query.shape[2]
+    attend = functools.partial(F.scaled_dot_product_attention, scale=scaling, enable_gqa=key.shape[1] != query.shape[1],
                                dropout_p=dropout if module.training else 0.0)
     rows = []
     # splits, not slices: the backward of a split is one concatenation, that of each slice a
@@ -143,7 +166,7 @@ def split_sdpa_attention(module, query, key, value, attention_mask, dropout: flo
             pieces.append(attend(qs[i], shared_k, shared_v, is_causal=True))
             for j, length in enumerate(branches, start=i + 1):
                 pieces.append(attend(qs[j], torch.cat([shared_k, ks[j]], dim=2), torch.cat([shared_v, vs[j]], dim=2),
-                                     attn_mask=_branch_mask(length, prompt, str(query.device))))
+                                     attn_mask=_branch_mask(length, prompt, query.device)))
             i += 1 + len(branches)
         if tail:  # padding: never scored
             pieces.append(torch.zeros_like(qs[-1]))

@@ -53,9 +53,9 @@ class ModelConfig:
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
     lora: dict | None = option(
         None, "Train LoRA adapters instead of every weight (peft): a mapping of LoraConfig fields, "
-              "e.g. {r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear} (defaults: r 16, alpha 32, "
-              "dropout 0, all linear layers but the head). The reference is then the same model with its "
-              "adapters disabled. None: full fine-tuning.")
+              "e.g. {r: 16, alpha: 32, target_modules: all-linear} (defaults: r 16, alpha 32, dropout 0, "
+              "all linear layers but the head; model.disable_dropout turns LoRA dropout off too). The "
+              "reference is then the same model with its adapters disabled. None: full fine-tuning.")
     load_in_4bit: bool = option(
         False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes, bfloat16 compute; CUDA only) and train "
                "LoRA adapters on it (needs model.lora).")
@@ -112,9 +112,10 @@ class DataConfig:
               "(rows never grow longer than that unit alone, shorter units fill the room padding took).")
     max_tokens_per_batch: int | None = option(
         None, "Form training micro-batches by tokens instead of train.per_device_train_batch_size: whole "
-              "examples are added while their tokens (the prompt once plus each completion scored) stay "
-              "within this budget. Losses are normalised over the whole optimizer step, so uneven "
-              "micro-batches weigh nothing differently.")
+              "examples are added while their tokens, counted as the shared layout reads them (the prompt "
+              "once plus each completion scored), stay within this budget. Losses are normalised over the "
+              "whole optimizer step, so uneven micro-batches weigh nothing differently. Epochs are counted "
+              "in the first epoch's micro-batches (later epochs' orders cut slightly differently).")
     group_by_length: bool = option(
         False, "Sort each window of ~50 micro-batches of the shuffled order by length, so a micro-batch "
                "holds examples of similar lengths: less padding, fuller packed rows (the logged "

@@ -14,8 +14,10 @@ against the plain path on a probe batch (prefopt.scoring):
   the head (and whatever the model does after it: soft-capping, scaling) runs on those only.
 * ``fused``: a forward pre-hook on the output embedding takes the K scored hidden states and
   applies the head itself, in chunks of ``chunk_size`` scored tokens, each chunk recomputed in
-  backward (activation checkpointing), so no (K, V) float32 tensor larger than a chunk lives
-  at once. The hook runs inside the wrapped model's forward, so DDP/FSDP hooks still fire.
+  backward (activation checkpointing), so no (K, V) tensor larger than a chunk lives at once
+  (per chunk: the logits, their float32 log-softmax and its gradient, about 3x the chunk's
+  float32 logits at the peak). The hook runs inside the wrapped model's forward, so DDP hooks
+  still fire; under FSDP/DeepSpeed the setup picks ``scored`` instead (prefopt.scoring).
 
 Log-softmax is taken in float32 on the scored rows only. Per-token statistics that other
 modules need (e.g. WPO's collision probability) are registered by name in ``TOKEN_STATS``
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from prefopt.attention import attn_implementation, model_inputs
+from prefopt.attention import SPLIT_SDPA, attn_implementation, ensure_attention, model_inputs
 from prefopt.data.collate import Batch
 
 Tensor = torch.Tensor
@@ -38,7 +40,7 @@ Tensor = torch.Tensor
 # name -> fn(logprobs (k, V) float32, token_logps (k,)) -> (k,), computed without gradient.
 TOKEN_STATS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
 HEAD_MODES = ("full", "scored", "fused")
-CHUNK_BYTES = 256 * 2**20  # default chunk: float32 logits of at most 256 MiB
+CHUNK_BYTES = 256 * 2**20  # default chunk: float32 logits of at most 256 MiB (peak ~3x that)
 
 
 def register_token_stat(name: str, fn: Callable[[Tensor, Tensor], Tensor]) -> None:
@@ -89,18 +91,6 @@ class TokenStats:
         return TokenStats(**out, stats={k: torch.cat([p.stats[k] for p in parts]) for k in parts[0].stats})
 
 
-def token_logps(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """log p(target) for each row of ``logits`` (K, V), and the float32 log-normaliser.
-
-    Equivalent to ``logits.log_softmax(-1).gather(-1, targets[:, None])`` without
-    materialising the (K, V) log-softmax.
-    """
-    logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1)                           # (K,)
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)   # (K,)
-    return picked - lse, lse
-
-
 def token_statistics(logits: Tensor, targets: Tensor, *, ref_logprobs: Tensor | None = None,
                      stats: tuple[str, ...] = (), keep_logprobs: bool = False) -> TokenStats:
     """Statistics of the scored tokens from their logits (k, V).
@@ -149,6 +139,8 @@ def score_batch(model, batch: Batch, scoring: Scoring | None = None, *, keep_tok
                 ref_token_logprobs: Tensor | None = None, token_stats: tuple[str, ...] = ()) -> SequenceScores:
     """Forward ``model`` over the batch and score its completion tokens."""
     scoring = scoring or Scoring.for_model(model)
+    if scoring.attn == SPLIT_SDPA and batch.attention.units is not None:
+        ensure_attention(unwrap_model(model), SPLIT_SDPA)  # a trainer switches it back after training
     inputs = model_inputs(batch, scoring.attn, scoring.dtype)
     want = dict(ref_logprobs=ref_token_logprobs, stats=token_stats, keep_logprobs=keep_token_logprobs)
     if scoring.head == "fused":

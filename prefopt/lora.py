@@ -7,8 +7,8 @@ second copy in memory. ``model.load_in_4bit`` loads the base in 4-bit NF4 with b
 compute (bitsandbytes, CUDA only) and prepares it for k-bit training (QLoRA, Dettmers et
 al. 2023).
 
-Checkpoints hold the trainable parameters only (the adapters), never the frozen base; the
-final model is the adapter (loads with ``PeftModel.from_pretrained``) or, with
+Single-process and DDP checkpoints leave out the frozen base (FSDP and DeepSpeed save through
+their own code); the final model is the adapter (loads with ``PeftModel.from_pretrained``) or, with
 ``save.merge_lora``, the merged weights (loads with ``AutoModelForCausalLM``).
 """
 from __future__ import annotations
@@ -65,14 +65,15 @@ def lora_config(spec: Any):
 
 
 def lora_dict(config) -> dict:
-    """The non-default fields of a LoraConfig, for the saved run config."""
+    """A LoraConfig as the mapping ``lora_config`` turns back into the same LoraConfig (for the saved
+    run config): prefopt's defaults always written, other fields where they differ from peft's."""
     peft = _peft()
     default = peft.LoraConfig()
     out = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if f.name in ("peft_type", "task_type", "base_model_name_or_path", "revision", "peft_version") or \
-                value == getattr(default, f.name):
+                (f.name not in DEFAULTS and value == getattr(default, f.name)):
             continue
         out[f.name] = sorted(value) if isinstance(value, set) else value
     return out
@@ -85,7 +86,11 @@ def apply_lora(model, spec: Any, *, quantized: bool, gradient_checkpointing: boo
         model = peft.prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    return peft.get_peft_model(model, lora_config(spec))
+    config = lora_config(spec)
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as e:  # e.g. target modules not found in the model
+        raise ConfigError(f"model.lora: {str(e).splitlines()[0]} (target_modules={config.target_modules!r})") from None
 
 
 def quantization_config(load_in_4bit: bool):
@@ -106,7 +111,8 @@ def quantization_config(load_in_4bit: bool):
 
 
 def merged_copy(model):
-    """The adapters merged into a copy of the base model (the training model is left as it is)."""
+    """The adapters merged into a copy of the base model (the training model is left as it is).
+    Under FSDP/DeepSpeed the local module is a shard: the trainer refuses merge_lora there."""
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model.get_base_model(), "is_loaded_in_4bit", False):
         raise ConfigError("save.merge_lora: the base model is 4-bit quantised; merging into it would round the "
                           "merged weights to 4 bits. Save the adapter (save.merge_lora: false), then load the base in "
@@ -114,12 +120,16 @@ def merged_copy(model):
     return copy.deepcopy(model).merge_and_unload()
 
 
-def trainable_only(accelerator):
-    """A save_state hook: a checkpoint holds the trainable parameters only (LoRA: the adapters),
-    never frozen weights, which the config rebuilds. Loading then uses strict=False."""
-    def hook(models, weights, output_dir):
-        for i, model in enumerate(models):
-            names = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-            if len(names) < len(weights[i]):
-                weights[i] = {k: v for k, v in weights[i].items() if k in names}
-    return hook
+def bare_name(name: str) -> str:
+    """A parameter name without DDP's ``module.`` prefix (a state dict may or may not carry it)."""
+    return name.removeprefix("module.")
+
+
+def without_frozen_weights(models, weights, output_dir) -> None:
+    """An ``accelerator.save_state`` pre-hook: a checkpoint leaves out frozen parameters (a LoRA
+    base), which the config rebuilds; trainable parameters and buffers stay. Under FSDP and
+    DeepSpeed accelerate saves through their own code and ``weights`` is empty."""
+    for i, weight in enumerate(weights):
+        frozen = {bare_name(n) for n, p in models[i].named_parameters() if not p.requires_grad}
+        if frozen:
+            weights[i] = {k: v for k, v in weight.items() if bare_name(k) not in frozen}

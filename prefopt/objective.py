@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from prefopt.config import LossTerm
+from prefopt.config import LossTerm, parse_loss
 from prefopt.data.collate import Batch
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.logps import Scoring, SequenceScores, score_batch
@@ -88,6 +88,7 @@ class Objective:
     @classmethod
     def from_config(cls, loss_terms: list[LossTerm], reference,
                     extra_losses: dict[str, ExtraLoss] | None = None) -> "Objective":
+        loss_terms = parse_loss(loss_terms)  # LossTerms built by hand get the config's checks too
         names = [t.name for t in loss_terms]
         labels = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
         return cls([Term.from_config(t, label) for t, label in zip(loss_terms, labels)], reference, extra_losses)

@@ -35,10 +35,11 @@ from prefopt.data.pipeline import Dataset, prepare_datasets
 from prefopt.data.roles import expand_roles
 from prefopt.errors import ConfigError
 from prefopt.objective import Objective
-from prefopt.logps import Scoring
-from prefopt.lora import trainable_only
+from prefopt.attention import SPLIT_SDPA, attn_implementation, set_attention
+from prefopt.logps import Scoring, unwrap_model
+from prefopt.lora import without_frozen_weights
 from prefopt.reference import ReferenceContext, build_reference
-from prefopt.scoring import Plan, architecture_key, plan_scoring, reuse_plan
+from prefopt.scoring import Plan, Probe, architecture_key, plan_scoring, reuse_plan
 from prefopt.train import batches, loop
 from prefopt.train.checkpoint import save_final
 
@@ -102,7 +103,10 @@ class Trainer:
                      " + ".join(f"{t.weight:g}*{t.spec.name}" for t in job.objective.terms),
                      getattr(job.objective.reference, "description", job.objective.reference.name),
                      job.total_steps, job.steps_per_epoch)
-        self.state, last_eval = loop.train(job)
+        try:
+            self.state, last_eval = loop.train(job)
+        finally:
+            self._restore_attention()
         return last_eval
 
     def evaluate(self, on: str = "eval") -> dict:
@@ -123,8 +127,18 @@ class Trainer:
                 raise ConfigError("evaluate() needs eval data: eval_dataset, data.eval or data.eval_split_size")
         else:
             raise ConfigError(f"evaluate(on={on!r}): expected 'train' or 'eval'")
-        values = loop.evaluate(job.accelerator, job.model, job.objective, loader)
+        try:
+            values = loop.evaluate(job.accelerator, job.model, job.objective, loader)
+        finally:
+            self._restore_attention()
         return {f"eval/{k}": v for k, v in values.items()}
+
+    def _restore_attention(self) -> None:
+        """Give the user's models back their own attention implementation (prefopt's split SDPA is
+        registered in this process only; scoring switches it on again when it runs)."""
+        for model in (self.job.model, getattr(self.job.objective.reference, "model", None)):
+            if model is not None and attn_implementation(unwrap_model(model)) == SPLIT_SDPA:
+                set_attention(unwrap_model(model), "sdpa")
 
     def save_model(self, path: str | Path | None = None) -> Path:
         """Save model + tokenizer in HF format (default OUTPUT_DIR/final), from every process's
@@ -143,7 +157,7 @@ class Trainer:
             return self.job
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
-        from accelerate.utils import set_seed
+        from accelerate.utils import DistributedType, set_seed
 
         cfg, tcfg = self.config, self.config.train
         if min(tcfg.gradient_accumulation_steps, tcfg.per_device_train_batch_size, tcfg.per_device_eval_batch_size) < 1:
@@ -182,7 +196,11 @@ class Trainer:
         optimizer = self._optimizer(model)
         scheduler = self._scheduler(optimizer, total_steps)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        accelerator.register_save_state_pre_hook(trainable_only(accelerator))
+        accelerator.register_save_state_pre_hook(without_frozen_weights)
+        if cfg.save.merge_lora and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise ConfigError("save.merge_lora under FSDP/DeepSpeed: the adapters would be merged into a shard of "
+                              "the base. Save the adapter (save.merge_lora: false) and merge it into the base "
+                              "afterwards with PeftModel.from_pretrained(base, adapter).merge_and_unload()")
         plan = self._plan_scoring(model, accelerator, objective, cfg.data.layout)
         self._collator.use(plan.layout)
         objective.scoring = plan.scoring
@@ -190,7 +208,9 @@ class Trainer:
             accelerator, model, self._collator,
             plan=lambda ref: self._plan_scoring(ref, accelerator, objective, plan.layout, "reference").scoring,
             datasets={name: d.examples for name, d in (("train", train_set), ("eval", eval_set)) if d is not None},
-            batch_size=tcfg.per_device_eval_batch_size, output_dir=output_dir, token_level=objective.token_level))
+            batch_size=tcfg.per_device_eval_batch_size, output_dir=output_dir, token_level=objective.token_level,
+            probe=Probe(self._probe_examples(), self._collator.pad_id, objective.roles, cfg.data.max_length,
+                        accelerator.device, accelerator.autocast, accelerator.mixed_precision)))
         if accelerator.num_processes > 1:  # KTO's z0 and BCO's δ: statistics over every process
             objective.reduce_mean = lambda t: accelerator.reduce(t, reduction="mean")
         if objective.stateful:  # e.g. BCO's running reward mean: saved and restored with checkpoints
@@ -223,25 +243,36 @@ class Trainer:
     def _plan_scoring(self, model, accelerator, objective: Objective, layout: str, what: str = "policy"):
         """Settle the layout and LM-head mode ``model`` runs exactly (prefopt.scoring), checked on the
         two shortest examples; a reference of the policy's architecture reuses the policy's plan."""
+        from accelerate.utils import DistributedType
+
         data = self._train_set or self._eval_set
         if data is None:
-            return Plan("padded", Scoring.for_model(model), [])
+            return Plan("padded", Scoring.for_model(model))
         key = architecture_key(model)
         known = self._plans.get(key)
         if known is not None and layout in ("auto", known.layout):
             return reuse_plan(model, known)
-        probe = sorted(data.examples, key=batches.example_tokens)[:2]
         cfg = self.config
-        plan = plan_scoring(model, layout=layout, head=cfg.model.lm_head, chunk_size=cfg.model.lm_head_chunk_size,
-                            probe=probe, pad_id=self._collator.pad_id, roles=objective.roles,
-                            max_length=cfg.data.max_length, device=accelerator.device,
-                            autocast=accelerator.autocast, what=what)
+        probe = Probe(self._probe_examples(), self._collator.pad_id, objective.roles, cfg.data.max_length,
+                      accelerator.device, accelerator.autocast, accelerator.mixed_precision,
+                      sharded=accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED),
+                      log_notes=accelerator.is_main_process)
+        if accelerator.num_processes > 1:  # every process must take the same path
+            probe.agree = lambda worst: float(accelerator.reduce(
+                torch.tensor(worst, device=accelerator.device), reduction="max"))
+        plan = plan_scoring(model, probe, layout=layout, head=cfg.model.lm_head,
+                            chunk_size=cfg.model.lm_head_chunk_size, what=what)
         self._plans[key] = plan
         if what == "policy" and accelerator.is_main_process:
             precision = {"no": "float32"}.get(accelerator.mixed_precision, f"{accelerator.mixed_precision} autocast")
             log.info("layout: %s | LM head: %s | attention: %s | precision: %s", plan.layout, plan.scoring.head,
                      plan.scoring.attn, precision)
         return plan
+
+    def _probe_examples(self) -> list:
+        """The two shortest examples: what the setup checks run on."""
+        data = self._train_set or self._eval_set
+        return sorted(data.examples, key=batches.example_tokens)[:2] if data is not None else []
 
     def _eval_loader(self, data: Dataset, accelerator=None):
         accelerator = accelerator or self.job.accelerator
@@ -285,10 +316,10 @@ class Trainer:
                 raise ConfigError("no model: pass model= or set model.name_or_path")
             mcfg.name_or_path = path
             model = load_model(path, mcfg.dtype, mcfg)
-        if mcfg.disable_dropout:
-            disable_dropout(model)
         if lora is not None and not is_peft_model(model):
             model = apply_lora(model, lora, quantized=mcfg.load_in_4bit, gradient_checkpointing=mcfg.gradient_checkpointing)
+        if mcfg.disable_dropout:  # after LoRA: its dropout would make the policy's log-probs noisy too
+            disable_dropout(model)
         if mcfg.gradient_checkpointing:
             enable_checkpointing(model)
         return model

@@ -6,6 +6,9 @@ Tasks (comma-separated in argv[1]), each writing its result under OUT:
   run-dpo              a whole run: 16 pairs, 1 epoch, eval on 10 pairs (eval batches of 4,
                        so one process evaluates a padding batch)
   run-kto              KTO on 7 unpaired examples (a short last round)
+  run-lora-pre         LoRA with the precomputed reference (13 + 5 examples: the pre-pass gives
+                       the processes 3 and 2 batches, so one scores a filler), a DDP checkpoint
+                       at step 1, then a second run resumed from it
 """
 import json
 import sys
@@ -44,6 +47,13 @@ if __name__ == "__main__":
                 torch.save({"grad": grad, "processes": accelerator.num_processes}, f"{out}/{task}.pt")
         elif task == "run-dpo":
             whole_run(model_dir, records, f"{out}/{task}", 2, 2)
+        elif task == "run-lora-pre":
+            common = dict(per_device_train_batch_size=2, per_device_eval_batch_size=4, max_steps=3, save_steps=1,
+                          learning_rate=5e-3, lora={"r": 4}, reference={"strategy": "precomputed",
+                                                                        "cache_dir": f"{out}/cache"}, **SHORT)
+            for name, resume in (("full", None), ("resumed", f"{out}/{task}/full/checkpoints/step-1")):
+                args = DPOConfig(output_dir=f"{out}/{task}/{name}", resume_from=resume, **common)
+                DPOTrainer(model_dir, None, train_dataset=records[:13], eval_dataset=records[13:18], args=args).train()
         elif task == "run-kto":
             args = DPOConfig(output_dir=f"{out}/{task}", per_device_train_batch_size=2, max_examples=7,
                              num_train_epochs=1, **SHORT)

@@ -53,7 +53,7 @@ def test_shared_layout_docstring_exact_tensors():
     b = make_collator("shared", 0, ("chosen", "rejected"))([ex])
     assert b.input_ids.tolist() == [[11, 12, 21, 22, 2, 31, 2]]
     att = b.attention
-    assert att.kind == "shared" and att.padding.tolist() == [[1] * 7] and att.segment.tolist() == [[0] * 7]
+    assert att.padding.tolist() == [[1] * 7] and att.segment.tolist() == [[0] * 7]
     assert att.branch.tolist() == [[0, 0, 1, 1, 1, 2, 2]]
     assert att.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3]]
     assert b.token_row.tolist() == [0, 0, 0, 0, 0]
@@ -61,7 +61,7 @@ def test_shared_layout_docstring_exact_tensors():
     assert b.token_target.tolist() == [21, 22, 2, 31, 2]
     assert b.token_sequence.tolist() == [0, 0, 0, 1, 1] and b.sequence_lengths.tolist() == [3, 2]
     assert {k: v.tolist() for k, v in b.index.items()} == {"chosen": [0], "rejected": [1]}
-    assert b.num_tokens == 7 and b.fill == 1.0
+    assert b.num_tokens == 7 and att.units == [[(0, 2, (3, 2))]]
 
 
 def test_packed_rows_fill_first_fit_decreasing_within_the_longest_unit():
@@ -72,7 +72,7 @@ def test_packed_rows_fill_first_fit_decreasing_within_the_longest_unit():
     # a.rejected, b.rejected): [a.chosen], [b.chosen + a.rejected], [b.rejected]
     assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 6], [8, 9, 10, 1, 2, 7], [8, 11, 12, 0, 0, 0]]
     att = batch.attention
-    assert att.kind == "packed" and att.branch is None
+    assert att.branch is None and att.units == [[(0, 6, ())], [(0, 3, ()), (3, 3, ())], [(0, 3, ())]]
     assert att.segment.tolist() == [[0] * 6, [0, 0, 0, 1, 1, 1], [0, 0, 0, -1, -1, -1]]
     assert att.position_ids.tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 2], [0, 1, 2, 0, 1, 2]]
     # sequences numbered role-major (a.chosen, b.chosen, a.rejected, b.rejected), tokens in order
@@ -80,7 +80,7 @@ def test_packed_rows_fill_first_fit_decreasing_within_the_longest_unit():
     assert batch.token_row.tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2]
     assert batch.token_pos.tolist() == [1, 2, 3, 4, 0, 1, 4, 0, 1]
     assert batch.token_target.tolist() == [3, 4, 5, 6, 9, 10, 7, 11, 12]
-    assert batch.num_tokens == 15 and batch.fill == pytest.approx(15 / 18)
+    assert batch.num_tokens == 15 and batch.input_ids.numel() == 18  # batch_fill 15/18
 
 
 def test_equal_completions_of_an_example_share_one_sequence():

@@ -38,7 +38,7 @@ def rows(path: Path) -> list[dict]:
 def test_two_processes_match_one(tiny_model_dir, demo_records, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(HERE / "ddp_worker.py"), "grad-dpo,grad-sft,run-dpo,run-kto",
+           "--master_port", str(free_port()), str(HERE / "ddp_worker.py"), "grad-dpo,grad-sft,run-dpo,run-kto,run-lora-pre",
            str(tiny_model_dir), str(DATA), str(KTO), str(tmp_path)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -65,3 +65,14 @@ def test_two_processes_match_one(tiny_model_dir, demo_records, tmp_path):
 
     kto = rows(tmp_path / "run-kto")
     assert [r["step"] for r in kto if "loss" in r] and "eval/kl" in kto[-1]
+
+    # LoRA + precomputed reference under DDP: every example cached once (a filler batch dropped),
+    # checkpoints hold the adapters only, and a resume ends with the same adapters
+    lora = tmp_path / "run-lora-pre"
+    (cache,) = (tmp_path / "cache").iterdir()
+    assert json.loads((cache / "manifest.json").read_text())["examples"] == 18
+    keys = load_file(lora / "full" / "checkpoints" / "step-1" / "model.safetensors").keys()
+    assert keys and all("lora_" in k for k in keys)
+    full = load_file(lora / "full" / "final" / "adapter_model.safetensors")
+    resumed = load_file(lora / "resumed" / "final" / "adapter_model.safetensors")
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)

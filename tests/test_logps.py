@@ -4,7 +4,7 @@ import torch
 from prefopt.data.collate import PaddedCollator
 from prefopt.data.schema import Origin
 from prefopt.data.tokenize import EncodedExample
-from prefopt.logps import score_batch, sequence_scores, token_logps
+from prefopt.logps import score_batch, sequence_scores, token_statistics
 
 
 def _batch():
@@ -26,11 +26,15 @@ def naive(logits, examples, roles=("chosen", "rejected")):
     return torch.stack(out)
 
 
-def test_token_logps_matches_log_softmax_gather():
-    logits = torch.randn(7, 50) * 5
+def test_token_statistics_match_log_softmax_gather():
+    logits = (torch.randn(7, 50) * 5).to(torch.bfloat16)  # the model's dtype; log-softmax in float32
     targets = torch.randint(0, 50, (7,))
-    got, _ = token_logps(logits, targets)
-    assert torch.allclose(got, logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1), atol=1e-6)
+    got = token_statistics(logits, targets)
+    naive_logprobs = logits.float().log_softmax(-1)
+    assert got.logps.dtype == torch.float32
+    assert torch.allclose(got.logps, naive_logprobs.gather(-1, targets[:, None]).squeeze(-1), atol=1e-6)
+    assert torch.equal(got.correct, (logits.float().argmax(-1) == targets).float())
+    assert torch.allclose(got.logit_mean, logits.float().mean(-1))
 
 
 def test_sequence_logps_match_naive_masked_sum():

@@ -185,6 +185,13 @@ def test_micro_batches_by_count_by_token_budget_and_grouped_by_length():
     batches = list(budget)
     assert sum(batches, []) == sum(by_count, [])  # same order, other cuts
     assert all(sum(lengths[i] for i in b) <= 45 or len(b) == 1 for b in batches) and len(budget) == len(batches)
+    # several processes: accelerate deals the budget batches whole, every example trains once
+    from accelerate.data_loader import BatchSamplerShard
+    shards = [list(BatchSamplerShard(MicroBatchSampler(EpochSampler(9, seed=0), 4, lengths, max_tokens=45), 2, p))
+              for p in range(2)]
+    dealt = [b for round_ in zip(*shards) for b in round_]
+    assert all(b in batches for b in dealt) and len(shards[0]) == len(shards[1])
+    assert set(sum(dealt, [])) == set(range(9))
     grouped = EpochSampler(9, seed=0, lengths=lengths, window=4)
     order = list(grouped)
     assert sorted(order) == list(range(9))

@@ -223,3 +223,70 @@ def test_qlora_trains_on_a_gpu(tiny_model_dir, demo_records, tmp_path):
     rows = metrics(tmp_path)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-3) and math.isfinite(rows[-1]["loss"])
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_checkpoint_hook_drops_frozen_weights_by_the_wrapped_names(tiny_model_dir):
+    """Names are matched without DDP's 'module.' prefix (either side may carry it); FSDP/DeepSpeed
+    save through their own code and hand the hook no weights at all."""
+    from peft import LoraConfig, get_peft_model
+
+    from prefopt.lora import without_frozen_weights
+
+    class Wrapped(torch.nn.Module):  # what DDP looks like to named_parameters / state_dict
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                            LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"))
+    wrapped = Wrapped(policy)
+    weights = [wrapped.state_dict()]
+    without_frozen_weights([wrapped], weights, "unused")
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert set(weights[0]) == trainable and all(k.startswith("module.") and "lora_" in k for k in weights[0])
+    weights = [policy.state_dict()]  # unprefixed keys, prefixed parameter names
+    without_frozen_weights([wrapped], weights, "unused")
+    assert weights[0] and all("lora_" in k for k in weights[0])
+    empty: list = []
+    without_frozen_weights([wrapped], empty, "unused")  # FSDP / DeepSpeed: nothing to filter
+    assert empty == []
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    weights = [full.state_dict()]
+    without_frozen_weights([full], weights, "unused")  # nothing frozen: every key stays
+    assert weights[0].keys() == full.state_dict().keys()
+
+
+def test_resume_refuses_a_checkpoint_without_this_models_adapters(tiny_model_dir, demo_records, tmp_path):
+    common = dict(per_device_train_batch_size=2, learning_rate=5e-3)
+    dpo(tiny_model_dir, demo_records[:4], tmp_path / "a", lora=LORA, max_steps=2, save_steps=2, **common).train()
+    resume = dict(max_steps=4, resume_from=str(tmp_path / "a" / "checkpoints" / "step-2"), **common)
+    with pytest.raises(ConfigError, match=r"holds 28 parameter\(s\) of another shape .*\[4, 64\] \(model: \[8, 64\]\)"):
+        dpo(tiny_model_dir, demo_records[:4], tmp_path / "b", lora={**LORA, "r": 8}, **resume).train()
+    with pytest.raises(ConfigError, match="the checkpoint lacks .* trainable parameter"):
+        dpo(tiny_model_dir, demo_records[:4], tmp_path / "c", lora={**LORA, "modules_to_save": ["lm_head"]},
+            **resume).train()
+
+
+def test_lora_reference_refuses_adapters_that_already_change_the_policy(tiny_model_dir, demo_records, tmp_path):
+    """A LoRA-SFT policy passed in: its base is not the initial policy, so the adapter-disabled
+    reference would be wrong (the step-0 loss would not be ln 2); a frozen copy works."""
+    from peft import LoraConfig, get_peft_model
+
+    def trained_adapter():
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                               LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.05)
+        return model
+
+    def run(out, **kw):
+        return DPOTrainer(trained_adapter(), None, train_dataset=demo_records[:4],
+                          args=DPOConfig(output_dir=str(tmp_path / out), tokenizer=str(tiny_model_dir), max_steps=1,
+                                         per_device_train_batch_size=2, **SHORT, **kw))
+
+    with pytest.raises(ConfigError, match="adapters already change its log-probs"):
+        run("auto").train()
+    run("copy", reference={"strategy": "model"}).train()
+    assert metrics(tmp_path / "copy")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -54,7 +54,7 @@ def test_a_model_ignoring_position_ids_falls_back_with_a_reason(gpt2_dir, demo_r
     t.train()  # and it trains on the padded layout: step-0 DPO loss is ln 2
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss"] == \
         pytest.approx(0.693147, abs=1e-6)
-    with pytest.raises(ConfigError, match="data.layout=shared does not reproduce this model's log-probs"):
+    with pytest.raises(ConfigError, match="data.layout=shared does not reproduce the policy model's log-probs"):
         plan_of(IgnoresPositionIds.from_pretrained(gpt2_dir), demo_records, tmp_path / "explicit",
                 tokenizer=str(gpt2_dir), layout="shared")
 
@@ -64,7 +64,7 @@ def test_a_lora_head_uses_the_models_own_head_on_scored_positions(tiny_model_dir
     with caplog.at_level(logging.INFO, logger="prefopt"):
         layout, scoring = plan_of(str(tiny_model_dir), demo_records, tmp_path, lora=lora)
     assert scoring.head == "scored" and "not a plain nn.Linear" in caplog.text
-    with pytest.raises(ConfigError, match="model.lm_head=head fused: the output embedding is not a plain"):
+    with pytest.raises(ConfigError, match="model.lm_head=fused: the output embedding is not a plain"):
         plan_of(str(tiny_model_dir), demo_records, tmp_path / "x", lora=lora, lm_head="fused")
 
 
@@ -87,3 +87,21 @@ def test_static_layout_problems_name_the_reason():
     odd = MistralConfig()
     odd._attn_implementation = "paged|eager"
     assert static_layout_problem(Fake(odd), "packed", 64) is not None
+
+
+def test_users_model_gets_its_attention_back_and_split_sdpa_fails_closed(tiny_model_dir, demo_records, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from prefopt.attention import split_sdpa_attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    t = DPOTrainer(model, None, train_dataset=demo_records[:4], tokenizer=str(tiny_model_dir),
+                   args=DPOConfig(output_dir=str(tmp_path), **SHORT))
+    t.train()
+    assert t.job.objective.scoring.attn == "prefopt_sdpa" and model.config._attn_implementation == "sdpa"
+    assert t.evaluate(on="train")["eval/loss"] > 0 and model.config._attn_implementation == "sdpa"
+    # a packed batch's placeholder mask reaching the kernel without its units: an error, never
+    # attention across the whole row
+    q = torch.zeros(1, 2, 5, 4)
+    with pytest.raises(RuntimeError, match="placeholder mask without its units"):
+        split_sdpa_attention(torch.nn.Module(), q, q, q, torch.ones(1, 1, 1, 1, dtype=torch.bool))

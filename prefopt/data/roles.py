@@ -14,13 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 
+import logging
+
 from prefopt.data.tokenize import EncodedExample
+
+log = logging.getLogger("prefopt")
 
 
 def expand_roles(examples: list[EncodedExample], roles: tuple[str, ...]) -> list[EncodedExample]:
     """New examples carrying one completion per role in ``roles`` (the input is not modified)."""
     out = []
     n = len(examples)
+    if "kl" in roles and n == 1:
+        log.warning("%s: one example only: its 'mismatched' pair for KTO's z0 is its own completion", examples[0].origin)
     for i, ex in enumerate(examples):
         completions = dict(ex.completions)
         if "kl" in roles:

@@ -34,7 +34,7 @@ class ReferenceContext:
     batch_size: int = 8                          # examples per batch of a pre-pass
     output_dir: Path = Path(".")
     token_level: bool = False                    # the objective needs (K, V) reference distributions
-    fingerprint: dict = field(default_factory=dict)  # what else the reference values depend on
+    probe: Any = None                            # prefopt.scoring.Probe: examples and tolerance for checks
 
 
 class ReferenceStrategy(Protocol):

@@ -132,15 +132,33 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def weights_fingerprint(model) -> str:
-    """A hash of the reference's weights (LoRA adapters excluded: the reference is the base)."""
-    h = hashlib.blake2b(digest_size=16)
+def _sharded(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def _on_main(accelerator, fn):
+    """``fn()`` on the main process, its (picklable) result on every process."""
+    if accelerator.num_processes == 1:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    box = [fn() if accelerator.is_main_process else None]
+    broadcast_object_list(box)
+    return box[0]
+
+
+def weights_fingerprint(model, sharded: bool) -> str:
+    """A hash of the reference's weights (LoRA adapters excluded: the reference is the base).
+    Parameters and buffers are read as they are (no state_dict hooks, which are collectives under
+    FSDP); a sharded model (FSDP, DeepSpeed) has no local copy to hash."""
     raw = unwrap_model(model)
-    for name, tensor in sorted(raw.state_dict().items()):
+    if sharded:
+        return "sharded:" + str(getattr(raw.config, "_name_or_path", "?"))
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted([*raw.named_parameters(), *raw.named_buffers()], key=lambda item: item[0]):
         if "lora_" in name:
             continue
-        if tensor.numel() == 0:  # sharded (ZeRO-3): the local view holds no values
-            return "sharded:" + str(getattr(raw.config, "_name_or_path", "?"))
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         h.update(tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -162,50 +180,66 @@ class PrecomputedReference:
                               "reference's full distribution over the vocabulary at every token, which a cache "
                               "cannot hold; use reference.strategy=model (or lora)")
         self.source.prepare(ctx)
+        acc = ctx.accelerator
         examples = {ex.uid: ex for data in ctx.datasets.values() for ex in data}
         roles = list(ctx.collator.roles)
         scoring = self.source.scoring
+        raw = unwrap_model(self.source.model)
         manifest = {
-            "version": CACHE_VERSION, "reference": weights_fingerprint(self.source.model), "roles": roles,
+            "version": CACHE_VERSION,
+            "reference": _on_main(acc, lambda: weights_fingerprint(self.source.model, sharded=_sharded(acc))),
+            "model_config": hashlib.blake2b(raw.config.to_json_string().encode(), digest_size=16).hexdigest(),
+            "roles": roles,
             "examples_hash": hashlib.blake2b(json.dumps(sorted(examples)).encode(), digest_size=16).hexdigest(),
             "layout": ctx.collator.layout, "lm_head": scoring.head, "attention": scoring.attn,
-            "dtype": str(scoring.dtype), "mixed_precision": str(ctx.accelerator.mixed_precision),
-            **ctx.fingerprint}
+            "dtype": str(scoring.dtype), "mixed_precision": str(acc.mixed_precision)}
         key = hashlib.blake2b(json.dumps(manifest, sort_keys=True).encode(), digest_size=10).hexdigest()
         self.folder = Path(self.cache_dir) if self.cache_dir else Path(ctx.output_dir) / "reference_cache"
         self.folder = self.folder / key
-        cache, why = ReferenceCache.read(self.folder, manifest)
-        if cache is not None and cache.missing(examples):
-            cache, why = None, f"it lacks {len(cache.missing(examples))} example(s)"
-        if cache is None:
-            if ctx.accelerator.is_main_process and why != "no cache yet":
+
+        def check() -> str:  # why the cache cannot be used, or "" (decided once, on the main process)
+            cache, why = ReferenceCache.read(self.folder, manifest)
+            if cache is not None and cache.missing(examples):
+                why = f"it lacks {len(cache.missing(examples))} example(s)"
+            if manifest["reference"].startswith("sharded:"):
+                why = "the reference is sharded, so its weights cannot be hashed to tell a stale cache"
+            return why
+        why = _on_main(acc, check)
+        if why:
+            if acc.is_main_process and why != "no cache yet":
                 log.warning("reference cache %s is not used (%s); recomputing", self.folder, why)
             cache = self._compute(ctx, list(examples.values()), roles)
-            if ctx.accelerator.is_main_process:
+            if acc.is_main_process:
                 cache.write(self.folder, manifest)
-            ctx.accelerator.wait_for_everyone()
-        elif ctx.accelerator.is_main_process:
-            log.info("reference log-probs: %d examples from the cache %s", len(examples), self.folder)
+            acc.wait_for_everyone()
+        else:
+            cache, _ = ReferenceCache.read(self.folder, manifest)
+            if acc.is_main_process:
+                log.info("reference log-probs: %d examples from the cache %s", len(examples), self.folder)
         self.cache = cache
         self.source.release()  # the reference model is no longer needed
         gc.collect()
 
     def _compute(self, ctx, examples: list, roles: list[str]) -> ReferenceCache:
-        """Score every example once (this process's share), gather every process's records."""
+        """Score every example once, each process its share, then gather every process's records.
+        Every process runs the same number of forwards (a sharded or DDP forward is a collective):
+        a process whose share ran out scores a filler batch whose records are dropped."""
         from accelerate.utils import gather_object
 
+        from prefopt.train.batches import EvalBatchSampler, example_tokens
+
         acc = ctx.accelerator
-        mine = sorted(examples, key=lambda e: -len(e.prompt_ids) - sum(map(len, e.completions.values())))
-        mine = mine[acc.process_index::acc.num_processes]
+        ordered = sorted(examples, key=lambda e: -example_tokens(e))  # similar lengths together
+        sampler = EvalBatchSampler(len(ordered), ctx.batch_size, acc.num_processes, acc.process_index)
         records = []
-        chunks = range(0, len(mine), ctx.batch_size)
         bar = acc.is_main_process and sys.stderr.isatty()  # log files get the summary line only
-        for start in tqdm(chunks, desc="reference log-probs", disable=not bar, dynamic_ncols=True):
-            part = mine[start:start + ctx.batch_size]
+        for indices in tqdm(sampler, desc="reference log-probs", disable=not bar, dynamic_ncols=True):
+            part = [ordered[i % len(ordered)] for i in indices]
             batch = ctx.collator(part).to(acc.device)
             scores = self.source.scores(batch)
-            seq = batch.token_sequence
-            counts = torch.bincount(seq, minlength=batch.num_sequences)
+            if indices[0] >= len(ordered):  # a filler batch
+                continue
+            counts = torch.bincount(batch.token_sequence, minlength=batch.num_sequences)
             offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
             tokens = scores.token_logps.float().cpu()
             logps = scores.logps.float().cpu().tolist()
@@ -213,7 +247,7 @@ class PrecomputedReference:
                 by_role = {}
                 for role in roles:
                     s = int(batch.index[role][i])
-                    by_role[role] = (logps[s], tokens[offsets[s]:offsets[s + 1]].tolist())
+                    by_role[role] = (logps[s], tokens[offsets[s]:offsets[s + 1]].clone())
                 records.append((ex.uid, by_role))
         if acc.num_processes > 1:
             records = gather_object(records)

@@ -58,12 +58,16 @@ class MicroBatchSampler(BatchSampler):
                  max_tokens: int | None = None):
         super().__init__(sampler, batch_size, drop_last=False)
         self.lengths, self.max_tokens = lengths, max_tokens
+        if max_tokens:
+            # accelerate's process sharding regroups batches of a fixed size when it sees one;
+            # token-budget batches have none, and are dealt whole to processes round-robin
+            self.batch_size = None
 
     def __iter__(self):
         batch, tokens = [], 0
+        budget = self.max_tokens or self.batch_size
         for i in self.sampler:
             cost = self.lengths[i] if self.max_tokens else 1
-            budget = self.max_tokens or self.batch_size
             if batch and tokens + cost > budget:
                 yield batch
                 batch, tokens = [], 0

@@ -1,10 +1,10 @@
 """Resumable checkpoints: OUTPUT_DIR/checkpoints/step-N/ and the final model in OUTPUT_DIR/final/.
 
-A checkpoint holds what ``accelerate.save_state`` writes (the trainable weights as
-safetensors, optimizer, scheduler, every RNG state; sharded correctly under FSDP/DeepSpeed),
-the trainer state (step, epoch, position in the epoch's batch order) and the resolved
-config. Frozen weights (a LoRA base; the reference model) are never in it: the config
-rebuilds them. The model's ``config.json`` and the tokenizer are written too, so a
+A checkpoint holds what ``accelerate.save_state`` writes (weights as safetensors, optimizer,
+scheduler, every RNG state; sharded correctly under FSDP/DeepSpeed), the trainer state
+(step, epoch, position in the epoch's batch order) and the resolved config. The reference
+model is never in it, nor (one process or DDP) frozen weights such as a LoRA base: the
+config rebuilds them. The model's ``config.json`` and the tokenizer are written too, so a
 checkpoint folder also loads with ``AutoModelForCausalLM.from_pretrained`` (with LoRA: the
 adapter files, loading with ``PeftModel.from_pretrained``).
 """
@@ -16,9 +16,11 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from accelerate.utils import DistributedType
+
 from prefopt.config import RunConfig, save_config
 from prefopt.errors import ConfigError
-from prefopt.lora import is_peft_model, merged_copy
+from prefopt.lora import bare_name, is_peft_model, merged_copy
 
 STATE_FILE = "trainer_state.json"
 
@@ -47,10 +49,10 @@ def save_checkpoint(accelerator, model, tokenizer, state: TrainState, config: Ru
     accelerator.save_state(str(path))  # trainable parameters only (prefopt.lora.trainable_only)
     if accelerator.is_main_process:
         raw = accelerator.unwrap_model(model)
-        if is_peft_model(raw):  # the adapter, loadable with PeftModel.from_pretrained(base, path)
-            raw.save_pretrained(path)
-        else:
+        if not is_peft_model(raw):
             raw.config.save_pretrained(path)
+        elif accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raw.save_pretrained(path)  # the adapter, loadable with PeftModel.from_pretrained(base, path)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
         save_config(config, path / "config.yaml")
@@ -75,9 +77,28 @@ def resolve_resume(resume_from: str, output_dir: Path) -> Path:
 
 
 def load_checkpoint(accelerator, model, path: Path) -> TrainState:
-    # A checkpoint holds the trainable parameters; frozen ones (a LoRA base) come from the config.
-    frozen = any(not p.requires_grad for p in model.parameters())
-    accelerator.load_state(str(path), strict=not frozen)
+    """Restore a checkpoint. Without frozen parameters every weight must load (strict); with
+    them (a LoRA base, left out of the checkpoint) every trainable parameter must be in the file,
+    and anything else missing is the frozen part the config already rebuilt."""
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    weights = path / "model.safetensors"
+    if frozen and weights.is_file():  # single process / DDP (FSDP and DeepSpeed load their own format)
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            stored = {bare_name(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        params = {bare_name(n): p for n, p in model.named_parameters()}
+        missing = [n for n, p in params.items() if p.requires_grad and n not in stored]
+        reshaped = [f"{n} {list(shape)} (model: {list(params[n].shape)})" for n, shape in stored.items()
+                    if n in params and tuple(params[n].shape) != shape]
+        if missing or reshaped:
+            problem = (f"lacks {len(missing)} trainable parameter(s) of this model (e.g. {missing[0]})" if missing
+                       else f"holds {len(reshaped)} parameter(s) of another shape (e.g. {reshaped[0]})")
+            raise ConfigError(f"{path}: the checkpoint {problem}; it was written by another model or LoRA "
+                              f"configuration")
+        accelerator.load_state(str(path), strict=False)
+    else:
+        accelerator.load_state(str(path))
     return TrainState(**json.loads((path / STATE_FILE).read_text()))
 
 

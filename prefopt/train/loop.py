@@ -89,9 +89,9 @@ def train(job: Job) -> tuple[TrainState, dict]:
             if interactive:
                 bar.set_postfix(headline)
             elif show:
-                log.info("step %d/%d %s lr %.3g, %.0f tokens/s", state.step, job.total_steps,
+                log.info("step %d/%d %s lr %.3g, %.0f tokens/s, batch fill %.2f", state.step, job.total_steps,
                          " ".join(f"{k} {v}" for k, v in headline.items()), logged["learning_rate"],
-                         logged["tokens_per_second"])
+                         logged["tokens_per_second"], logged["batch_fill"])
             window_metrics.reset()
             tokens, train_seconds = 0, 0.0
         if job.eval_loader is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
@@ -151,8 +151,9 @@ def optimizer_step(job: Job, window: list, metrics: MetricAccumulator) -> int:
             # DDP averages gradients over processes; the units are already global totals.
             acc.backward(out.loss * acc.num_processes)
         metrics.add_all(objective.metrics(out, batch))
-        metrics.add("batch_fill", batch.num_tokens, batch.input_ids.numel())  # real tokens / row slots
-        tokens += batch.num_tokens
+        real = batch.num_tokens
+        metrics.add("batch_fill", real, batch.input_ids.numel())  # real tokens / row slots
+        tokens += real
     max_norm = job.config.train.max_grad_norm
     grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm if max_norm else math.inf)
     if grad_norm is not None:

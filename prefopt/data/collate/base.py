@@ -46,11 +46,6 @@ class Attention:
     # "prompt" of its full length with no branches.
     units: list[list[tuple[int, int, tuple[int, ...]]]] | None = None
 
-    @property
-    def kind(self) -> str:
-        """'padded' (causal rows), 'packed' (several sequences per row) or 'shared' (branches)."""
-        return "padded" if self.segment is None else "packed" if self.branch is None else "shared"
-
     def allowed(self) -> Tensor:
         """(R, T, T) bool: may query position i attend to key position j. Padding attends to
         itself only, so no softmax row is empty (its output is never scored)."""
@@ -102,11 +97,6 @@ class Batch:
         """Real (non-padding) tokens the model reads: the throughput unit."""
         return int(self.attention.padding.sum())
 
-    @property
-    def fill(self) -> float:
-        """Real tokens / (rows x width): how well the rows are filled."""
-        return self.num_tokens / max(1, self.input_ids.numel())
-
     def to(self, device, non_blocking: bool = False) -> "Batch":
         return _move(self, device, non_blocking)
 
@@ -139,6 +129,9 @@ class ScoredSequences:
         self.sequences: list[Sequence] = []
         self.index: dict[str, list[int]] = {role: [0] * len(examples) for role in roles}
         own: list[dict[tuple, int]] = [{} for _ in examples]
+        for ex in examples:
+            if not ex.prompt_ids:  # the first completion token is predicted from the last prompt position
+                raise ValueError(f"{ex.origin}: an example with no prompt tokens cannot be scored")
         for role in roles:
             for i, ex in enumerate(examples):
                 ids = ex.completions[role]

@@ -15,7 +15,8 @@ pad id 0::
     attention      = Attention(padding=[[1, 1, 1, 1, 1, 1, 1]],
                                segment=[[0, 0, 0, 0, 0, 0, 0]],
                                branch=[[0, 0, 1, 1, 1, 2, 2]],
-                               position_ids=[[0, 1, 2, 3, 4, 2, 3]])
+                               position_ids=[[0, 1, 2, 3, 4, 2, 3]],
+                               units=[[(0, 2, (3, 2))]])       # (start, prompt, branch lengths)
     token_row      = [0, 0, 0, 0, 0]
     token_pos      = [1, 2, 3, 1, 5]      # position 1 (last prompt token) predicts 21 and 31
     token_target   = [21, 22, 2, 31, 2]

@@ -2,7 +2,7 @@
 consecutive blocks. Every model and attention implementation takes it.
 
 Exact tensors. With B pairs, rows 0..B-1 hold the chosen sequences and rows B..2B-1 the
-rejected ones. For one pair with prompt [11, 12], chosen [21, 22, 2] and rejected [31, 2],
+rejected ones (an example whose completions are equal has one row for both). For one pair with prompt [11, 12], chosen [21, 22, 2] and rejected [31, 2],
 pad id 0::
 
     input_ids        = [[11, 12, 21, 22, 2],
