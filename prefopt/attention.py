@@ -122,17 +122,28 @@ def set_attention(model, impl: str) -> None:
     model.config._attn_implementation = impl
 
 
-_MASKS: dict[str, torch.Tensor] = {}  # per device: ones(N, 2N).tril(N), grown on demand
+_MASKS: dict[tuple, torch.Tensor] = {}  # per (device, dtype): ones(N, 2N).tril(N), grown on demand
+ADDITIVE_MASK_MAX = 2048  # longest side cached as an additive mask (fp32: 32 MiB); boolean beyond
 
 
-def _branch_mask(length: int, prompt: int, device: torch.device) -> torch.Tensor:
-    """(length, prompt + length) bool: the whole prompt, then causal over the branch itself; a
-    view of one cached mask (element (i, c) of the slice is 1 iff c <= i + prompt)."""
-    key, n = str(device), max(length, prompt)
+def _branch_mask(length: int, prompt: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(length, prompt + length) mask: the whole prompt, then causal over the branch itself; a
+    view of one cached mask (element (i, c) of the slice is allowed iff c <= i + prompt).
+    Additive (0 or the dtype's minimum) in the query's dtype up to ADDITIVE_MASK_MAX, because
+    SDPA's CPU kernel converts a boolean mask on every call (measured: ~8% of a branch's
+    attention); boolean beyond, where an additive cache would cost hundreds of MiB."""
+    n = max(length, prompt)
+    additive = n <= ADDITIVE_MASK_MAX
+    key = (str(device), dtype if additive else torch.bool)
     big = _MASKS.get(key)
     if big is None or big.shape[0] < n:
         size = max(n, 2 * (0 if big is None else big.shape[0]), 1024)
-        big = _MASKS[key] = torch.ones(size, 2 * size, dtype=torch.bool, device=device).tril(size)
+        if additive:
+            size = min(size, ADDITIVE_MASK_MAX)
+        big = torch.ones(size, 2 * size, dtype=torch.bool, device=device).tril(size)
+        if additive:
+            big = torch.zeros(big.shape, dtype=dtype, device=device).masked_fill_(~big, torch.finfo(dtype).min)
+        _MASKS[key] = big
     size = big.shape[0]
     return big[:length, size - prompt:size + length]
 
@@ -166,7 +177,7 @@ def split_sdpa_attention(module, query, key, value, attention_mask, dropout: flo
             pieces.append(attend(qs[i], shared_k, shared_v, is_causal=True))
             for j, length in enumerate(branches, start=i + 1):
                 pieces.append(attend(qs[j], torch.cat([shared_k, ks[j]], dim=2), torch.cat([shared_v, vs[j]], dim=2),
-                                     attn_mask=_branch_mask(length, prompt, query.device)))
+                                     attn_mask=_branch_mask(length, prompt, query.device, query.dtype)))
             i += 1 + len(branches)
         if tail:  # padding: never scored
             pieces.append(torch.zeros_like(qs[-1]))

@@ -135,6 +135,46 @@ def test_lm_head_modes_agree_in_value_and_gradient(models, arch):
     model.zero_grad()
 
 
+def test_fused_head_without_gradient_runs_in_cache_sized_chunks(models, monkeypatch):
+    """Under no_grad the fused head splits the scored tokens into NO_GRAD_CHUNK_BYTES chunks
+    (no recomputation to pay): same log-probs; details=False (a reference) gives zeros for the
+    logged-only statistics and the same log-probs."""
+    import prefopt.logps as logps_module
+
+    model = with_attention(models["llama"], "sdpa")
+    batch = make_collator("shared", 0, PAIR_ROLES)(random_pairs(5))
+    with torch.no_grad():
+        want = score_batch(model, batch, Scoring.for_model(model, "full"))
+        monkeypatch.setattr(logps_module, "NO_GRAD_CHUNK_BYTES", 4 * model.config.vocab_size * 3)  # 3 tokens
+        calls = []
+        plain = logps_module.token_statistics
+        monkeypatch.setattr(logps_module, "token_statistics",
+                            lambda logits, *a, **k: calls.append(len(logits)) or plain(logits, *a, **k))
+        got = score_batch(model, batch, Scoring.for_model(model, "fused"))
+        bare = score_batch(model, batch, Scoring.for_model(model, "fused"), details=False)
+    assert torch.allclose(got.logps, want.logps, atol=1e-5) and torch.allclose(bare.logps, want.logps, atol=1e-5)
+    assert torch.equal(got.correct, want.correct) and torch.allclose(got.logits_mean, want.logits_mean, atol=1e-5)
+    assert not bare.correct.any() and not bare.logits_mean.any()
+    assert len(batch.token_target) > 3 and max(calls) == 3 and sum(calls) == 2 * len(batch.token_target)
+
+
+def test_branch_masks_are_exact_views_of_one_cached_mask():
+    """The split SDPA's branch mask: additive (0 / dtype minimum) up to ADDITIVE_MASK_MAX, boolean
+    beyond; element (i, c) allowed iff c <= i + prompt, for every shape and dtype."""
+    from prefopt.attention import ADDITIVE_MASK_MAX, _branch_mask
+
+    for length, prompt in ((3, 5), (700, 1500), (ADDITIVE_MASK_MAX, 100), (ADDITIVE_MASK_MAX + 5, 10), (4, 2100)):
+        for dtype in (torch.float32, torch.bfloat16):
+            mask = _branch_mask(length, prompt, torch.device("cpu"), dtype)
+            want = torch.ones(length, prompt + length, dtype=torch.bool).tril(prompt)
+            assert mask.shape == want.shape
+            if max(length, prompt) <= ADDITIVE_MASK_MAX:
+                assert mask.dtype == dtype and torch.equal(mask == 0, want)
+                assert bool((mask[~want] == torch.finfo(dtype).min).all())
+            else:
+                assert mask.dtype == torch.bool and torch.equal(mask, want)
+
+
 def test_fused_head_applies_logit_soft_capping(models):
     """A model whose forward soft-caps its logits (Gemma 2): the fused head applies the same cap."""
     model = with_attention(models["llama"], "sdpa")

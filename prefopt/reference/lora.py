@@ -59,7 +59,8 @@ class LoraReference:
         self.model.eval()
         try:
             with unwrap_model(self.model).disable_adapter(), self.accelerator.autocast():
-                return score_batch(self.model, batch, self.scoring, keep_token_logprobs=keep_token_logprobs)
+                return score_batch(self.model, batch, self.scoring, keep_token_logprobs=keep_token_logprobs,
+                                   details=False)
         finally:
             self.model.train(was_training)
 

@@ -60,7 +60,8 @@ class ModelReference:
     def scores(self, batch: Batch, keep_token_logprobs: bool = False) -> SequenceScores:
         ctx = self.accelerator.autocast() if self.accelerator is not None else torch.autocast("cpu", enabled=False)
         with ctx:
-            return score_batch(self.model, batch, self.scoring, keep_token_logprobs=keep_token_logprobs)
+            return score_batch(self.model, batch, self.scoring, keep_token_logprobs=keep_token_logprobs,
+                                   details=False)
 
     def release(self) -> None:
         """Free the model (after a pre-pass has cached what it computes)."""
