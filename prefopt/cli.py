@@ -3,6 +3,11 @@
 Verbs:
   sft      supervised fine-tuning (loss defaults to sft)
   dpo      preference optimisation (loss defaults to dpo; any registered loss works)
+  generate sample completions from model.name_or_path for generate.prompts (or data.train);
+           writes OUTPUT_DIR/generations.jsonl
+  spin     SPIN rounds (sample, pair with the data's response, train); OUTPUT_DIR/iter-N/
+  iterative  iterative / self-rewarding DPO rounds (sample k, judge, pair, train)
+  stepwise sDPO: train on ordered chunks, each against the previous step's model
   eval     preference metrics of model.name_or_path against reference.name_or_path on
            data.eval (or data.train); writes OUTPUT_DIR/eval.json; no training
   demo     the end-to-end demo on built-in data (tokenizer, tiny Llama, SFT, DPO, table)
@@ -25,10 +30,14 @@ from prefopt.errors import PrefoptError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prefopt", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:11]))
+                                     epilog="\n".join(__doc__.splitlines()[2:16]))
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, text in (("sft", "supervised fine-tuning"), ("dpo", "preference optimisation"),
-                       ("eval", "evaluate a model against a reference (no training)")):
+                       ("eval", "evaluate a model against a reference (no training)"),
+                       ("generate", "sample completions from a model (JSONL)"),
+                       ("spin", "SPIN: self-play fine-tuning rounds"),
+                       ("iterative", "iterative / self-rewarding DPO rounds"),
+                       ("stepwise", "sDPO: stepwise DPO over ordered chunks")):
         p = verbs.add_parser(verb, help=text)
         p.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",
                        help="an optional YAML config, then dotted overrides such as train.learning_rate=1e-5")
@@ -75,6 +84,14 @@ def cmd_eval(ns) -> int:
     from prefopt.trainer import Trainer
 
     config = _config(ns, {"loss": "dpo"})
+    sampled = None
+    if config.eval.generate:
+        from prefopt.eval.run import run_sampled_eval
+        sampled = run_sampled_eval(config)
+        print((Path(config.output_dir) / "reward_kl.md").read_text())
+        if config.eval.sweep or (config.data.eval is None and config.data.train is None):
+            print(f"wrote {Path(config.output_dir) / 'sampled_eval.json'}")
+            return 0  # no preference data (or several models): the sampled metrics only
     needed, needed_by = Objective.requirements(config.loss)
     if needed and config.reference.name_or_path is None:
         raise ConfigError(f"prefopt eval: {needed_by} compares the model with a reference; set "
@@ -93,9 +110,28 @@ def cmd_eval(ns) -> int:
     result = {"model": config.model.name_or_path, "reference": config.reference.name_or_path,
               "data": str(source if source is not None else f"{config.data.train} (held-out split)"),
               "loss": [t.name for t in config.loss], "metrics": values}
+    if sampled is not None:
+        result["sampled"] = sampled["models"][0]
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(values, indent=2))
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_generate(ns) -> int:
+    from prefopt.generate import run_generate
+
+    result = run_generate(_config(ns, {}))
+    print(f"wrote {result['output']}")
+    return 0
+
+
+def cmd_method(ns) -> int:
+    from prefopt.methods import METHODS
+
+    run, default_loss = METHODS[ns.verb]
+    result = run(_config(ns, {"loss": default_loss}))
+    print(f"final model: {result['final_model']}")
     return 0
 
 
@@ -174,7 +210,8 @@ def cmd_formats(ns) -> int:
     return 0
 
 
-VERBS = {"sft": cmd_train, "dpo": cmd_train, "eval": cmd_eval, "demo": cmd_demo,
+VERBS = {"sft": cmd_train, "dpo": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "spin": cmd_method,
+         "iterative": cmd_method, "stepwise": cmd_method, "demo": cmd_demo,
          "losses": cmd_losses, "keys": cmd_keys, "formats": cmd_formats}
 
 if __name__ == "__main__":

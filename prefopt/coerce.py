@@ -53,6 +53,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             if not isinstance(value, dict):
                 raise ValueError
             return dict(value)
+        if origin is list:
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return list(value)
     except (TypeError, ValueError):
         name = getattr(inner, "__name__", str(inner))
         raise ConfigError(f"{key}: expected {name}, got {value!r}") from None

@@ -169,6 +169,10 @@ class ReferenceConfig:
         None, "Reference model hub id or directory. None: a frozen copy of the initial policy.")
     dtype: str | None = option(None, "dtype of the reference weights; None: same as model.dtype.",
                                choices=(None, "float32", "bfloat16", "float16", "auto"))
+    sync_steps: int = option(
+        0, "TR-DPO: every N optimizer steps move the reference toward the policy (ref <- alpha*policy + "
+           "(1-alpha)*ref); 0: a fixed reference. Needs a separate reference model (strategy model).")
+    sync_alpha: float = option(1.0, "TR-DPO's alpha: 1 copies the policy (hard update), < 1 mixes (soft update).")
     cache_dir: str | None = option(
         None, "Where the precomputed reference log-probs are cached (a folder per key: reference weights, "
               "data, tokenisation, layout, precision); None: OUTPUT_DIR/reference_cache.")
@@ -179,6 +183,64 @@ class SaveConfig:
     merge_lora: bool = option(
         False, "With LoRA, save the final model with the adapters merged into the base weights (loads with "
                "AutoModelForCausalLM); false saves the adapter (loads with PeftModel.from_pretrained).")
+
+
+@dataclass
+class GenerateConfig:
+    prompts: str | None = option(
+        None, "Prompts to sample from: a file or dataset in any data format (the prompt of each record; "
+              "{prompt: ...} alone works too). None: data.train.")
+    output: str | None = option(None, "JSONL file the samples are written to; None: OUTPUT_DIR/generations.jsonl.")
+    num_samples: int = option(1, "Completions sampled per prompt (n).")
+    max_new_tokens: int = option(128, "Most tokens generated per completion. A prompt longer than "
+                                      "data.max_length - max_new_tokens is a bad record (data.on_error).")
+    temperature: float = option(1.0, "Sampling temperature; 0 decodes greedily (top_p/top_k unused; the n samples of a "
+                                            "prompt are then one decode, repeated).")
+    top_p: float = option(1.0, "Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.")
+    top_k: int = option(0, "Keep only the k most likely tokens; 0: no limit.")
+    stop: list = option(factory=list, help="Stop strings: a completion ends before the first one (EOS always stops).")
+    seed: int | None = option(None, "Seed of the sampling; None: train.seed. Same seed, settings and batch "
+                                    "size give the same samples.")
+    batch_size: int = option(16, "Prompts per generation batch (left-padded, KV cache).")
+    backend: str = option("transformers", "Sampling engine: transformers' generate (KV cache; CPU and GPU) or "
+                                          "vllm (GPU, needs the vllm package; the model is loaded from "
+                                          "model.name_or_path).", choices=("transformers", "vllm"))
+
+
+@dataclass
+class EvalConfig:
+    generate: bool = option(False, "prefopt eval also samples: the judge's mean reward, the win rate against the "
+                                   "reference's samples, the sampled KL to the reference, the reference's best-of-N.")
+    judge: Any = option("length", "The judge of sampled completions (see iterative.judge for the forms).")
+    best_of_n: int = option(0, "Also report the reference's best-of-N reward with N samples per prompt; 0: off.")
+    max_prompts: int | None = option(None, "Sample for the first N prompts only.")
+    sweep: list = option(factory=list, help="Evaluate several models (checkpoints, runs at several beta) against "
+                                            "the same reference samples; writes OUTPUT_DIR/reward_kl.csv/.md.")
+
+
+@dataclass
+class SpinConfig:
+    iterations: int = option(2, "Rounds of SPIN: sample from the current model, pair the data's response "
+                                "(chosen) with the sample (rejected), train against the round's start.")
+
+
+@dataclass
+class IterativeConfig:
+    iterations: int = option(2, "Rounds of sample -> judge -> pair -> train.")
+    judge: Any = option("length", "The judge that scores samples: a name (vader, regex, length, python, self, "
+                                  "reward_model) or a mapping {name: ..., options}; 'self' is the policy "
+                                  "(Self-Rewarding LMs).")
+    pairs: str = option("best_worst", "Which pairs a prompt's samples make: the best against the worst, or "
+                                      "every two samples.", choices=("best_worst", "all"))
+    min_gap: float = option(0.0, "Keep a pair only when the judge's scores differ by more than this.")
+    reference: str = option("previous", "Reference of round t: the round's starting model (previous) or the "
+                                        "first model (initial).", choices=("previous", "initial"))
+
+
+@dataclass
+class StepwiseConfig:
+    chunks: int = option(2, "sDPO: cut data.train into this many contiguous chunks, trained in order.")
+    sources: list = option(factory=list, help="sDPO: one data source per step, in order (overrides chunks).")
 
 
 @dataclass
@@ -205,16 +267,26 @@ class RunConfig:
     train: TrainConfig = option(factory=TrainConfig, help="Optimisation and bookkeeping.")
     reference: ReferenceConfig = option(factory=ReferenceConfig, help="The reference model.")
     save: SaveConfig = option(factory=SaveConfig, help="How the final model is written.")
-    loss: list = option(factory=lambda: [LossTerm()],
+    generate: GenerateConfig = option(factory=GenerateConfig, help="Sampling from the policy (prefopt generate, "
+                                                                   "and the methods that sample).")
+    eval: EvalConfig = option(factory=EvalConfig, help="What prefopt eval measures beyond preference metrics.")
+    spin: SpinConfig = option(factory=SpinConfig, help="SPIN (prefopt spin).")
+    iterative: IterativeConfig = option(factory=IterativeConfig, help="Iterative / self-rewarding DPO "
+                                                                      "(prefopt iterative).")
+    stepwise: StepwiseConfig = option(factory=StepwiseConfig, help="sDPO (prefopt stepwise).")
+    loss: list = option(factory=lambda: parse_loss("dpo"),
                         help="The objective: one loss or a weighted list of losses.")
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-            "reference": ReferenceConfig, "save": SaveConfig}
+            "reference": ReferenceConfig, "save": SaveConfig, "generate": GenerateConfig, "eval": EvalConfig,
+            "spin": SpinConfig,
+            "iterative": IterativeConfig, "stepwise": StepwiseConfig}
 # Flat names for the Python API beyond the model/data/train field names (which are unique).
 FLAT_ALIASES = {"loss_type": "loss.name", "ref_model": "reference.name_or_path",
                 "ref_dtype": "reference.dtype", "reference_strategy": "reference.strategy",
-                "bf16": "train.mixed_precision", "model_name_or_path": "model.name_or_path"}
+                "bf16": "train.mixed_precision", "model_name_or_path": "model.name_or_path",
+                "ref_model_sync_steps": "reference.sync_steps", "ref_model_mixup_alpha": "reference.sync_alpha"}
 FLAT_SECTIONS = ("model", "data", "train", "save")
 # data.train / data.eval are the trainers' train_dataset / eval_dataset arguments.
 FLAT_EXCLUDED = {"data.train", "data.eval"}

@@ -125,11 +125,20 @@ def bare_name(name: str) -> str:
     return name.removeprefix("module.")
 
 
+CHECKPOINT_ALL = "_prefopt_checkpoint_all"
+
+
 def without_frozen_weights(models, weights, output_dir) -> None:
     """An ``accelerator.save_state`` pre-hook: a checkpoint leaves out frozen parameters (a LoRA
     base), which the config rebuilds; trainable parameters and buffers stay. Under FSDP and
-    DeepSpeed accelerate saves through their own code and ``weights`` is empty."""
+    DeepSpeed accelerate saves through their own code and ``weights`` is empty. A model marked
+    ``CHECKPOINT_ALL`` (TR-DPO's moving reference: frozen to the optimizer, but training state)
+    is saved whole."""
+    from accelerate.utils import extract_model_from_parallel
+
     for i, weight in enumerate(weights):
+        if getattr(extract_model_from_parallel(models[i]), CHECKPOINT_ALL, False):
+            continue
         frozen = {bare_name(n) for n, p in models[i].named_parameters() if not p.requires_grad}
         if frozen:
             weights[i] = {k: v for k, v in weight.items() if bare_name(k) not in frozen}

@@ -215,8 +215,10 @@ class Trainer:
             objective.reduce_mean = lambda t: accelerator.reduce(t, reduction="mean")
         if objective.stateful:  # e.g. BCO's running reward mean: saved and restored with checkpoints
             accelerator.register_for_checkpointing(objective)
+        hooks = [objective.reference.after_optimizer_step] if hasattr(objective.reference, "after_optimizer_step") \
+            else []
         self.job = loop.Job(cfg, accelerator, model, tokenizer, objective, optimizer, scheduler,
-                            train_loader, eval_loader, output_dir, total_steps, steps_per_epoch)
+                            train_loader, eval_loader, output_dir, total_steps, steps_per_epoch, hooks)
         return self.job
 
     def _datasets(self, accelerator, tokenizer, objective: Objective, output_dir: Path):

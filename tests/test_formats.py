@@ -613,7 +613,7 @@ def test_detection_priority_is_registration_order():
     from prefopt.data.formats import FORMATS
     assert list(FORMATS) == ["sharegpt", "stack_exchange", "hh", "conversational",
                              "conversational_implicit", "plain", "unpaired", "messages_label",
-                             "prompt_completion", "messages"]
+                             "prompt_completion", "messages", "prompt_only"]
 
 
 def test_detection_uses_the_first_record_only(tmp_path):

@@ -17,14 +17,14 @@ from typing import Any
 from prefopt.config import DataConfig
 from prefopt.data.formats import Format, detect_format, get_format
 from prefopt.data.report import DataReport
-from prefopt.data.schema import (CompletionExample, PreferenceExample, RecordProblem,
-                                 validate_completion, validate_pair)
+from prefopt.data.schema import (CompletionExample, PreferenceExample, PromptExample, RecordProblem,
+                                 validate_completion, validate_pair, validate_prompt)
 from prefopt.data.sources import read_records
 from prefopt.data.tokenize import EncodedExample, Encoder
 from prefopt.errors import ConfigError, DataError
 from prefopt.losses.base import KNOWN_COLUMNS
 
-Example = PreferenceExample | CompletionExample
+Example = PreferenceExample | CompletionExample | PromptExample
 NUMERIC_COLUMNS = tuple(c for c in KNOWN_COLUMNS if c != "ref_completion")
 
 
@@ -126,6 +126,8 @@ def convert(fmt: Format, record: dict, origin, required_columns: tuple[str, ...]
         problem = check(extras)
         if problem:
             raise RecordProblem("invalid_column", problem)
+    if fmt.kind == "prompt":
+        return PromptExample(validate_prompt(fields["prompt"]), origin, extras)
     if fmt.kind == "paired":
         prompt, chosen, rejected = validate_pair(fields["prompt"], fields["chosen"], fields["rejected"])
         return PreferenceExample(prompt, chosen, rejected, origin, extras)
@@ -177,6 +179,10 @@ def as_kind(examples: list[Example], kind: str, report: DataReport) -> list[Exam
     """Convert examples to the kind the objective consumes, counting what changes."""
     out: list[Example] = []
     for ex in examples:
+        if isinstance(ex, PromptExample):
+            raise ConfigError(f"{ex.origin}: the data format '{report.format}' has prompts only; training "
+                              f"needs completions ({'chosen and rejected' if kind == 'paired' else 'completion'}). "
+                              "Prompt-only data is for `prefopt generate` and the methods that sample")
         if kind == "paired":
             if not isinstance(ex, PreferenceExample):
                 raise ConfigError(f"{ex.origin}: the loss needs paired data (chosen and rejected), but "

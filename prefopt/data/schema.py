@@ -1,10 +1,12 @@
 """The canonical example schema every source format is converted to.
 
-Two shapes, one per kind of data:
+Three shapes, one per kind of data:
 
 * ``PreferenceExample(prompt, chosen, rejected)`` — paired data (DPO and family);
 * ``CompletionExample(prompt, completion, label)`` — unpaired data (KTO: ``label`` True for
-  desirable, False for undesirable) and SFT data (``label`` None).
+  desirable, False for undesirable) and SFT data (``label`` None);
+* ``PromptExample(prompt)`` — prompts alone, what generation samples from (any of the
+  shapes above gives its prompt too).
 
 A prompt is either raw text (``str``) or a conversation (a list of ``{"role", "content"}``
 messages, rendered by the tokenizer's chat template). A completion has the same form as
@@ -69,6 +71,17 @@ class CompletionExample:
         return isinstance(self.prompt, list)
 
 
+@dataclass
+class PromptExample:
+    prompt: Text
+    origin: Origin
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
 def check_text(value: Any, what: str, *, conversational: bool | None = None) -> Text:
     """Validate a prompt or completion: non-empty text, or well-formed messages."""
     if isinstance(value, str):
@@ -125,6 +138,13 @@ def validate_completion(prompt: Any, completion: Any) -> tuple[Text, Text]:
         if completion[0]["role"] != "assistant":
             raise RecordProblem("wrong_type", "completion must start with an assistant message")
     return prompt, completion
+
+
+def validate_prompt(prompt: Any) -> Text:
+    prompt = check_text(prompt, "prompt")
+    if isinstance(prompt, list):
+        _check_prompt_turns(prompt)
+    return prompt
 
 
 def _check_prompt_turns(prompt: list) -> None:

@@ -92,6 +92,12 @@ class Encoder:
         return EncodedExample(prompt_ids, completions, example.origin,
                               getattr(example, "label", None), extras)
 
+    def encode_prompt(self, prompt) -> tuple[str, list[int]]:
+        """A prompt's text (chat template applied, generation prompt added) and its token ids,
+        exactly as training tokenises it (generation continues from these ids)."""
+        text = self._render_prompt(prompt)
+        return text, self._ids(text, conversational=isinstance(prompt, list))
+
     # ------------------------------------------------------------------ rendering
     def _render_prompt(self, prompt: Text) -> str:
         if isinstance(prompt, str):

@@ -48,6 +48,21 @@ class ReferenceStrategy(Protocol):
         """Reference statistics for every sequence of ``batch`` (no gradient)."""
 
 
+def _synced(cfg: ReferenceConfig, model_cfg: ModelConfig, strategy: str, policy, ref_model):
+    from prefopt.reference.model import ModelReference
+    from prefopt.reference.synced import SyncedReference
+
+    if strategy == "lora":
+        raise ConfigError("reference.sync_steps (TR-DPO) cannot move a LoRA reference: it is the policy's own base "
+                          "weights with the adapters disabled, so moving it would move the policy too. Use "
+                          "reference.strategy=model (a separate copy) with LoRA, or no sync")
+    if strategy == "precomputed":
+        raise ConfigError("reference.sync_steps (TR-DPO) changes the reference during training, so log-probs "
+                          "precomputed before it would be stale; use reference.strategy=model")
+    return SyncedReference(ModelReference.build(cfg, model_cfg, policy=policy, ref_model=ref_model),
+                           cfg.sync_steps, cfg.sync_alpha)
+
+
 def build_reference(cfg: ReferenceConfig, model_cfg: ModelConfig, *, needed: bool, needed_by: str,
                     policy: Any = None, ref_model: Any = None) -> ReferenceStrategy:
     """Choose and build the strategy. ``ref_model`` may be a model object or a path."""
@@ -73,6 +88,8 @@ def build_reference(cfg: ReferenceConfig, model_cfg: ModelConfig, *, needed: boo
                           "(reference.name_or_path / ref_model) needs reference.strategy=model")
     if strategy == "auto":
         strategy = "lora" if lora and not separate else "model"
+    if cfg.sync_steps:
+        return _synced(cfg, model_cfg, strategy, policy, ref_model)
     if strategy == "precomputed":
         source = LoraReference() if lora and not separate else \
             ModelReference.build(cfg, model_cfg, policy=policy, ref_model=ref_model)

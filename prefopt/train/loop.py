@@ -17,7 +17,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ class Job:
     output_dir: Path
     total_steps: int
     steps_per_epoch: int
+    # called with the step number after every optimizer step (e.g. a reference that follows the policy)
+    step_hooks: list = field(default_factory=list)
 
 
 class NonFiniteLossError(PrefoptError):
@@ -76,6 +78,8 @@ def train(job: Job) -> tuple[TrainState, dict]:
         tokens += optimizer_step(job, window, window_metrics)
         train_seconds += time.perf_counter() - started  # eval and checkpoint time excluded
         state.step += 1
+        for hook in job.step_hooks:
+            hook(state.step)
         bar.update(1)
         if state.step % cfg.logging_steps == 0 or state.step == job.total_steps:
             tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), reduction="sum"))

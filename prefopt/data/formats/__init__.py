@@ -20,7 +20,7 @@ from prefopt.errors import DataError, unknown
 @dataclass(frozen=True)
 class Format:
     name: str
-    kind: str                       # "paired" | "unpaired" | "completion"
+    kind: str                       # "paired" | "unpaired" | "completion" | "prompt"
     detect: Callable[[dict], bool]
     convert: Callable[[dict], dict]  # -> {prompt, chosen, rejected} or {prompt, completion[, label]}
     description: str
@@ -31,7 +31,7 @@ FORMATS: dict[str, Format] = {}
 
 
 def register_format(fmt: Format) -> Format:
-    assert fmt.kind in ("paired", "unpaired", "completion") and fmt.name not in FORMATS
+    assert fmt.kind in ("paired", "unpaired", "completion", "prompt") and fmt.name not in FORMATS
     FORMATS[fmt.name] = fmt
     return fmt
 
@@ -74,4 +74,5 @@ def detect_format(record: dict, where: str, kinds: tuple[str, ...]) -> Format:
 
 
 # Registration order is detection priority: most specific first.
-from prefopt.data.formats import sharegpt, stack_exchange, hh, conversational, plain, unpaired, sft  # noqa: E402,F401
+from prefopt.data.formats import (sharegpt, stack_exchange, hh, conversational, plain, unpaired, sft,  # noqa: E402,F401
+                                  prompts)

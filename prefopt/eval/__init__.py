@@ -1,0 +1,1 @@
+"""Evaluation beyond the preference metrics: sampling-based reward, win rate and KL."""
