@@ -10,6 +10,7 @@ Verbs:
   stepwise sDPO: train on ordered chunks, each against the previous step's model
   eval     preference metrics of model.name_or_path against reference.name_or_path on
            data.eval (or data.train); writes OUTPUT_DIR/eval.json; no training
+  report   OUTPUT_DIR/report.html from a run's outputs (plots, metrics, data, samples)
   demo     the end-to-end demo on built-in data (tokenizer, tiny Llama, SFT, DPO, table)
   losses   every registered loss: paper, parameters, requirements (`prefopt losses dpo`)
   keys     every config key with its type, default and help
@@ -30,7 +31,7 @@ from prefopt.errors import PrefoptError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prefopt", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:16]))
+                                     epilog="\n".join(__doc__.splitlines()[2:17]))
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, text in (("sft", "supervised fine-tuning"), ("dpo", "preference optimisation"),
                        ("eval", "evaluate a model against a reference (no training)"),
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         p = verbs.add_parser(verb, help=text)
         p.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",
                        help="an optional YAML config, then dotted overrides such as train.learning_rate=1e-5")
+    report = verbs.add_parser("report", help="write OUTPUT_DIR/report.html from a run's outputs")
+    report.add_argument("output_dir", metavar="OUTPUT_DIR")
     demo = verbs.add_parser("demo", help="SFT then DPO on built-in data with a tiny Llama; prints a table")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
@@ -135,6 +138,13 @@ def cmd_method(ns) -> int:
     return 0
 
 
+def cmd_report(ns) -> int:
+    from prefopt.report import write_report
+
+    print(f"wrote {write_report(ns.output_dir)}")
+    return 0
+
+
 def cmd_demo(ns) -> int:
     from prefopt.demo import run_demo
 
@@ -211,7 +221,8 @@ def cmd_formats(ns) -> int:
 
 
 VERBS = {"sft": cmd_train, "dpo": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "spin": cmd_method,
-         "iterative": cmd_method, "stepwise": cmd_method, "demo": cmd_demo,
+         "iterative": cmd_method, "stepwise": cmd_method, "report": cmd_report,
+         "demo": cmd_demo,
          "losses": cmd_losses, "keys": cmd_keys, "formats": cmd_formats}
 
 if __name__ == "__main__":

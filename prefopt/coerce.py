@@ -54,6 +54,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 raise ValueError
             return dict(value)
         if origin is list:
+            if isinstance(value, str):  # one item given alone (report_to: tensorboard, stop: "\n")
+                return [value]
             if not isinstance(value, (list, tuple)):
                 raise ValueError
             return list(value)

@@ -155,6 +155,13 @@ class TrainConfig:
     resume_from: str | None = option(None, "A checkpoint directory, or 'latest' for the newest in "
                                      "OUTPUT_DIR/checkpoints.")
     progress_bar: bool = option(True, "Show a progress bar on the main process.")
+    report_to: list = option(factory=list, help="Experiment trackers through accelerate (TRL's name): any of "
+                                                "tensorboard, wandb, trackio, mlflow, comet_ml; a name or a list; "
+                                                "'none' for none. Logs go under OUTPUT_DIR/logs; metrics.jsonl "
+                                                "is always written. Offline: WANDB_MODE=offline, a local "
+                                                "MLFLOW_TRACKING_URI.")
+    report_html: bool = option(True, "End the run by writing OUTPUT_DIR/report.html (plots, metrics, data "
+                                     "report, samples); `prefopt report OUTPUT_DIR` rewrites it.")
 
 
 @dataclass

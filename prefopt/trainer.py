@@ -38,6 +38,8 @@ from prefopt.objective import Objective
 from prefopt.attention import SPLIT_SDPA, attn_implementation, set_attention
 from prefopt.logps import Scoring, unwrap_model
 from prefopt.lora import without_frozen_weights
+from prefopt.report import report_at_end
+from prefopt.train.trackers import flat_config, logging_dir, resolve_trackers
 from prefopt.reference import ReferenceContext, build_reference
 from prefopt.scoring import Plan, Probe, architecture_key, plan_scoring, reuse_plan
 from prefopt.train import batches, loop
@@ -103,10 +105,16 @@ class Trainer:
                      " + ".join(f"{t.weight:g}*{t.spec.name}" for t in job.objective.terms),
                      getattr(job.objective.reference, "description", job.objective.reference.name),
                      job.total_steps, job.steps_per_epoch)
+        if self._trackers:
+            job.accelerator.init_trackers(job.output_dir.name or "prefopt", config=flat_config(to_dict(job.config)))
         try:
             self.state, last_eval = loop.train(job)
         finally:
             self._restore_attention()
+            if self._trackers:
+                job.accelerator.end_training()
+        if job.accelerator.is_main_process:
+            report_at_end(job.output_dir, job.config.train.report_html)
         return last_eval
 
     def evaluate(self, on: str = "eval") -> dict:
@@ -170,10 +178,12 @@ class Trainer:
         # fp32, then DPO in bf16) needs its own precision. The process group (PartialState) stays.
         AcceleratorState._reset_state(reset_partial_state=False)
         # The schedule counts optimizer steps: accelerate must not step it once per process.
-        accelerator = Accelerator(mixed_precision=resolve_precision(tcfg.mixed_precision), cpu=distributed_cpu,
-                                  step_scheduler_with_optimizer=False)
-        set_seed(tcfg.seed)
         output_dir = Path(cfg.output_dir)
+        self._trackers = resolve_trackers(tcfg.report_to)
+        accelerator = Accelerator(mixed_precision=resolve_precision(tcfg.mixed_precision), cpu=distributed_cpu,
+                                  step_scheduler_with_optimizer=False, log_with=self._trackers or None,
+                                  project_dir=str(logging_dir(output_dir)))
+        set_seed(tcfg.seed)
 
         tokenizer = self._build_tokenizer()
         model = self._build_model()

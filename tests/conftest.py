@@ -49,3 +49,11 @@ def shared_data() -> Path:
 def pairs(records: list[dict], n: int) -> list[dict]:
     """The first n demo pairs (ShareGPT records)."""
     return records[:n]
+
+
+@pytest.fixture(autouse=True)
+def _no_end_of_run_report(request, monkeypatch):
+    """Runs end by writing report.html (~1 s of matplotlib on this CPU); the many tiny runs of
+    the suite skip it, except in tests/test_report.py, which tests it."""
+    if request.module.__name__.split(".")[-1] != "test_report":
+        monkeypatch.setattr("prefopt.trainer.report_at_end", lambda output_dir, enabled: None)

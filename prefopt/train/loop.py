@@ -63,7 +63,8 @@ def train(job: Job) -> tuple[TrainState, dict]:
     if cfg.resume_from:
         state = load_checkpoint(acc, job.model, resolve_resume(cfg.resume_from, job.output_dir))
     # A resumed run keeps the metrics of the steps up to its checkpoint, not those logged after it.
-    writer = MetricsWriter(job.output_dir / "metrics.jsonl", acc.is_main_process, keep_until=state.step)
+    writer = MetricsWriter(job.output_dir / "metrics.jsonl", acc.is_main_process, keep_until=state.step,
+                           log_fn=acc.log if acc.trackers else None)
     last_eval: dict = {}
     if cfg.eval_on_start and state.step == 0 and job.eval_loader is not None:
         last_eval = _log_eval(job, writer, state.step)

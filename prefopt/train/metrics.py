@@ -47,11 +47,13 @@ class MetricAccumulator:
 class MetricsWriter:
     """OUTPUT_DIR/metrics.jsonl: one JSON object per logging or eval event, with ``step``."""
 
-    def __init__(self, path: Path, enabled: bool, keep_until: int = 0):
+    def __init__(self, path: Path, enabled: bool, keep_until: int = 0, log_fn=None):
         """Start the file afresh, or (resuming at step ``keep_until`` > 0) keep the rows of the
-        steps up to it and drop any logged after it by the interrupted run."""
+        steps up to it and drop any logged after it by the interrupted run. ``log_fn(values,
+        step)`` also receives every row's numbers (accelerate's trackers)."""
         self.path = path
         self.enabled = enabled
+        self.log_fn = log_fn
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
             kept = []
@@ -61,6 +63,9 @@ class MetricsWriter:
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, step: int, values: dict) -> None:
+        if self.log_fn is not None:
+            self.log_fn({k: float(v) for k, v in values.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=step)
         if not self.enabled:
             return
         row = {"step": step, **{k: _clean(v) for k, v in values.items()}}
