@@ -14,10 +14,11 @@ import logging as _logging
 from prefopt import losses
 from prefopt.config import RunConfig, load_config
 from prefopt.errors import ConfigError, DataError, PrefoptError
-from prefopt.trainer import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, Trainer
+from prefopt.trainer import (DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer,
+                             Trainer)
 
 __version__ = "0.1.0"
-__all__ = ["DPOConfig", "DPOTrainer", "SFTConfig", "SFTTrainer", "Trainer", "RunConfig", "load_config",
+__all__ = ["DPOConfig", "DPOTrainer", "RewardConfig", "RewardTrainer", "SFTConfig", "SFTTrainer", "Trainer", "RunConfig", "load_config",
            "losses", "ConfigError", "DataError", "PrefoptError"]
 
 _log = _logging.getLogger("prefopt")

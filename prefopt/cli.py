@@ -3,6 +3,7 @@
 Verbs:
   sft      supervised fine-tuning (loss defaults to sft)
   dpo      preference optimisation (loss defaults to dpo; any registered loss works)
+  rm       a Bradley-Terry reward model (sequence classifier); accuracy and calibration table
   generate sample completions from model.name_or_path for generate.prompts (or data.train);
            writes OUTPUT_DIR/generations.jsonl
   spin     SPIN rounds (sample, pair with the data's response, train); OUTPUT_DIR/iter-N/
@@ -31,9 +32,10 @@ from prefopt.errors import PrefoptError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prefopt", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:17]))
+                                     epilog="\n".join(__doc__.splitlines()[2:18]))
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, text in (("sft", "supervised fine-tuning"), ("dpo", "preference optimisation"),
+                       ("rm", "train a reward model"),
                        ("eval", "evaluate a model against a reference (no training)"),
                        ("generate", "sample completions from a model (JSONL)"),
                        ("spin", "SPIN: self-play fine-tuning rounds"),
@@ -118,6 +120,24 @@ def cmd_eval(ns) -> int:
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(values, indent=2))
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_rm(ns) -> int:
+    from prefopt.rewards import calibration_markdown
+    from prefopt.trainer import RewardTrainer
+
+    config = _config(ns, {"loss": "bradley_terry", "train": {"learning_rate": 1e-5}})
+    trainer = RewardTrainer(args=config)
+    trainer.train()
+    on = "eval" if trainer._eval_set is not None else "train"
+    result = {"data": on, **trainer.calibration(on)}
+    out = Path(config.output_dir)
+    if trainer.job.accelerator.is_main_process:
+        (out / "reward_calibration.json").write_text(json.dumps(result, indent=2))
+        (out / "reward_calibration.md").write_text(calibration_markdown(result))
+        print(f"saved {out / 'final'} (loads with AutoModelForSequenceClassification)")
+        print(f"{on} pairs: " + calibration_markdown(result))
     return 0
 
 
@@ -220,7 +240,7 @@ def cmd_formats(ns) -> int:
     return 0
 
 
-VERBS = {"sft": cmd_train, "dpo": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "spin": cmd_method,
+VERBS = {"sft": cmd_train, "dpo": cmd_train, "rm": cmd_rm, "eval": cmd_eval, "generate": cmd_generate, "spin": cmd_method,
          "iterative": cmd_method, "stepwise": cmd_method, "report": cmd_report,
          "demo": cmd_demo,
          "losses": cmd_losses, "keys": cmd_keys, "formats": cmd_formats}

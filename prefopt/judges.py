@@ -254,8 +254,53 @@ class SelfJudge(Judge):
         return results
 
 
+class RewardModelJudge(Judge):
+    """A trained reward model (``prefopt rm``'s final/): the reward of (prompt, completion),
+    tokenised exactly as in reward-model training (chat template, completion ending in EOS)."""
+    name = "reward_model"
+
+    def __init__(self, path: str, max_length: int = 1024, max_prompt_length: int | None = None,
+                 batch_size: int = 8, chat_template: str | None = None):
+        from prefopt.data.tokenize import Encoder
+        from prefopt.logps import Scoring
+        from prefopt.models import load_model, load_tokenizer
+
+        self.path, self.batch_size = path, batch_size
+        self.tok = load_tokenizer(path, chat_template)
+        self.model = load_model(path, kind="reward").eval()
+        self.model.config.pad_token_id = self.tok.pad_token_id
+        self.encoder = Encoder(self.tok, max_length, max_prompt_length)  # as in training: data.max_*
+        self.scoring = Scoring.for_model(self.model, "reward")
+
+    def score(self, prompts, completions):
+        import torch
+
+        from prefopt.data.collate import make_collator
+        from prefopt.data.report import DataReport
+        from prefopt.data.schema import CompletionExample, Origin
+        from prefopt.logps import score_batch
+
+        report = DataReport("judge", "raise")
+        encoded = []
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            completion = [{"role": "assistant", "content": c}] if isinstance(p, list) else c
+            encoded.append(self.encoder.encode(CompletionExample(p, completion, Origin("<judge>", i)), report))
+        collate = make_collator("padded", self.tok.pad_token_id, ("completion",))
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(encoded), self.batch_size):
+                batch = collate(encoded[s:s + self.batch_size])
+                rewards = score_batch(self.model, batch, self.scoring).logps
+                out += rewards[batch.index["completion"]].tolist()
+        return out
+
+    def describe(self) -> str:
+        return f"reward model {self.path}"
+
+
 JUDGES: dict[str, Callable[..., Judge]] = {"vader": VaderJudge, "regex": RegexJudge, "length": LengthJudge,
-                                           "python": PythonJudge, "self": SelfJudge}
+                                           "python": PythonJudge, "self": SelfJudge,
+                                           "reward_model": RewardModelJudge}
 
 
 def register_judge(name: str, factory: Callable[..., Judge]) -> None:

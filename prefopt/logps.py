@@ -55,7 +55,7 @@ def register_token_stat(name: str, fn: Callable[[Tensor, Tensor], Tensor]) -> No
 class Scoring:
     """How a model is run and scored (see the module docstring)."""
     attn: str = "sdpa"               # attention implementation: which mask form the layouts need
-    head: str = "full"               # full | scored | fused
+    head: str = "full"               # full | scored | fused | reward (a reward model's scalar per sequence)
     chunk_size: int | None = None    # fused head: scored tokens per chunk (None: CHUNK_BYTES worth)
     dtype: torch.dtype = torch.float32  # the model's dtype (an eager additive mask is built in it)
 
@@ -153,6 +153,11 @@ def score_batch(model, batch: Batch, scoring: Scoring | None = None, *, keep_tok
     if scoring.attn == SPLIT_SDPA and batch.attention.units is not None:
         ensure_attention(unwrap_model(model), SPLIT_SDPA)  # a trainer switches it back after training
     inputs = model_inputs(batch, scoring.attn, scoring.dtype)
+    if scoring.head == "reward":  # a reward model: the scalar of each sequence in the logps field
+        from prefopt.rewards import reward_forward
+        rewards = reward_forward(model, inputs, batch)
+        zeros = torch.zeros_like(rewards)
+        return SequenceScores(rewards, batch.sequence_lengths, zeros, zeros)
     want = dict(ref_logprobs=ref_token_logprobs, stats=token_stats, keep_logprobs=keep_token_logprobs,
                 details=details)
     if scoring.head == "fused":

@@ -31,9 +31,11 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def load_model(name_or_path: str, dtype: str = "float32", model_cfg: ModelConfig | None = None):
-    """AutoModelForCausalLM.from_pretrained for a hub id or a local directory."""
-    from transformers import AutoModelForCausalLM
+def load_model(name_or_path: str, dtype: str = "float32", model_cfg: ModelConfig | None = None, kind: str = "causal"):
+    """AutoModelForCausalLM.from_pretrained for a hub id or a local directory; ``kind="reward"``:
+    AutoModelForSequenceClassification with one output (a reward model; a causal LM checkpoint
+    gets a new, randomly initialised ``score`` head)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     _quiet_transformers()
     model_cfg = model_cfg or ModelConfig()
@@ -43,8 +45,11 @@ def load_model(name_or_path: str, dtype: str = "float32", model_cfg: ModelConfig
     quantization = quantization_config(model_cfg.load_in_4bit)  # checked before anything loads
     if quantization is not None:
         kwargs["quantization_config"] = quantization
+    if kind == "reward":
+        kwargs["num_labels"] = 1
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        auto = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
+        return auto.from_pretrained(name_or_path, **kwargs)
     except OSError as e:
         raise ConfigError(f"cannot load model '{name_or_path}': {str(e).splitlines()[0]}") from None
 

@@ -67,6 +67,11 @@ class Objective:
         if len(kinds) > 1:
             raise ConfigError("cannot mix paired and unpaired losses in one objective: "
                               + ", ".join(f"{t.spec.name} ({t.spec.data})" for t in terms))
+        score_kinds = {t.spec.scores for t in terms}
+        if len(score_kinds) > 1:
+            raise ConfigError("cannot mix a reward-model loss with log-prob losses in one objective: "
+                              + ", ".join(f"{t.spec.name} ({t.spec.scores})" for t in terms))
+        self.rewards = score_kinds == {"reward"}  # the model is a reward model: one scalar per sequence
         self.terms = terms
         self.kind = {"paired": "paired", "unpaired": "unpaired"}.get(next(iter(kinds), ""), "completion")
         self.reference = reference
@@ -261,7 +266,9 @@ class Objective:
             out[f"loss/{name}"] = (value.detach(), 1.0)
         inputs, pol = step.inputs, step.policy
         lengths = batch.sequence_lengths.to(pol.logits_mean.dtype)
-        if self.kind == "paired":
+        if self.rewards:  # no log-probs, logits or token accuracy: the rewards below are the metrics
+            pass
+        elif self.kind == "paired":
             ci, ri = batch.index["chosen"], batch.index["rejected"]
             _mean(out, "logps/chosen", inputs.policy_chosen_logps)
             _mean(out, "logps/rejected", inputs.policy_rejected_logps)
@@ -279,7 +286,8 @@ class Objective:
         if batch.labels is not None and self.kind != "paired":
             target = target[batch.labels.bool()]
         # on the completions the model should produce (not rejected, mismatched or y_ref rows)
-        out["mean_token_accuracy"] = (pol.correct[target].sum(), float(lengths[target].sum()))
+        if not self.rewards:
+            out["mean_token_accuracy"] = (pol.correct[target].sum(), float(lengths[target].sum()))
         rewarded = next((r for r in step.outputs.values() if r.chosen_rewards is not None), None)
         if rewarded is not None:
             _mean(out, "rewards/chosen", rewarded.chosen_rewards)

@@ -78,7 +78,10 @@ class Probe:
         options = {} if layout == "padded" else {"max_tokens_per_row": 1 << 30}
         batch = make_collator(layout, self.pad_id, self.roles, **options)(self.examples).to(self.device)
         with self.autocast() if self.autocast is not None else contextlib.nullcontext():
-            return score_batch(model, batch, scoring).token_logps.float().cpu()
+            scores = score_batch(model, batch, scoring)
+        # per token for a causal LM; per sequence for a reward model (the same order in every layout)
+        values = scores.logps if scoring.head == "reward" else scores.token_logps
+        return values.float().cpu()
 
 
 def static_layout_problem(model, layout: str, max_length: int) -> str | None:
@@ -115,7 +118,7 @@ def plan_scoring(model, probe: Probe, *, layout: str, head: str, chunk_size: int
             alt = [n for n in LAYOUT_ORDER if static_layout_problem(raw, n, probe.max_length) is None]
             raise ConfigError(f"data.layout={name}: the {what} model cannot take it: {problem}; use "
                               f"data.layout={alt[0]} (or auto)")
-    base = Scoring.for_model(model, "full")
+    base = Scoring.for_model(model, "reward" if head == "reward" else "full")
     tol = probe.tolerance(base.dtype)
     was_training = raw.training
     model.eval()
@@ -124,7 +127,7 @@ def plan_scoring(model, probe: Probe, *, layout: str, head: str, chunk_size: int
         check = _Check(probe, expected, tol, notes, what)
         chosen_layout, attn = _choose_layout(model, candidates, check, base, explicit=layout != "auto")
         heads = []
-        for name in HEAD_ORDER if head == "auto" else (head,):
+        for name in () if head == "reward" else HEAD_ORDER if head == "auto" else (head,):
             problem = None
             if name == "fused" and output_head(model) is None:
                 problem = ("the output embedding is not a plain nn.Linear (e.g. a LoRA or quantised head); "
@@ -138,7 +141,7 @@ def plan_scoring(model, probe: Probe, *, layout: str, head: str, chunk_size: int
                 notes.append(f"head {name} not used: {problem}")
             else:
                 raise ConfigError(f"model.lm_head={name}: {problem}")
-        chosen_head = check.first(heads, lambda name: probe.score(
+        chosen_head = "reward" if head == "reward" else check.first(heads, lambda name: probe.score(
             model, chosen_layout, Scoring(attn, name, chunk_size, base.dtype)), "head", explicit=head != "auto")
     finally:
         model.train(was_training)
@@ -159,7 +162,7 @@ def _choose_layout(model, candidates: list[str], check: "_Check", base: Scoring,
         options = [SPLIT_SDPA, base.attn] if base.attn == "sdpa" else [base.attn]
         for option in options:
             set_attention(raw, option)
-            scoring = Scoring(option, "full", None, base.dtype)
+            scoring = Scoring(option, base.head, None, base.dtype)
             if check.first([name], lambda n: check.probe.score(model, n, scoring), "layout",
                            explicit=explicit and option == options[-1], fallback=False,
                            detail=f" with attention '{option}'"):

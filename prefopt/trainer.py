@@ -37,6 +37,7 @@ from prefopt.errors import ConfigError
 from prefopt.objective import Objective
 from prefopt.attention import SPLIT_SDPA, attn_implementation, set_attention
 from prefopt.logps import Scoring, unwrap_model
+from prefopt.losses import get_spec
 from prefopt.lora import without_frozen_weights
 from prefopt.report import report_at_end
 from prefopt.train.trackers import flat_config, logging_dir, resolve_trackers
@@ -51,6 +52,7 @@ log = logging.getLogger("prefopt")
 class Trainer:
     """Train any objective from the registry. Subclasses only change defaults."""
     default_loss: str = "dpo"
+    model_kind: str = "causal"  # "reward": a sequence classifier with one output (RewardTrainer)
 
     def __init__(self, model: Any = None, ref_model: Any = None, *, args: RunConfig | None = None,
                  train_dataset: Any = None, eval_dataset: Any = None, tokenizer: Any = None,
@@ -76,6 +78,8 @@ class Trainer:
             config.model.lora = lora_dict(peft_config)
         self._peft_config = peft_config
         self.config = config
+        if any(get_spec(t.name).scores == "reward" for t in config.loss):
+            self.model_kind = "reward"  # a reward-model loss trains a sequence classifier, whatever the class
         self._model_arg = model
         self._ref_model_arg = ref_model
         self._train_source = train_dataset
@@ -187,6 +191,12 @@ class Trainer:
 
         tokenizer = self._build_tokenizer()
         model = self._build_model()
+        if self.model_kind == "reward":
+            if cfg.model.lora is not None or self._peft_config is not None:
+                raise ConfigError("LoRA reward models are not supported yet (the score head would need "
+                                  "modules_to_save); train the whole model, or a smaller one")
+            # transformers' own pooling (which prefopt does not use) needs a pad token id to run
+            model.config.pad_token_id = tokenizer.pad_token_id
         needed, needed_by = Objective.requirements(cfg.loss)
         reference = build_reference(cfg.reference, cfg.model, needed=needed, needed_by=needed_by,
                                     policy=model, ref_model=self._ref_model_arg)
@@ -272,7 +282,7 @@ class Trainer:
         if accelerator.num_processes > 1:  # every process must take the same path
             probe.agree = lambda worst: float(accelerator.reduce(
                 torch.tensor(worst, device=accelerator.device), reduction="max"))
-        plan = plan_scoring(model, probe, layout=layout, head=cfg.model.lm_head,
+        plan = plan_scoring(model, probe, layout=layout, head="reward" if objective.rewards else cfg.model.lm_head,
                             chunk_size=cfg.model.lm_head_chunk_size, what=what)
         self._plans[key] = plan
         if what == "policy" and accelerator.is_main_process:
@@ -327,7 +337,7 @@ class Trainer:
             if path is None:
                 raise ConfigError("no model: pass model= or set model.name_or_path")
             mcfg.name_or_path = path
-            model = load_model(path, mcfg.dtype, mcfg)
+            model = load_model(path, mcfg.dtype, mcfg, kind=self.model_kind)
         if lora is not None and not is_peft_model(model):
             model = apply_lora(model, lora, quantized=mcfg.load_in_4bit, gradient_checkpointing=mcfg.gradient_checkpointing)
         if mcfg.disable_dropout:  # after LoRA: its dropout would make the policy's log-probs noisy too
@@ -391,6 +401,33 @@ class DPOTrainer(Trainer):
     default_loss = "dpo"
 
 
+class RewardTrainer(Trainer):
+    """A Bradley–Terry reward model (``prefopt rm``): AutoModelForSequenceClassification with one
+    output, trained on preference pairs; the reward of (x, y) is read at y's last token."""
+    default_loss = "bradley_terry"
+    model_kind = "reward"
+
+    def __init__(self, model: Any = None, *, args: RunConfig | None = None, **kwargs):
+        super().__init__(model, None, args=args if args is not None else RewardConfig(), **kwargs)
+
+    def calibration(self, on: str = "eval") -> dict:
+        """Pairwise accuracy and the calibration table (prefopt.rewards.calibration) on the eval
+        data (``on="train"``: the training pairs), gathered over every process."""
+        from accelerate.utils import gather_object
+
+        from prefopt.rewards import calibration, pair_rewards
+
+        job = self.setup()
+        data = self._eval_set if on == "eval" else self._train_set
+        if data is None:
+            raise ConfigError(f"calibration(on={on!r}): no {on} data")
+        chosen, rejected = pair_rewards(job.model, self._eval_loader(data), job.objective.scoring)
+        if job.accelerator.num_processes > 1:
+            pairs = gather_object(list(zip(chosen.tolist(), rejected.tolist())))
+            chosen, rejected = torch.tensor([c for c, _ in pairs]), torch.tensor([r for _, r in pairs])
+        return calibration(chosen, rejected)
+
+
 class SFTTrainer(Trainer):
     """Supervised fine-tuning on the chosen / desirable / target completions."""
     default_loss = "sft"
@@ -418,3 +455,8 @@ class DPOConfig(RunConfig):
 class SFTConfig(DPOConfig):
     """Like DPOConfig, with the ``sft`` loss and an SFT learning rate (2e-5) by default."""
     defaults = {"loss": "sft", "train": {"learning_rate": 2e-5}}
+
+
+class RewardConfig(DPOConfig):
+    """Like DPOConfig, with the ``bradley_terry`` loss and a reward-model learning rate (1e-5)."""
+    defaults = {"loss": "bradley_terry", "train": {"learning_rate": 1e-5}}

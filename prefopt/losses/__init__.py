@@ -10,7 +10,7 @@ labels, RPO, SPIN), ``variants`` (the other reference-based paired losses), ``re
 """
 from prefopt.losses.base import (KNOWN_COLUMNS, LossInputs, LossOutput, LossSpec, MissingInputError,
                                  check_inputs, compute, get_spec, list_specs, param, register)
-from prefopt.losses import dpo, variants, reference_free, kto, tdpo, sft, modifiers  # noqa: F401,E402  (registration)
+from prefopt.losses import dpo, variants, reference_free, kto, tdpo, sft, reward, modifiers  # noqa: F401,E402  (registration)
 
 __all__ = ["KNOWN_COLUMNS", "LossInputs", "LossOutput", "LossSpec", "MissingInputError",
            "check_inputs", "compute", "get_spec", "list_specs", "param", "register"]

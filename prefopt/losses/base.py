@@ -141,6 +141,8 @@ class LossSpec:
     aliases: tuple[str, ...] = ()
     stateful: bool = False            # reads/writes LossInputs.state across steps
     logps: str = "summed"             # how the loss reduces log-probs (docs): summed, length-averaged, ...
+    scores: str = "logps"             # what the model gives per sequence: "logps" (a causal LM's summed
+                                      # log-probs) or "reward" (a reward model's scalar, in the *_logps inputs)
     # Checks one example's columns when the data is loaded: returns a problem or None, so a bad
     # record is reported with its file and line instead of failing mid-training.
     record_check: Callable[[dict, Any], str | None] | None = None
@@ -210,7 +212,8 @@ class LossSpec:
         bits.append("reference" if self.needs_reference(params) else "no reference")
         if callable(self.reference):
             bits[-1] += " (optional)"
-        bits.append(f"{self.logps} log-probs")
+        bits.append(f"{self.logps} log-probs" if self.scores == "logps" else
+                    f"a reward model ({self.logps}, prefopt rm)")
         if self.needs_token_stats(params):
             bits.append("token-level reference distributions")
         cols = self.needed_columns(params)
@@ -229,9 +232,10 @@ def register(name: str, *, params: type, paper: str, equation: str, summary: str
              data: str = "paired", reference: Requirement = True, normalize: str = "example",
              inputs=(), columns=(), token_level: Requirement = False,
              aliases: tuple[str, ...] = (), stateful: bool = False, logps: str = "summed",
-             record_check: Callable[[dict, Any], str | None] | None = None):
+             record_check: Callable[[dict, Any], str | None] | None = None, scores: str = "logps"):
     """Decorator: register ``fn(inputs, params) -> LossOutput`` under ``name``."""
     assert data in ("paired", "unpaired", "any") and normalize in ("example", "token")
+    assert scores in ("logps", "reward")
 
     def wrap(fn):
         if name in _REGISTRY or name in _ALIASES:
@@ -240,7 +244,7 @@ def register(name: str, *, params: type, paper: str, equation: str, summary: str
                                    summary=summary, data=data, reference=reference,
                                    normalize=normalize, inputs=inputs, columns=columns,
                                    token_level=token_level, aliases=tuple(aliases), stateful=stateful,
-                                   logps=logps, record_check=record_check)
+                                   logps=logps, record_check=record_check, scores=scores)
         for alias in aliases:
             _ALIASES[alias] = name
         return fn
