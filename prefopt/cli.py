@@ -11,6 +11,7 @@ Verbs:
   stepwise sDPO: train on ordered chunks, each against the previous step's model
   eval     preference metrics of model.name_or_path against reference.name_or_path on
            data.eval (or data.train); writes OUTPUT_DIR/eval.json; no training
+  experiment  built-in experiments: `prefopt experiment sentiment` (the DPO paper's reward-vs-KL task)
   report   OUTPUT_DIR/report.html from a run's outputs (plots, metrics, data, samples)
   demo     the end-to-end demo on built-in data (tokenizer, tiny Llama, SFT, DPO, table)
   losses   every registered loss: paper, parameters, requirements (`prefopt losses dpo`)
@@ -32,7 +33,7 @@ from prefopt.errors import PrefoptError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prefopt", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:18]))
+                                     epilog="\n".join(__doc__.splitlines()[2:19]))
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, text in (("sft", "supervised fine-tuning"), ("dpo", "preference optimisation"),
                        ("rm", "train a reward model"),
@@ -44,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         p = verbs.add_parser(verb, help=text)
         p.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",
                        help="an optional YAML config, then dotted overrides such as train.learning_rate=1e-5")
+    experiment = verbs.add_parser("experiment", help="run a built-in experiment (sentiment)")
+    experiment.add_argument("name", choices=["sentiment"])
+    experiment.add_argument("--output-dir", default="runs/sentiment")
+    experiment.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
+    experiment.add_argument("--seed", type=int, default=0)
     report = verbs.add_parser("report", help="write OUTPUT_DIR/report.html from a run's outputs")
     report.add_argument("output_dir", metavar="OUTPUT_DIR")
     demo = verbs.add_parser("demo", help="SFT then DPO on built-in data with a tiny Llama; prints a table")
@@ -158,6 +164,15 @@ def cmd_method(ns) -> int:
     return 0
 
 
+def cmd_experiment(ns) -> int:
+    from prefopt.experiments.sentiment import run_sentiment
+
+    result = run_sentiment(ns.output_dir, quick=ns.quick, seed=ns.seed)
+    print((Path(ns.output_dir) / "frontier.md").read_text())
+    print(f"wrote {Path(ns.output_dir) / 'frontier.png'} ({sum(result['timings_s'].values()):.0f} s)")
+    return 0
+
+
 def cmd_report(ns) -> int:
     from prefopt.report import write_report
 
@@ -241,7 +256,7 @@ def cmd_formats(ns) -> int:
 
 
 VERBS = {"sft": cmd_train, "dpo": cmd_train, "rm": cmd_rm, "eval": cmd_eval, "generate": cmd_generate, "spin": cmd_method,
-         "iterative": cmd_method, "stepwise": cmd_method, "report": cmd_report,
+         "iterative": cmd_method, "stepwise": cmd_method, "report": cmd_report, "experiment": cmd_experiment,
          "demo": cmd_demo,
          "losses": cmd_losses, "keys": cmd_keys, "formats": cmd_formats}
 

@@ -88,6 +88,7 @@ def test_make_pairs_orders_by_the_judge():
     got = make_pairs("p", texts, scores, "all", 0.6)
     assert [(x["chosen"], x["rejected"]) for x in got] == [("bb", "dd"), ("bb", "a")]  # by rank; dd-a: gap 0.5
     assert make_pairs("p", ["x", "x"], [1.0, 0.0], "all", 0.0) == []          # identical texts never pair
+    assert make_pairs("p", ["x", " "], [1.0, 0.0], "all", 0.0) == []          # an empty sample makes no pair
     assert make_pairs([{"role": "user", "content": "q"}], ["y", "z"], [1.0, 0.0], "best_worst", 0.0)[0]["chosen"] == \
         [{"role": "assistant", "content": "y"}]
 

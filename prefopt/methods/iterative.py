@@ -29,8 +29,9 @@ log = logging.getLogger("prefopt")
 
 def make_pairs(prompt, texts: list[str], scores: list[float | None], mode: str, min_gap: float) -> list[dict]:
     """Pairs (chosen scored higher) among one prompt's samples that the judge scored, ordered
-    by the judge; identical texts never pair."""
-    scored = sorted(((s, t) for s, t in zip(scores, texts) if s is not None), key=lambda x: -x[0])
+    by the judge; identical texts never pair, and an empty sample (EOS at once) makes no pair
+    (a completion must have content to be trained on)."""
+    scored = sorted(((s, t) for s, t in zip(scores, texts) if s is not None and t.strip()), key=lambda x: -x[0])
     if mode == "best_worst":
         candidates = [(scored[0], scored[-1])] if len(scored) >= 2 else []
     else:
@@ -93,6 +94,7 @@ def run_iterative(config: RunConfig) -> dict:
             k += n
         scored = [v for v in verdicts.scores if v is not None]
         info = {"prompts": len(gens), "samples": len(flat), "judge": judge.describe(),
+                "empty_samples": sum(1 for _, s in flat if not s.text.strip()),
                 "judge_failures": verdicts.failure_counts(),
                 "mean_score": sum(scored) / len(scored) if scored else None}
         if verdicts.failures:

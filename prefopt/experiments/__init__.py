@@ -1,0 +1,1 @@
+"""Built-in experiments: `prefopt experiment NAME`."""
