@@ -175,3 +175,22 @@ def test_shipped_method_config_runs_on_the_tiny_model(name, tiny_model_dir, tmp_
     else:
         summary = json.loads((tmp_path / "summary.json").read_text())
         assert summary["rounds"] and Path(summary["final_model"], "model.safetensors").is_file()
+
+
+def test_self_judge_parse_mode_reads_the_first_score_or_records_a_failure(tiny_model_dir, monkeypatch):
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_inference_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    judge = SelfJudge(model, tok, mode="parse", max_new_tokens=4)
+    answers = iter(["Score 4 of 5", "I think 9 then 2", "no idea"])
+
+    def fake_generate(input_ids, attention_mask, **kw):  # the model "answers" these texts, one per item
+        texts = [next(answers) for _ in range(len(input_ids))]
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        width = max(map(len, ids))
+        tail = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids])
+        return torch.cat([input_ids, tail], dim=1)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    got = judge_all(judge, ["q1", "q2", "q3"], ["a", "b", "c"])
+    assert got.scores[:2] == [4.0, 2.0] and got.scores[2] is None      # 9 is not a score of 1..5
+    assert got.failures[0][0] == 2 and "no score in the answer" in got.failures[0][1]
