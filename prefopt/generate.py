@@ -164,11 +164,8 @@ class TransformersSampler:
 
     @torch.no_grad()
     def sample(self, prompt_ids: list[list[int]], cfg: GenerateConfig, seed: int) -> list[list[Sample]]:
-        device = next(self.model.parameters()).device
-        width = max(len(ids) for ids in prompt_ids)
-        input_ids = torch.tensor([[self.pad] * (width - len(ids)) + ids for ids in prompt_ids], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids],
-                                      device=device)
+        input_ids, attention_mask = left_padded(prompt_ids, self.pad, next(self.model.parameters()).device)
+        width = input_ids.shape[1]
         torch.manual_seed(seed)
         was_training = self.model.training
         self.model.eval()
@@ -183,6 +180,15 @@ class TransformersSampler:
             return [[s] * cfg.num_samples for s in samples]
         n = cfg.num_samples
         return [samples[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+
+
+def left_padded(prompt_ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (B, longest): prompts padded on the left, so every
+    prompt's last token is next to what is generated after it."""
+    width = max(len(ids) for ids in prompt_ids)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids], device=device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=device)
+    return input_ids, mask
 
 
 class VLLMSampler:
@@ -297,6 +303,14 @@ def load_inference_model(model_cfg, device: torch.device | str = "cpu"):
         model = load_model(model_cfg.name_or_path, model_cfg.dtype, model_cfg)
     disable_dropout(model)
     return model.to(device).eval()
+
+
+def model_at(model_cfg, path) -> torch.nn.Module:
+    """load_inference_model for ``path`` with the run's other model settings (dtype, attention,
+    remote code); a saved adapter is merged, so no LoRA settings apply."""
+    from prefopt.config import ModelConfig
+
+    return load_inference_model(ModelConfig(**{**vars(model_cfg), "name_or_path": str(path), "lora": None}))
 
 
 def run_generate(config) -> dict:

@@ -220,13 +220,9 @@ class SelfJudge(Judge):
         return out
 
     def _batch(self, ids: list[list[int]]):
-        import torch
+        from prefopt.generate import left_padded
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
-        width = max(map(len, ids))
-        device = next(self.model.parameters()).device
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-        return input_ids, mask
+        return left_padded(ids, pad, next(self.model.parameters()).device)
 
     def _expected(self, ids: list[list[int]]) -> list[float]:
         import torch

@@ -11,7 +11,7 @@ import json
 import logging
 from pathlib import Path
 
-from prefopt.config import ModelConfig, RunConfig
+from prefopt.config import RunConfig
 from prefopt.data.report import DataReport
 from prefopt.errors import ConfigError
 
@@ -22,7 +22,7 @@ TABLE = ("model", "reward", "reward_se", "kl", "kl_se", "win_rate", "wins", "tie
 
 def run_sampled_eval(config: RunConfig) -> dict:
     from prefopt.eval.sampled import evaluate_samples, sample_logps
-    from prefopt.generate import (TransformersSampler, encode_prompts, generate, load_inference_model, load_prompts,
+    from prefopt.generate import (TransformersSampler, encode_prompts, generate, load_prompts, model_at,
                                   prompt_options, sampling_settings, write_generations)
     from prefopt.judges import make_judge
     from prefopt.models import load_tokenizer
@@ -48,11 +48,8 @@ def run_sampled_eval(config: RunConfig) -> dict:
         return encode_prompts(prompts, tok, config.data.max_length, gen.max_new_tokens,
                               DataReport("prompts", config.data.on_error), **prompt_options(config.data))
 
-    def model_at(path):
-        return load_inference_model(ModelConfig(**{**vars(config.model), "name_or_path": str(path), "lora": None}))
-
     judge = make_judge(ev.judge)
-    reference = model_at(config.reference.name_or_path)
+    reference = model_at(config.model, config.reference.name_or_path)
     ref_sampler = TransformersSampler(reference, tok)
     ref_gens = generate(ref_sampler, encoded(), gen, seed + 1, progress=config.train.progress_bar)
     write_generations(ref_gens, out / "samples" / "reference.jsonl", sampling_settings(gen, seed + 1))
@@ -62,7 +59,7 @@ def run_sampled_eval(config: RunConfig) -> dict:
         best_of = generate(ref_sampler, encoded(), best_cfg, seed + 2, progress=config.train.progress_bar)
     rows = []
     for i, path in enumerate(models):
-        policy = model_at(path)
+        policy = model_at(config.model, path)
         gens = generate(TransformersSampler(policy, tok), encoded(), gen, seed, progress=config.train.progress_bar)
         write_generations(gens, out / "samples" / f"policy-{i}.jsonl", sampling_settings(gen, seed))
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

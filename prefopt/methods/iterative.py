@@ -41,25 +41,18 @@ def make_pairs(prompt, texts: list[str], scores: list[float | None], mode: str, 
             for (hi_s, hi_t), (lo_s, lo_t) in candidates if hi_s - lo_s > min_gap and hi_t != lo_t]
 
 
-def round_judge(spec, model_path: str, tokenizer_path: str, config: RunConfig):
-    """The round's judge; ``self`` gets the round's starting policy π_t (Self-Rewarding)."""
+def round_judge(spec, sampler):
+    """The round's judge; ``self`` is the round's starting policy π_t (Self-Rewarding), the
+    model that just sampled."""
     from prefopt.judges import make_judge
 
-    name = spec if isinstance(spec, str) else dict(spec).get("name")
-    if name != "self":
-        return make_judge(spec)
-    from prefopt.config import ModelConfig
-    from prefopt.generate import load_inference_model
-    from prefopt.models import load_tokenizer
-
-    model = load_inference_model(ModelConfig(**{**vars(config.model), "name_or_path": model_path, "lora": None}))
-    return make_judge(spec, model=model, tokenizer=load_tokenizer(tokenizer_path, config.model.chat_template))
+    return make_judge(spec, model=sampler.model, tokenizer=sampler.tok)
 
 
 def run_iterative(config: RunConfig) -> dict:
     from prefopt.generate import load_prompts
     from prefopt.judges import judge_all
-    from prefopt.methods.spin import sample_round
+    from prefopt.methods.rounds import round_sampler, sample_round
 
     it = config.iterative
     if config.generate.num_samples < 2:
@@ -78,9 +71,10 @@ def run_iterative(config: RunConfig) -> dict:
     for t in range(1, it.iterations + 1):
         folder = rounds.folder(t)
         tok_path = tokenizer_path if t == 1 else rounds.model_path
-        gens = sample_round(rounds.model_path, tok_path, prompts, config, base_seed + t - 1, folder,
+        sampler = round_sampler(config, rounds.model_path, tok_path)
+        gens = sample_round(sampler, prompts, config, base_seed + t - 1, folder,
                             DataReport(f"round {t} prompts", config.data.on_error))
-        judge = round_judge(it.judge, rounds.model_path, tok_path, config)
+        judge = round_judge(it.judge, sampler)
         flat = [(g, s) for g in gens for s in g.samples]
         verdicts = judge_all(judge, [g.prompt for g, _ in flat], [s.text for _, s in flat])
         write_jsonl(folder / "judgements.jsonl",
@@ -100,6 +94,7 @@ def run_iterative(config: RunConfig) -> dict:
         if verdicts.failures:
             log.warning("iterative round %d: the judge failed on %d of %d samples (%s); they are skipped",
                         t, len(verdicts.failures), len(flat), verdicts.failure_counts())
+        del sampler, judge  # free the sampling copy before the round trains
         reference = initial if it.reference == "initial" else None
         rounds.train(t, pairs, reference=reference, info=info)
     return {"final_model": rounds.model_path, "rounds": rounds.history}

@@ -93,6 +93,27 @@ class Rounds:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
+def round_sampler(config: RunConfig, model_path: str, tokenizer_path: str):
+    """A sampler over the round's starting model (its tokenizer from ``tokenizer_path``)."""
+    from prefopt.generate import TransformersSampler, model_at
+    from prefopt.models import load_tokenizer
+
+    return TransformersSampler(model_at(config.model, model_path), load_tokenizer(tokenizer_path,
+                                                                                 config.model.chat_template))
+
+
+def sample_round(sampler, prompts: list, config: RunConfig, seed: int, folder: Path, report):
+    """Sample config.generate for ``prompts`` (tokenised and truncated as training does);
+    writes folder/generations.jsonl."""
+    from prefopt.generate import encode_prompts, generate, prompt_options, sampling_settings, write_generations
+
+    gens = encode_prompts(prompts, sampler.tok, config.data.max_length, config.generate.max_new_tokens, report,
+                          **prompt_options(config.data))
+    generate(sampler, gens, config.generate, seed, progress=config.train.progress_bar)
+    write_generations(gens, folder / "generations.jsonl", sampling_settings(config.generate, seed))
+    return gens
+
+
 def reference_fingerprint(trainer) -> str | None:
     """A hash of the reference weights the round trained against (None when it kept no model,
     e.g. a precomputed reference after its pre-pass)."""

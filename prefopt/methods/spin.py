@@ -14,13 +14,12 @@ makes no pair (counted); a round with no pair stops the run, naming it.
 """
 from __future__ import annotations
 
-import gc
 import logging
 from pathlib import Path
 
 from prefopt.config import RunConfig
 from prefopt.data.report import DataReport
-from prefopt.methods.rounds import Rounds, as_completion, completion_text
+from prefopt.methods.rounds import Rounds, as_completion, completion_text, round_sampler, sample_round
 
 log = logging.getLogger("prefopt")
 
@@ -42,29 +41,6 @@ def sft_examples(config: RunConfig, out: Path) -> list:
     return examples
 
 
-def sample_round(model_path: str, tokenizer_path: str, prompts: list, config: RunConfig, seed: int,
-                 folder: Path, report: DataReport):
-    """Sample from the model at ``model_path`` for ``prompts``; writes folder/generations.jsonl."""
-    import torch
-
-    from prefopt.config import ModelConfig
-    from prefopt.generate import (TransformersSampler, encode_prompts, generate, load_inference_model,
-                                  prompt_options, sampling_settings, write_generations)
-    from prefopt.models import load_tokenizer
-
-    tok = load_tokenizer(tokenizer_path, config.model.chat_template)
-    model_cfg = ModelConfig(**{**vars(config.model), "name_or_path": model_path, "lora": None})
-    gens = encode_prompts(prompts, tok, config.data.max_length, config.generate.max_new_tokens, report,
-                          **prompt_options(config.data))
-    sampler = TransformersSampler(load_inference_model(model_cfg), tok)
-    generate(sampler, gens, config.generate, seed, progress=config.train.progress_bar)
-    write_generations(gens, folder / "generations.jsonl", sampling_settings(config.generate, seed))
-    del sampler
-    gc.collect()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return gens
-
-
 def run_spin(config: RunConfig) -> dict:
     from prefopt.data.schema import PromptExample
 
@@ -77,8 +53,9 @@ def run_spin(config: RunConfig) -> dict:
         folder = rounds.folder(t)
         report = DataReport(f"round {t} prompts", config.data.on_error)
         prompts = [PromptExample(ex.prompt, ex.origin) for ex in examples]
-        gens = sample_round(rounds.model_path, tokenizer_path if t == 1 else rounds.model_path, prompts, config,
-                            base_seed + t - 1, folder, report)
+        sampler = round_sampler(config, rounds.model_path, tokenizer_path if t == 1 else rounds.model_path)
+        gens = sample_round(sampler, prompts, config, base_seed + t - 1, folder, report)
+        del sampler  # free the sampling copy before the round trains
         pairs, skipped = [], {"identical_to_target": 0, "empty_generation": 0}
         for g in gens:
             target = by_origin[g.origin].completion
