@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,lora,judges,report]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,lora,judges,report,trackers]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -40,7 +40,7 @@ from prefopt.logps import Scoring, unwrap_model
 from prefopt.losses import get_spec
 from prefopt.lora import without_frozen_weights
 from prefopt.report import report_at_end
-from prefopt.train.trackers import flat_config, logging_dir, resolve_trackers
+from prefopt.train.trackers import flat_config, logging_dir, resolve_trackers, tracker_init_kwargs
 from prefopt.reference import ReferenceContext, build_reference
 from prefopt.scoring import Plan, Probe, architecture_key, plan_scoring, reuse_plan
 from prefopt.train import batches, loop
@@ -110,7 +110,8 @@ class Trainer:
                      getattr(job.objective.reference, "description", job.objective.reference.name),
                      job.total_steps, job.steps_per_epoch)
         if self._trackers:
-            job.accelerator.init_trackers(job.output_dir.name or "prefopt", config=flat_config(to_dict(job.config)))
+            job.accelerator.init_trackers(job.output_dir.name or "prefopt", config=flat_config(to_dict(job.config)),
+                                          init_kwargs=tracker_init_kwargs(self._trackers, job.output_dir))
         try:
             self.state, last_eval = loop.train(job)
         finally:

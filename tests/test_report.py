@@ -93,3 +93,71 @@ def test_tracker_names_are_checked_before_the_run(tiny_model_dir, demo_records, 
     with pytest.raises(ConfigError, match=message):
         DPOTrainer(str(tiny_model_dir), None, train_dataset=demo_records[:4],
                    args=DPOConfig(output_dir=str(tmp_path), max_steps=1, report_to=report_to, **SHORT)).train()
+
+
+def wandb_history(run_file) -> list[dict]:
+    """History rows of an offline W&B run file (a LevelDB-style log of protobuf records: a 7-byte
+    header, then 32 KiB blocks of chunks, each with a 7-byte crc/length/kind header)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, chunk, rows = run_file.read_bytes(), 7, b"", []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (kind == 0 and length == 0):  # block trailer / padding
+            pos += left
+            continue
+        chunk, pos = chunk + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+            chunk = b""
+    return rows
+
+
+def logged_losses(run_dir) -> dict:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def tracked_run(tiny_model_dir, demo_records, tmp_path, monkeypatch, tracker):
+    """A run with no network, no credentials and a clean environment: the tracker must log
+    offline under OUTPUT_DIR/logs and leave the working directory alone."""
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    DPOTrainer(str(tiny_model_dir), None, train_dataset=demo_records[:8],
+               args=DPOConfig(output_dir=str(out), max_steps=3, report_to=[tracker], **SHORT)).train()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "home") == ["run"]  # nothing in the cwd
+    return out
+
+
+def test_wandb_logs_offline_without_credentials(tiny_model_dir, demo_records, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    out = tracked_run(tiny_model_dir, demo_records, tmp_path, monkeypatch, "wandb")
+    (run_file,) = (out / "logs" / "wandb").glob("offline-run-*/run-*.wandb")
+    history = [row for row in wandb_history(run_file) if "loss" in row]
+    expected = logged_losses(out)
+    assert [row["_step"] for row in history] == sorted(expected) == [1, 2, 3]
+    assert all(row["loss"] == pytest.approx(expected[row["_step"]], rel=1e-6) for row in history)
+
+
+def test_mlflow_logs_to_a_store_under_the_run(tiny_model_dir, demo_records, tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    out = tracked_run(tiny_model_dir, demo_records, tmp_path, monkeypatch, "mlflow")
+    client = mlflow.MlflowClient(mlflow.get_tracking_uri())
+    assert str(out / "logs") in mlflow.get_tracking_uri()
+    (experiment,) = [e for e in client.search_experiments() if e.name == "run"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    expected = logged_losses(out)
+    assert history.keys() == expected.keys() == {1, 2, 3}
+    assert all(history[k] == pytest.approx(expected[k], rel=1e-6) for k in history)
+    assert run.data.params["data.max_length"] == "64" and "0.1" in run.data.params["loss"]
