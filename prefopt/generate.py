@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -244,14 +245,31 @@ def finish(ids: list[int], tokenizer, eos: int, stop: list[str], max_new_tokens:
 
 # ----------------------------------------------------------------------------- driver
 
+def process_group():
+    """accelerate's process state when launched on several processes (``accelerate launch`` or
+    torchrun), else None: generation then splits its batches over the processes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        return PartialState()
+    return None
+
+
+def is_main_process() -> bool:
+    """Files are written by one process only (every process holds the same gathered results)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def generate(sampler: Sampler, generations: list[Generation], cfg: GenerateConfig, seed: int,
              accelerator=None, progress: bool = True) -> list[Generation]:
     """Fill each Generation's samples, ``cfg.batch_size`` prompts per call. Under several
-    processes each takes every num_processes-th batch and the results are gathered in order.
-    Batch b is seeded with seed + b, so a batch's samples do not depend on the batches before it."""
+    processes each takes every num_processes-th batch and the results are gathered in order
+    on every process. Batch b is seeded with seed + b, so a batch's samples depend neither on
+    the batches before it nor on the number of processes."""
     from tqdm.auto import tqdm
 
     check_settings(cfg)
+    accelerator = accelerator or process_group()
     batches = [list(range(s, min(s + cfg.batch_size, len(generations))))
                for s in range(0, len(generations), cfg.batch_size)]
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
@@ -271,6 +289,8 @@ def generate(sampler: Sampler, generations: list[Generation], cfg: GenerateConfi
 
 
 def write_generations(generations: list[Generation], path: Path, settings: dict) -> None:
+    if not is_main_process():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w") as f:
@@ -332,24 +352,26 @@ def run_generate(config) -> dict:
                                  cfg.max_new_tokens, report, **prompt_options(config.data))
     log.info("data %s", report.summary())
     rejects = out_dir / "rejected_records.jsonl"
-    rejects.unlink(missing_ok=True)
-    report.write_rejects(rejects)  # before any stop below: the reasons are never lost
+    if is_main_process():
+        rejects.unlink(missing_ok=True)
+        report.write_rejects(rejects)  # before any stop below: the reasons are never lost
     if not generations:
         raise ConfigError(f"no prompt of {source} can be sampled ({report.summary()})")
     if cfg.backend == "vllm":
         sampler: Sampler = VLLMSampler(config.model.name_or_path, tokenizer)
     else:
         sampler = TransformersSampler(load_inference_model(config.model), tokenizer)
-    started = time.perf_counter()
-    generate(sampler, generations, cfg, seed, progress=config.train.progress_bar)
-    stats = summary(generations, time.perf_counter() - started)
+    started, group = time.perf_counter(), process_group()
+    generate(sampler, generations, cfg, seed, accelerator=group, progress=config.train.progress_bar)
+    stats = {**summary(generations, time.perf_counter() - started), "processes": group.num_processes if group else 1}
     settings = sampling_settings(cfg, seed)
     path = Path(cfg.output) if cfg.output else out_dir / "generations.jsonl"
     write_generations(generations, path, settings)
     result = {"model": config.model.name_or_path, "prompts_source": str(source), "output": str(path),
               "sampling": settings, **stats, "data": report.as_dict()}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "generate_report.json").write_text(json.dumps(result, indent=2))
+    if is_main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "generate_report.json").write_text(json.dumps(result, indent=2))
     log.info("generated %d completions for %d prompts (%s) in %.1fs -> %s", stats["samples"], stats["prompts"],
              ", ".join(f"{k} {v}" for k, v in stats["finish_reasons"].items()), stats["seconds"], path)
     return result

@@ -6,6 +6,7 @@ Tasks (comma-separated in argv[1]), each writing its result under OUT:
   run-dpo              a whole run: 16 pairs, 1 epoch, eval on 10 pairs (eval batches of 4,
                        so one process evaluates a padding batch)
   run-kto              KTO on 7 unpaired examples (a short last round)
+  generate             `prefopt generate` of OUT/prompts.jsonl, 3 batches over 2 processes
   run-lora-pre         LoRA with the precomputed reference (13 + 5 examples: the pre-pass gives
                        the processes 3 and 2 batches, so one scores a filler), a DDP checkpoint
                        at step 1, then a second run resumed from it
@@ -35,6 +36,12 @@ def whole_run(model_dir: str, records: list, out: str, micro: int, accum: int) -
     return trainer
 
 
+def generate_args(model_dir: str, out: str, run: str) -> list[str]:
+    return ["generate", "configs/methods/generate.yaml", f"model.name_or_path={model_dir}", f"output_dir={run}",
+            f"generate.prompts={out}/prompts.jsonl", "generate.batch_size=2", "generate.num_samples=2",
+            "generate.max_new_tokens=8", "train.progress_bar=false"]
+
+
 if __name__ == "__main__":
     tasks, model_dir, data_path, kto_path, out = sys.argv[1].split(","), *sys.argv[2:6]
     records = json.load(open(data_path))
@@ -54,6 +61,9 @@ if __name__ == "__main__":
             for name, resume in (("full", None), ("resumed", f"{out}/{task}/full/checkpoints/step-1")):
                 args = DPOConfig(output_dir=f"{out}/{task}/{name}", resume_from=resume, **common)
                 DPOTrainer(model_dir, None, train_dataset=records[:13], eval_dataset=records[13:18], args=args).train()
+        elif task == "generate":
+            from prefopt.cli import main
+            assert main(generate_args(model_dir, out, f"{out}/{task}")) == 0
         elif task == "run-kto":
             args = DPOConfig(output_dir=f"{out}/{task}", per_device_train_batch_size=2, max_examples=7,
                              num_train_epochs=1, **SHORT)

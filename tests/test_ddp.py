@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from ddp_worker import build, whole_run  # noqa: E402
+from ddp_worker import build, generate_args, whole_run  # noqa: E402
 from helpers import first_step_gradient  # noqa: E402
 
 DATA = HERE.parent / "prefopt" / "demo" / "data" / "dpo_en_demo.json"
@@ -37,10 +37,12 @@ def rows(path: Path) -> list[dict]:
 
 def test_two_processes_match_one(tiny_model_dir, demo_records, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["conversations"][0]["value"]}) + "\n"
+                                                    for r in demo_records[:5]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(HERE / "ddp_worker.py"), "grad-dpo,grad-sft,run-dpo,run-kto,run-lora-pre",
+           "--master_port", str(free_port()), str(HERE / "ddp_worker.py"), "grad-dpo,grad-sft,run-dpo,run-kto,run-lora-pre,generate",
            str(tiny_model_dir), str(DATA), str(KTO), str(tmp_path)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=HERE.parent)
     assert run.returncode == 0, run.stderr[-3000:]
 
     for loss in ("dpo", "sft"):
@@ -76,3 +78,10 @@ def test_two_processes_match_one(tiny_model_dir, demo_records, tmp_path):
     full = load_file(lora / "full" / "final" / "adapter_model.safetensors")
     resumed = load_file(lora / "resumed" / "final" / "adapter_model.safetensors")
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+
+    # generation split over the processes (batch b seeded with seed + b) == one process
+    from prefopt.cli import main
+    assert main(generate_args(str(tiny_model_dir), str(tmp_path), str(tmp_path / "one" / "generate"))) == 0
+    two, one = [(tmp_path / d / "generate" / "generations.jsonl").read_text().splitlines() for d in (".", "one")]
+    assert len(two) == 5 and two == one
+    assert json.loads((tmp_path / "generate" / "generate_report.json").read_text())["processes"] == 2

@@ -39,7 +39,10 @@ class Rounds:
         self.history: list[dict] = []
         self.started = time.time()
         self.out.mkdir(parents=True, exist_ok=True)
-        save_config(config, self.out / "config.yaml")
+        from prefopt.generate import is_main_process
+
+        if is_main_process():
+            save_config(config, self.out / "config.yaml")
 
     def folder(self, t: int) -> Path:
         path = self.out / f"iter-{t}"
@@ -90,7 +93,10 @@ class Rounds:
         self.history.append({"round": t, **values})
         summary = {"method": self.method, "rounds": self.history, "final_model": self.model_path,
                    "seconds": round(time.time() - self.started, 1)}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        from prefopt.generate import is_main_process
+
+        if is_main_process():
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
 def round_sampler(config: RunConfig, model_path: str, tokenizer_path: str):
@@ -124,6 +130,10 @@ def reference_fingerprint(trainer) -> str | None:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
+    from prefopt.generate import is_main_process
+
+    if not is_main_process():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
