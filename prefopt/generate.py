@@ -313,14 +313,7 @@ def load_inference_model(model_cfg, device: torch.device | str = "cpu"):
     (its base loaded and the adapter merged, which samples faster)."""
     from prefopt.models import disable_dropout, load_model
 
-    path = Path(model_cfg.name_or_path)
-    if (path / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
-
-        from prefopt.models import DTYPES
-        model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[model_cfg.dtype]).merge_and_unload()
-    else:
-        model = load_model(model_cfg.name_or_path, model_cfg.dtype, model_cfg)
+    model = load_model(model_cfg.name_or_path, model_cfg.dtype, model_cfg)  # an adapter is merged
     disable_dropout(model)
     return model.to(device).eval()
 

@@ -79,14 +79,18 @@ def lora_dict(config) -> dict:
     return out
 
 
-def apply_lora(model, spec: Any, *, quantized: bool, gradient_checkpointing: bool):
-    """Wrap ``model`` with LoRA adapters (only they train)."""
+def apply_lora(model, spec: Any, *, quantized: bool, gradient_checkpointing: bool, task_type: str = "CAUSAL_LM"):
+    """Wrap ``model`` with LoRA adapters (only they train). ``task_type="SEQ_CLS"`` (a reward
+    model): peft then trains and saves the new score head whole (``modules_to_save``), which
+    a LoRA-only reward model would leave at its random initialisation."""
     peft = _peft()
     if quantized:  # casts norms to fp32, enables input grads for checkpointing (QLoRA recipe)
         model = peft.prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     config = lora_config(spec)
+    if config.task_type != task_type:
+        config = dataclasses.replace(config, task_type=task_type)
     try:
         return peft.get_peft_model(model, config)
     except ValueError as e:  # e.g. target modules not found in the model

@@ -48,10 +48,23 @@ def load_model(name_or_path: str, dtype: str = "float32", model_cfg: ModelConfig
     if kind == "reward":
         kwargs["num_labels"] = 1
     try:
+        if (Path(name_or_path) / "adapter_config.json").is_file():
+            return load_adapter(name_or_path, kind, kwargs)
         auto = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
         return auto.from_pretrained(name_or_path, **kwargs)
     except OSError as e:
         raise ConfigError(f"cannot load model '{name_or_path}': {str(e).splitlines()[0]}") from None
+
+
+def load_adapter(path: str, kind: str, kwargs: dict):
+    """A saved LoRA adapter (a run's final/ without save.merge_lora): its base loaded and the
+    adapter merged in (a reward model's score head, saved whole as a module to save, included)."""
+    try:
+        from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+    except ImportError:
+        raise ConfigError(f"{path} holds a LoRA adapter: loading it needs peft (pip install 'prefopt[lora]')") from None
+    auto = AutoPeftModelForSequenceClassification if kind == "reward" else AutoPeftModelForCausalLM
+    return auto.from_pretrained(path, **kwargs).merge_and_unload()
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

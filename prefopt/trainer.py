@@ -193,9 +193,6 @@ class Trainer:
         tokenizer = self._build_tokenizer()
         model = self._build_model()
         if self.model_kind == "reward":
-            if cfg.model.lora is not None or self._peft_config is not None:
-                raise ConfigError("LoRA reward models are not supported yet (the score head would need "
-                                  "modules_to_save); train the whole model, or a smaller one")
             # transformers' own pooling (which prefopt does not use) needs a pad token id to run
             model.config.pad_token_id = tokenizer.pad_token_id
         needed, needed_by = Objective.requirements(cfg.loss)
@@ -340,7 +337,8 @@ class Trainer:
             mcfg.name_or_path = path
             model = load_model(path, mcfg.dtype, mcfg, kind=self.model_kind)
         if lora is not None and not is_peft_model(model):
-            model = apply_lora(model, lora, quantized=mcfg.load_in_4bit, gradient_checkpointing=mcfg.gradient_checkpointing)
+            model = apply_lora(model, lora, quantized=mcfg.load_in_4bit, gradient_checkpointing=mcfg.gradient_checkpointing,
+                               task_type="SEQ_CLS" if self.model_kind == "reward" else "CAUSAL_LM")
         if mcfg.disable_dropout:  # after LoRA: its dropout would make the policy's log-probs noisy too
             disable_dropout(model)
         if mcfg.gradient_checkpointing:

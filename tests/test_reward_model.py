@@ -71,6 +71,40 @@ def test_training_raises_pairwise_accuracy_and_the_model_judges(tiny_model_dir, 
     assert wins / len(pairs) >= 0.9
 
 
+def test_lora_reward_model_trains_its_head_and_judges_from_the_adapter(tiny_model_dir, demo_records, tmp_path):
+    """LoRA on a reward model: the new score head trains whole (peft's modules_to_save), the
+    final adapter carries it, and the adapter directory judges with the trained rewards."""
+    from safetensors.torch import load_file
+
+    data = demo_records[:12]
+    trainer = RewardTrainer(str(tiny_model_dir), train_dataset=data,
+                            args=RewardConfig(output_dir=str(tmp_path / "rm"), max_steps=30, learning_rate=1e-2,
+                                              per_device_train_batch_size=4, lora={"r": 8}, **SHORT))
+    trainer.setup()
+    head_before = trainer.job.model.base_model.model.score.modules_to_save["default"].weight.detach().clone()
+    before = trainer.calibration("train")
+    trainer.train()
+    after = trainer.calibration("train")
+    assert after["accuracy"] > max(before["accuracy"], 0.9)
+    final = tmp_path / "rm" / "final"
+    saved = load_file(final / "adapter_model.safetensors")
+    (head,) = [k for k in saved if k.endswith("score.weight")]
+    assert not torch.equal(saved[head], head_before) and any("lora_A" in k for k in saved)
+    judge = make_judge({"name": "reward_model", "path": str(final), "max_length": 64, "max_prompt_length": 32})
+    assert not hasattr(judge.model, "peft_config")  # merged into a plain sequence classifier
+    from prefopt.data.formats import get_format
+    from prefopt.methods.rounds import completion_text
+    pairs = [get_format("sharegpt").convert(r) for r in data]
+    chosen = judge_all(judge, [p["prompt"] for p in pairs], [completion_text(p["chosen"]) for p in pairs]).scores
+    rejected = judge_all(judge, [p["prompt"] for p in pairs], [completion_text(p["rejected"]) for p in pairs]).scores
+    # the merged model's rewards are the trained model's (the same pairs, the same tokenisation)
+    from prefopt.rewards import pair_rewards
+    trained = pair_rewards(trainer.job.model, trainer._eval_loader(trainer._train_set), trainer.job.objective.scoring)
+    assert torch.allclose(torch.tensor(chosen), trained[0], atol=1e-4)
+    assert torch.allclose(torch.tensor(rejected), trained[1], atol=1e-4)
+    assert sum(c > r for c, r in zip(chosen, rejected)) / len(pairs) >= 0.9
+
+
 def test_calibration_table_by_hand():
     chosen, rejected = torch.tensor([2.0, 0.1, -1.0, 3.0]), torch.tensor([0.0, 0.0, 0.0, 0.0])
     got = calibration(chosen, rejected, bins=5)
