@@ -61,8 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     verbs.add_parser("keys", help="list every config key")
     verbs.add_parser("formats", help="list the data formats")
     ns = parser.parse_args(argv)
+    from prefopt.train.loop import Interrupted
+
     try:
         return VERBS[ns.verb](ns)
+    except Interrupted as e:  # a checkpoint was saved: exit as a process stopped by that signal would
+        print(f"prefopt {ns.verb}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except PrefoptError as e:
         print(f"prefopt {ns.verb}: error: {e}", file=sys.stderr)
         return 2

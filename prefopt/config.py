@@ -152,14 +152,20 @@ class TrainConfig:
     eval_on_start: bool = option(False, "Evaluate once before the first step.")
     save_steps: int = option(0, "Save a resumable checkpoint every N steps; 0: only the final model.")
     save_total_limit: int | None = option(None, "Keep only the newest N checkpoints.")
-    resume_from: str | None = option(None, "A checkpoint directory, or 'latest' for the newest in "
-                                     "OUTPUT_DIR/checkpoints.")
+    resume_from: str | None = option(None, "A checkpoint directory, or 'latest' for the newest sound one in "
+                                     "OUTPUT_DIR/checkpoints (a damaged checkpoint is named and skipped).")
+    overwrite_output_dir: bool = option(False, "Start afresh in an output_dir that holds another run's "
+                                               "checkpoints or final model (deleting them); without it the "
+                                               "run refuses, unless it resumes (train.resume_from).")
+    max_consecutive_skips: int = option(
+        5, "A step whose loss or gradient is not finite is skipped (no update) and counted (skipped_steps); "
+           "this many in a row stop the run with a checkpoint and a message.")
     progress_bar: bool = option(True, "Show a progress bar on the main process.")
     report_to: list = option(factory=list, help="Experiment trackers through accelerate (TRL's name): any of "
                                                 "tensorboard, wandb, trackio, mlflow, comet_ml; a name or a list; "
                                                 "'none' for none. Logs go under OUTPUT_DIR/logs; metrics.jsonl "
-                                                "is always written. Offline: WANDB_MODE=offline, a local "
-                                                "MLFLOW_TRACKING_URI.")
+                                                "is always written. With no network: W&B logs offline when no API "
+                                                "key is known, MLflow to a store under logs/.")
     report_html: bool = option(True, "End the run by writing OUTPUT_DIR/report.html (plots, metrics, data "
                                      "report, samples); `prefopt report OUTPUT_DIR` rewrites it.")
 

@@ -44,7 +44,7 @@ from prefopt.train.trackers import flat_config, logging_dir, resolve_trackers, t
 from prefopt.reference import ReferenceContext, build_reference
 from prefopt.scoring import Plan, Probe, architecture_key, plan_scoring, reuse_plan
 from prefopt.train import batches, loop
-from prefopt.train.checkpoint import save_final
+from prefopt.train.checkpoint import claim_output_dir, save_final
 
 log = logging.getLogger("prefopt")
 
@@ -103,6 +103,8 @@ class Trainer:
         job = self.setup()
         if job.train_loader is None:
             raise ConfigError("no training data: pass train_dataset or set data.train")
+        claim_output_dir(job.output_dir, job.config.train.overwrite_output_dir, bool(job.config.train.resume_from),
+                         job.accelerator)
         if job.accelerator.is_main_process:
             save_config(job.config, job.output_dir / "config.yaml")
             log.info("objective: %s | reference: %s | %d optimizer steps (%d per epoch)",

@@ -259,9 +259,21 @@ def test_checkpoint_hook_drops_frozen_weights_by_the_wrapped_names(tiny_model_di
 def test_resume_refuses_a_checkpoint_without_this_models_adapters(tiny_model_dir, demo_records, tmp_path):
     common = dict(per_device_train_batch_size=2, learning_rate=5e-3)
     dpo(tiny_model_dir, demo_records[:4], tmp_path / "a", lora=LORA, max_steps=2, save_steps=2, **common).train()
-    resume = dict(max_steps=4, resume_from=str(tmp_path / "a" / "checkpoints" / "step-2"), **common)
+    step2 = tmp_path / "a" / "checkpoints" / "step-2"
+    resume = dict(max_steps=4, resume_from=str(step2), **common)
+    # the checkpoint's config names the difference first
+    with pytest.raises(ConfigError, match=r"another run's checkpoint; these settings differ:\n  model.lora: "
+                                          r"checkpoint \{'r': 4, 'alpha': 8\}, now \{'r': 8, 'alpha': 8\}"):
+        dpo(tiny_model_dir, demo_records[:4], tmp_path / "b", lora={**LORA, "r": 8}, **resume).train()
+    # a checkpoint whose config was edited to match is still refused by its weights
+    config = step2 / "config.yaml"
+    config.write_text(config.read_text().replace("r: 4", "r: 8"))
+    from prefopt.train.checkpoint import write_manifest
+    write_manifest(step2)
     with pytest.raises(ConfigError, match=r"holds 28 parameter\(s\) of another shape .*\[4, 64\] \(model: \[8, 64\]\)"):
         dpo(tiny_model_dir, demo_records[:4], tmp_path / "b", lora={**LORA, "r": 8}, **resume).train()
+    config.write_text(config.read_text().replace("r: 8", "r: 4").replace("\n  lora:\n", "\n  lora:\n    modules_to_save: [lm_head]\n"))
+    write_manifest(step2)
     with pytest.raises(ConfigError, match="the checkpoint lacks .* trainable parameter"):
         dpo(tiny_model_dir, demo_records[:4], tmp_path / "c", lora={**LORA, "modules_to_save": ["lm_head"]},
             **resume).train()

@@ -42,8 +42,9 @@ def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False) -> bool:
 
     out = Path(output_dir)
     started = time.perf_counter()
-    quick_overrides = ["train.max_steps=3", "train.logging_steps=1", "data.max_examples=40",
-                       "data.eval_split_size=8"] if quick else []
+    # The demo is one fresh job: a rerun replaces the previous demo's outputs.
+    quick_overrides = ["train.overwrite_output_dir=true"] + (
+        ["train.max_steps=3", "train.logging_steps=1", "data.max_examples=40", "data.eval_split_size=8"] if quick else [])
     _say(f"1/4 tokenizer + tiny Llama -> {out / 'base'}")
     base = build_base(out / "base")
 

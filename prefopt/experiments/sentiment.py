@@ -66,8 +66,9 @@ def sentences(limit_seed: int = 0) -> list[dict]:
 
 
 def _config(**keys):
+    """The experiment is one fresh job: a rerun replaces its previous outputs."""
     from prefopt.trainer import DPOConfig
-    return DPOConfig(**keys)
+    return DPOConfig(overwrite_output_dir=True, **keys)
 
 
 def run_sentiment(output_dir: str | Path = "runs/sentiment", quick: bool = False, seed: int = 0) -> dict:

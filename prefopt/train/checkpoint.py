@@ -1,5 +1,16 @@
 """Resumable checkpoints: OUTPUT_DIR/checkpoints/step-N/ and the final model in OUTPUT_DIR/final/.
 
+Never lose work:
+- a checkpoint is written into ``checkpoints/.tmp-step-N``, every file fsynced, a manifest of
+  sizes and SHA-256 checksums written last, then renamed into place: a kill or a full disk at
+  any moment leaves the previous checkpoints as they were (a stale ``.tmp-*`` is ignored and
+  cleared by the next save); old checkpoints beyond ``save_total_limit`` go only after that.
+- ``resume_from: latest`` takes the newest checkpoint whose files match its manifest and says
+  which; a damaged one is named and skipped.
+- a run refuses an output directory holding another run's checkpoints or final model unless
+  it resumes it or ``overwrite_output_dir`` is set, and a resume names every setting that
+  differs from the checkpoint's and would make it another run.
+
 A checkpoint holds what ``accelerate.save_state`` writes (weights as safetensors, optimizer,
 scheduler, every RNG state; sharded correctly under FSDP/DeepSpeed), the trainer state
 (step, epoch, position in the epoch's batch order) and the resolved config. The reference
@@ -10,19 +21,30 @@ adapter files, loading with ``PeftModel.from_pretrained``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import re
 import shutil
+import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from accelerate.utils import DistributedType
 
 from prefopt.config import RunConfig, save_config
-from prefopt.errors import ConfigError
+from prefopt.errors import ConfigError, PrefoptError
 from prefopt.lora import bare_name, is_peft_model, merged_copy
 
+log = logging.getLogger("prefopt")
+
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(PrefoptError):
+    """A checkpoint that could not be written (disk full, ...) or read back."""
 
 
 @dataclass
@@ -31,6 +53,8 @@ class TrainState:
     epoch: int = 0            # current epoch
     batch_in_epoch: int = 0   # micro-batches of this epoch already consumed
     num_tokens: int = 0       # tokens read by the policy so far (all processes)
+    skipped_steps: int = 0    # optimizer steps skipped for a non-finite loss or gradient
+    num_processes: int = 1    # the batch geometry a resume must keep
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
@@ -38,6 +62,7 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (renamed into place), oldest first; ``.tmp-*`` writes are not."""
     root = output_dir / "checkpoints"
     found = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()] if root.is_dir() else []
     return sorted(found, key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
@@ -45,18 +70,41 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 def save_checkpoint(accelerator, model, tokenizer, state: TrainState, config: RunConfig,
                     output_dir: Path, keep: int | None) -> Path:
+    """Write checkpoints/step-N atomically (see the module docstring); returns its path."""
     path = checkpoint_dir(output_dir, state.step)
-    accelerator.save_state(str(path))  # trainable parameters only (prefopt.lora.trainable_only)
-    if accelerator.is_main_process:
-        raw = accelerator.unwrap_model(model)
-        if not is_peft_model(raw):
-            raw.config.save_pretrained(path)
-        elif accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            raw.save_pretrained(path)  # the adapter, loadable with PeftModel.from_pretrained(base, path)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
-        save_config(config, path / "config.yaml")
-        (path / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    tmp = path.parent / f".tmp-{path.name}"
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))  # trainable parameters only (prefopt.lora.without_frozen_weights)
+        if main:
+            raw = accelerator.unwrap_model(model)
+            if not is_peft_model(raw):
+                raw.config.save_pretrained(tmp)
+            elif accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+                raw.save_pretrained(tmp)  # the adapter, loadable with PeftModel.from_pretrained(base, path)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            save_config(config, tmp / "config.yaml")
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+            fault_point("checkpoint", state.step)
+            write_manifest(tmp)
+    except OSError as e:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(output_dir)
+        raise CheckpointError(
+            f"could not write the checkpoint of step {state.step} to {path}: {e.strerror or e}. "
+            + (f"The previous checkpoint {previous[-1]} is intact: free space and resume with "
+               f"train.resume_from=latest" if previous else "No earlier checkpoint exists")) from None
+    accelerator.wait_for_everyone()
+    if main:
+        if path.exists():  # the same step written before (a run resumed from an earlier step)
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
         if keep:
             for old in list_checkpoints(output_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -64,16 +112,143 @@ def save_checkpoint(accelerator, model, tokenizer, state: TrainState, config: Ru
     return path
 
 
+def write_manifest(folder: Path) -> None:
+    """Every file's size and SHA-256, each file fsynced first; the manifest itself last."""
+    files = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        with f.open("rb") as handle:
+            os.fsync(handle.fileno())
+        files[f.relative_to(folder).as_posix()] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    target = folder / MANIFEST
+    with target.open("w") as handle:
+        json.dump({"files": files}, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def checkpoint_problem(folder: Path, checksums: bool = True) -> str | None:
+    """What is wrong with a checkpoint folder (None: its files match its manifest)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return None if (folder / STATE_FILE).is_file() else f"no {STATE_FILE}"  # written before manifests
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable {MANIFEST} ({e})"
+    for name, want in manifest.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {want['bytes']}"
+        if checksums and _sha256(f) != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fault_point(name: str, step: int) -> None:
+    """Crash tests: ``PREFOPT_FAULT=kill:checkpoint:3`` SIGKILLs this process at that point (here:
+    in the middle of writing step 3's checkpoint, weights written, manifest not yet)."""
+    if os.environ.get("PREFOPT_FAULT") == f"kill:{name}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def resolve_resume(resume_from: str, output_dir: Path) -> Path:
+    """The checkpoint to resume: ``latest`` is the newest whose files match its manifest (a
+    damaged one is named and skipped); a named folder must itself be sound."""
     if resume_from == "latest":
         found = list_checkpoints(output_dir)
         if not found:
             raise ConfigError(f"train.resume_from=latest: no checkpoint in {output_dir / 'checkpoints'}")
-        return found[-1]
+        for path in reversed(found):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            log.warning("checkpoint %s is damaged (%s); falling back to the one before it", path, problem)
+        raise CheckpointError(f"train.resume_from=latest: every checkpoint in {output_dir / 'checkpoints'} is damaged")
     path = Path(resume_from)
     if not (path / STATE_FILE).is_file():
         raise ConfigError(f"train.resume_from: {path} is not a prefopt checkpoint (no {STATE_FILE})")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"train.resume_from: {path} is damaged: {problem}")
     return path
+
+
+# Settings a resumed run must share with its checkpoint: another value makes it another run
+# (other weights, other data order or batch geometry). Everything else (max_steps, logging,
+# eval, save cadence...) may change on resume and is listed in the log.
+SAME_RUN_KEYS = ("model.name_or_path", "model.lora", "model.dtype", "model.chat_template", "loss",
+                 "reference.strategy", "reference.name_or_path", "data.train", "data.format", "data.max_length",
+                 "data.max_prompt_length", "data.layout", "data.max_examples", "data.max_tokens_per_batch",
+                 "data.group_by_length", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
+                 "train.seed", "num_processes")
+
+
+def resume_differences(path: Path, config: RunConfig, num_processes: int) -> tuple[list[str], list[str]]:
+    """(differences that make the checkpoint another run's, other differences) as
+    'key: checkpoint X, now Y' lines."""
+    from prefopt.config import load_config, to_dict
+
+    try:
+        then = _flat(to_dict(load_config(path / "config.yaml")))
+    except (OSError, PrefoptError) as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint's config.yaml ({e})") from None
+    state = json.loads((path / STATE_FILE).read_text())
+    then["num_processes"] = state.get("num_processes", 1)
+    now = {**_flat(to_dict(config)), "num_processes": num_processes}
+    ignore = ("output_dir", "train.resume_from", "train.overwrite_output_dir", "train.progress_bar")
+    lines = {k: f"{k}: checkpoint {then.get(k)!r}, now {now.get(k)!r}"
+             for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k) and k not in ignore}
+    return ([line for k, line in lines.items() if k in SAME_RUN_KEYS],
+            [line for k, line in lines.items() if k not in SAME_RUN_KEYS])
+
+
+def _flat(config: dict) -> dict:
+    """{section.key: value} one level deep (a LoRA mapping or the loss list stays one value)."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def claim_output_dir(output_dir: Path, overwrite: bool, resuming: bool, accelerator) -> None:
+    """Refuse a directory that holds another run's checkpoints or final model (unless the run
+    resumes it); with ``overwrite`` delete them (main process) and go on."""
+    checkpoints, final = list_checkpoints(output_dir), output_dir / "final"
+    if resuming or not (checkpoints or final.is_dir()):
+        return
+    held = ([f"checkpoints {checkpoints[0].name}..{checkpoints[-1].name}"] if checkpoints else []) + \
+           (["final/"] if final.is_dir() else [])
+    if not overwrite:
+        raise ConfigError(f"{output_dir} holds another run ({', '.join(held)}). Resume it with "
+                          f"train.resume_from=latest, choose another output_dir, or set "
+                          f"train.overwrite_output_dir=true to delete them and start afresh")
+    if accelerator.is_main_process:
+        log.info("overwrite_output_dir: deleting the previous run's %s in %s", ", ".join(held), output_dir)
+        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
 
 
 def load_checkpoint(accelerator, model, path: Path) -> TrainState:

@@ -4,7 +4,8 @@
         window  = the next gradient_accumulation_steps micro-batches (fewer at an epoch's end)
         units   = per-term totals over the window and all processes (examples or tokens)
         for each micro-batch: loss = objective.forward(...).loss; backward (sync on the last)
-        clip, step, schedule, zero; log / evaluate / checkpoint when due
+        clip; step and schedule (or skip the update when the loss or gradient is not finite); zero
+        log / evaluate / checkpoint when due; on SIGTERM/SIGINT checkpoint and stop
 
 Dividing every term by the totals of the whole step (not per micro-batch) makes any
 micro-batch x accumulation x process split give the same gradient as one large batch.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -25,10 +27,10 @@ import torch
 from tqdm.auto import tqdm
 
 from prefopt.config import RunConfig
-from prefopt.errors import PrefoptError
+from prefopt.errors import ConfigError, PrefoptError
 from prefopt.objective import Objective
-from prefopt.train.checkpoint import (TrainState, load_checkpoint, resolve_resume, save_checkpoint,
-                                      save_final)
+from prefopt.train.checkpoint import (TrainState, fault_point, load_checkpoint, resolve_resume,
+                                      resume_differences, save_checkpoint, save_final)
 from prefopt.train.metrics import MetricAccumulator, MetricsWriter, prefixed
 
 log = logging.getLogger("prefopt")
@@ -54,14 +56,77 @@ class Job:
 
 
 class NonFiniteLossError(PrefoptError):
-    pass
+    """Too many optimizer steps in a row with a non-finite loss or gradient."""
+
+
+class Interrupted(PrefoptError):
+    """SIGTERM/SIGINT: a checkpoint was saved and the run stopped (the CLI exits 128 + signal)."""
+
+    def __init__(self, signum: int, message: str):
+        self.signum = signum
+        super().__init__(message)
+
+
+class StopSignals:
+    """Turns SIGTERM/SIGINT into a request to stop at the next step boundary (a second one
+    acts at once, as usual). Every process agrees on the request (one all-reduce per step)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        try:
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: signals stay with whoever owns them
+            self.previous = {}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # asked twice: stop now
+            signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self, acc) -> int | None:
+        value = torch.tensor([self.received or 0], device=acc.device)
+        if acc.num_processes > 1:
+            value = acc.reduce(value, reduction="max")
+        return int(value.item()) or None
+
+
+def start_state(job: Job) -> TrainState:
+    """A fresh state, or the checkpoint's when resuming (after checking it belongs to this run)."""
+    cfg, acc = job.config.train, job.accelerator
+    if not cfg.resume_from:
+        return TrainState(num_processes=acc.num_processes)
+    path = resolve_resume(cfg.resume_from, job.output_dir)
+    blocking, changed = resume_differences(path, job.config, acc.num_processes)
+    if blocking:
+        raise ConfigError(f"train.resume_from: {path} is another run's checkpoint; these settings differ:\n  "
+                          + "\n  ".join(blocking) + "\nResume with the checkpoint's settings, or start afresh "
+                          "(another output_dir, or train.overwrite_output_dir=true)")
+    state = load_checkpoint(acc, job.model, path)
+    log.info("resumed from %s (step %d of %d)%s", path, state.step, job.total_steps,
+             "; changed since: " + "; ".join(changed) if changed else "")
+    return state
 
 
 def train(job: Job) -> tuple[TrainState, dict]:
     cfg, acc = job.config.train, job.accelerator
-    state = TrainState()
-    if cfg.resume_from:
-        state = load_checkpoint(acc, job.model, resolve_resume(cfg.resume_from, job.output_dir))
+    with StopSignals() as signals:
+        return _train(job, start_state(job), signals)
+
+
+def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainState, dict]:
+    cfg, acc = job.config.train, job.accelerator
     # A resumed run keeps the metrics of the steps up to its checkpoint, not those logged after it.
     writer = MetricsWriter(job.output_dir / "metrics.jsonl", acc.is_main_process, keep_until=state.step,
                            log_fn=acc.log if acc.trackers else None)
@@ -74,13 +139,21 @@ def train(job: Job) -> tuple[TrainState, dict]:
     interactive = show and sys.stderr.isatty()
     bar = tqdm(total=job.total_steps, initial=state.step, desc="train", dynamic_ncols=True,
                disable=not interactive)
+    in_a_row = 0
     for window in _windows(job, state) if state.step < job.total_steps else ():
         started = time.perf_counter()
-        tokens += optimizer_step(job, window, window_metrics)
+        read, updated = optimizer_step(job, window, window_metrics)
+        tokens += read
         train_seconds += time.perf_counter() - started  # eval and checkpoint time excluded
         state.step += 1
+        in_a_row = 0 if updated else in_a_row + 1
+        if not updated:
+            state.skipped_steps += 1
+            log.warning("step %d skipped: non-finite loss or gradient (%d skipped so far)", state.step,
+                        state.skipped_steps)
         for hook in job.step_hooks:
             hook(state.step)
+        fault_point("step", state.step)
         bar.update(1)
         if state.step % cfg.logging_steps == 0 or state.step == job.total_steps:
             tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), reduction="sum"))
@@ -88,7 +161,8 @@ def train(job: Job) -> tuple[TrainState, dict]:
             logged = job.objective.summarize(window_metrics.means(acc))
             logged.update(learning_rate=job.scheduler.get_last_lr()[0],
                           epoch=round(state.step / job.steps_per_epoch, 4),
-                          tokens_per_second=tokens / max(train_seconds, 1e-9), num_tokens=state.num_tokens)
+                          tokens_per_second=tokens / max(train_seconds, 1e-9), num_tokens=state.num_tokens,
+                          skipped_steps=state.skipped_steps)
             writer.write(state.step, logged)
             headline = {k: f"{logged[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in logged}
             if interactive:
@@ -96,13 +170,27 @@ def train(job: Job) -> tuple[TrainState, dict]:
             elif show:
                 log.info("step %d/%d %s lr %.3g, %.0f tokens/s, batch fill %.2f", state.step, job.total_steps,
                          " ".join(f"{k} {v}" for k, v in headline.items()), logged["learning_rate"],
-                         logged["tokens_per_second"], logged["batch_fill"])
+                         logged["tokens_per_second"], logged.get("batch_fill", math.nan))
             window_metrics.reset()
             tokens, train_seconds = 0, 0.0
         if job.eval_loader is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
             last_eval = _log_eval(job, writer, state.step)
         if cfg.save_steps and state.step % cfg.save_steps == 0:
             save_checkpoint(acc, job.model, job.tokenizer, state, job.config, job.output_dir, cfg.save_total_limit)
+        if in_a_row >= cfg.max_consecutive_skips:
+            path = save_checkpoint(acc, job.model, job.tokenizer, state, job.config, job.output_dir, None)
+            raise NonFiniteLossError(
+                f"steps {state.step - in_a_row + 1}..{state.step} in a row had a non-finite loss or gradient "
+                f"(train.max_consecutive_skips={cfg.max_consecutive_skips}); stopped with a checkpoint in {path}. "
+                "Likely causes: fp16 overflow (use train.mixed_precision=bf16 or no), a learning rate too "
+                "high (the loss grew before), empty or fully truncated completions (see data_report.json)")
+        signum = signals.requested(acc)
+        if signum:
+            path = save_checkpoint(acc, job.model, job.tokenizer, state, job.config, job.output_dir, None)
+            bar.close()
+            raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} at step {state.step} of "
+                                      f"{job.total_steps}: checkpoint saved in {path}; continue with "
+                                      f"train.resume_from=latest")
         if state.step >= job.total_steps:
             break
     bar.close()
@@ -134,8 +222,11 @@ def _windows(job: Job, state: TrainState) -> Iterator[list]:
         state.batch_in_epoch = 0
 
 
-def optimizer_step(job: Job, window: list, metrics: MetricAccumulator) -> int:
-    """Forward/backward every micro-batch of the window, then one optimizer step. Returns tokens read."""
+def optimizer_step(job: Job, window: list, metrics: MetricAccumulator) -> tuple[int, bool]:
+    """Forward/backward every micro-batch of the window, then one optimizer step. Returns the
+    tokens read and whether the weights were updated: a non-finite loss (on any process) or
+    gradient norm skips the update (the schedule still advances: a step is a step) and keeps
+    the window's metrics out of the averages."""
     acc, model, objective = job.accelerator, job.model, job.objective
     per_batch = [objective.units(b) for b in window]
     names = list(per_batch[0])
@@ -144,29 +235,31 @@ def optimizer_step(job: Job, window: list, metrics: MetricAccumulator) -> int:
         totals = acc.reduce(torch.tensor(totals, device=acc.device, dtype=torch.float64), reduction="sum").tolist()
     units = dict(zip(names, totals))
     model.train()
-    tokens = 0
+    tokens, finite, window_metrics = 0, True, MetricAccumulator()
     for i, batch in enumerate(window):
         last = i == len(window) - 1
         with contextlib.nullcontext() if last else acc.no_sync(model):
             out = objective.forward(model, batch, units)
-            if not _finite_everywhere(acc, out.loss):
-                raise NonFiniteLossError(
-                    "non-finite loss; with fp16 this is usually an overflow: use "
-                    "train.mixed_precision=bf16, a lower learning rate, or check the data")
-            # DDP averages gradients over processes; the units are already global totals.
+            finite = _finite_everywhere(acc, out.loss) and finite
+            # Backward even when not finite: every process must take part in the gradient
+            # all-reduce; the update is skipped below. DDP averages gradients over processes;
+            # the units are already global totals.
             acc.backward(out.loss * acc.num_processes)
-        metrics.add_all(objective.metrics(out, batch))
+        window_metrics.add_all(objective.metrics(out, batch))
         real = batch.num_tokens
-        metrics.add("batch_fill", real, batch.input_ids.numel())  # real tokens / row slots
+        window_metrics.add("batch_fill", real, batch.input_ids.numel())  # real tokens / row slots
         tokens += real
     max_norm = job.config.train.max_grad_norm
     grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm if max_norm else math.inf)
     if grad_norm is not None:
-        metrics.add("grad_norm", float(grad_norm), 1)
-    job.optimizer.step()
+        finite = finite and bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
+        window_metrics.add("grad_norm", float(grad_norm), 1)
+    if finite:
+        metrics.merge(window_metrics)
+        job.optimizer.step()
     job.scheduler.step()
     job.optimizer.zero_grad(set_to_none=True)
-    return tokens
+    return tokens, finite
 
 
 def _finite_everywhere(acc, loss: torch.Tensor) -> bool:

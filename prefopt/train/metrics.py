@@ -27,6 +27,10 @@ class MetricAccumulator:
         for name, (total, count) in pairs.items():
             self.add(name, total, count)
 
+    def merge(self, other: "MetricAccumulator") -> None:
+        for name in other.sums:
+            self.add(name, other.sums[name], other.counts[name])
+
     def means(self, accelerator=None) -> dict[str, float]:
         """Means over everything added since the last reset, summed over all processes."""
         names = sorted(self.sums)
