@@ -158,7 +158,8 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
         if state.step % cfg.logging_steps == 0 or state.step == job.total_steps:
             tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), reduction="sum"))
             state.num_tokens += tokens
-            logged = job.objective.summarize(window_metrics.means(acc))
+            means = window_metrics.means(acc)  # empty when every step of the window was skipped
+            logged = job.objective.summarize(means) if means else {}
             logged.update(learning_rate=job.scheduler.get_last_lr()[0],
                           epoch=round(state.step / job.steps_per_epoch, 4),
                           tokens_per_second=tokens / max(train_seconds, 1e-9), num_tokens=state.num_tokens,
