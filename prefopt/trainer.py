@@ -45,6 +45,7 @@ from prefopt.reference import ReferenceContext, build_reference
 from prefopt.scoring import Plan, Probe, architecture_key, plan_scoring, reuse_plan
 from prefopt.train import batches, loop
 from prefopt.train.checkpoint import claim_output_dir, save_final
+from prefopt.train.distributed import configure_deepspeed
 
 log = logging.getLogger("prefopt")
 
@@ -180,7 +181,12 @@ class Trainer:
                               "gradient_accumulation_steps must be >= 1")
         # Under torchrun on a machine without CUDA, accelerate only forms the gloo process group
         # when asked for CPU explicitly; otherwise each process would silently train alone.
-        distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        # (Not under DeepSpeed or FSDP: forcing CPU would silently turn them into plain DDP; DeepSpeed
+        # runs on CPU with DS_ACCELERATOR=cpu and gloo.)
+        sharded_launch = any(os.environ.get(v, "").lower() in ("true", "1")
+                             for v in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"))
+        distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() \
+            and not sharded_launch
         # accelerate keeps one process-wide state; a second trainer in the same process (SFT in
         # fp32, then DPO in bf16) needs its own precision. The process group (PartialState) stays.
         AcceleratorState._reset_state(reset_partial_state=False)
@@ -215,6 +221,8 @@ class Trainer:
 
         optimizer = self._optimizer(model)
         scheduler = self._scheduler(optimizer, total_steps)
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            configure_deepspeed(accelerator, tcfg)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         accelerator.register_save_state_pre_hook(without_frozen_weights)
         if cfg.save.merge_lora and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):

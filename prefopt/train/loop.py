@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from prefopt.config import RunConfig
@@ -31,6 +32,7 @@ from prefopt.errors import ConfigError, PrefoptError
 from prefopt.objective import Objective
 from prefopt.train.checkpoint import (TrainState, fault_point, load_checkpoint, resolve_resume,
                                       resume_differences, save_checkpoint, save_final)
+from prefopt.train.distributed import deepspeed_backward
 from prefopt.train.metrics import MetricAccumulator, MetricsWriter, prefixed
 
 log = logging.getLogger("prefopt")
@@ -245,7 +247,10 @@ def optimizer_step(job: Job, window: list, metrics: MetricAccumulator) -> tuple[
             # Backward even when not finite: every process must take part in the gradient
             # all-reduce; the update is skipped below. DDP averages gradients over processes;
             # the units are already global totals.
-            acc.backward(out.loss * acc.num_processes)
+            if acc.distributed_type == DistributedType.DEEPSPEED:
+                deepspeed_backward(acc, out.loss * acc.num_processes, last)
+            else:
+                acc.backward(out.loss * acc.num_processes)
         window_metrics.add_all(objective.metrics(out, batch))
         real = batch.num_tokens
         window_metrics.add("batch_fill", real, batch.input_ids.numel())  # real tokens / row slots
