@@ -240,3 +240,49 @@ def test_absent_key_lists_the_keys_the_record_has(tmp_path):
     with pytest.raises(DataError) as err:
         load_examples(path, DataConfig(), DataReport("train", "raise"))
     assert str(err.value).startswith(f"{path}:2: [plain] missing field 'rejected' (record has: prompt, chosen)")
+
+
+# ---------------------------------------------------------------------------- invalid text
+# JSON's "\ud800" escape without its low half decodes to a lone surrogate: not valid Unicode.
+LONE_SURROGATE = r'{"prompt": "Q\ud800?", "chosen": " a", "rejected": " b"}'
+SURROGATE_IN_MESSAGE = json.dumps({"prompt": [{"role": "user", "content": "Hi"}],
+                                   "chosen": [{"role": "assistant", "content": "a"}],
+                                   "rejected": [{"role": "assistant", "content": "b"}]}).replace('"a"', r'"a\udfff"')
+
+
+def test_lone_surrogate_is_a_record_error_naming_line_and_field(tmp_path, tokenizer):
+    path = write_lines(tmp_path / "data.jsonl", [json.dumps(GOOD[0]), LONE_SURROGATE])
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer)
+    assert str(err.value) == (f"{path}:2: [plain] prompt holds a lone UTF-16 surrogate (U+D800 at "
+                              f"character 2), which is not valid Unicode{SKIP_HINT}")
+
+    conv = write_lines(tmp_path / "conv.jsonl", [SURROGATE_IN_MESSAGE])
+    with pytest.raises(DataError) as err:
+        prepare(conv, tokenizer)
+    assert str(err.value) == (f"{conv}:1: [conversational] chosen[0].content holds a lone UTF-16 surrogate "
+                              f"(U+DFFF at character 2), which is not valid Unicode{SKIP_HINT}")
+
+
+def test_lone_surrogate_is_skipped_counted_and_written_back_as_its_escape(tmp_path, tokenizer):
+    path = write_lines(tmp_path / "data.jsonl", [json.dumps(GOOD[0]), LONE_SURROGATE, json.dumps(GOOD[1])])
+    train = prepare(path, tokenizer, on_error="skip")
+    assert (train.report.records, train.report.examples) == (3, 2)
+    assert train.report.rejected == {"invalid_unicode": 1}
+    rejects = tmp_path / "rejected_records.jsonl"
+    train.report.write_rejects(rejects)
+    assert r'"Q\ud800?"' in rejects.read_text(encoding="utf-8")
+    (row,) = [json.loads(line) for line in rejects.read_text(encoding="utf-8").splitlines()]
+    assert row["where"] == f"{path}:2" and row["record"]["prompt"] == "Q\ud800?"
+
+
+def test_encoder_reports_a_lone_surrogate_instead_of_a_type_error(tokenizer):
+    """Callers that build examples themselves (judges) get the RecordProblem too."""
+    from prefopt.data.schema import Origin, PreferenceExample, RecordProblem
+    from prefopt.data.tokenize import Encoder
+
+    ex = PreferenceExample("Q\ud800?", " a", " b", Origin("<list>", 0))
+    with pytest.raises(RecordProblem) as err:
+        Encoder(tokenizer, 32).encode(ex, DataReport("train"))
+    assert (err.value.reason, str(err.value)) == (
+        "invalid_unicode", "the text holds a lone UTF-16 surrogate (U+D800 at character 2), which is not valid Unicode")

@@ -18,7 +18,7 @@ from prefopt.config import DataConfig
 from prefopt.data.formats import Format, detect_format, get_format
 from prefopt.data.report import DataReport
 from prefopt.data.schema import (CompletionExample, PreferenceExample, PromptExample, RecordProblem,
-                                 validate_completion, validate_pair, validate_prompt)
+                                 check_unicode, validate_completion, validate_pair, validate_prompt)
 from prefopt.data.sources import read_records
 from prefopt.data.tokenize import EncodedExample, Encoder
 from prefopt.errors import ConfigError, DataError
@@ -158,6 +158,8 @@ def extract_columns(record: dict, required: tuple[str, ...], optional: tuple[str
             value = float(value)
         elif not isinstance(value, str) or not value.strip():
             raise RecordProblem("wrong_type", f"column '{name}' must be non-empty text")
+        else:
+            check_unicode(value, f"column '{name}'")
         extras[name] = value
     return extras
 

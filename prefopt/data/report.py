@@ -57,6 +57,8 @@ class DataReport:
         if not self.rejects:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as fh:
+        # backslashreplace: a lone surrogate in a rejected record is written as the JSON escape
+        # "\\ud800" it was read from, instead of failing to encode.
+        with path.open("a", encoding="utf-8", errors="backslashreplace") as fh:
             for row in self.rejects:
                 fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")

@@ -82,6 +82,19 @@ class PromptExample:
         return isinstance(self.prompt, list)
 
 
+def check_unicode(text: str, what: str) -> str:
+    """``text``, or a RecordProblem when it holds a lone UTF-16 surrogate (what JSON's "\\ud800"
+    escape without its pair decodes to): such a string is not valid Unicode, so it cannot be
+    encoded to UTF-8 and no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RecordProblem("invalid_unicode", f"{what} holds a lone UTF-16 surrogate "
+                                               f"(U+{ord(text[e.start]):04X} at character {e.start + 1}), "
+                                               f"which is not valid Unicode") from None
+    return text
+
+
 def check_text(value: Any, what: str, *, conversational: bool | None = None) -> Text:
     """Validate a prompt or completion: non-empty text, or well-formed messages."""
     if isinstance(value, str):
@@ -89,7 +102,7 @@ def check_text(value: Any, what: str, *, conversational: bool | None = None) -> 
             raise RecordProblem("wrong_type", f"{what} is text but the prompt is a conversation")
         if not value.strip():
             raise RecordProblem("empty", f"{what} is empty")
-        return value
+        return check_unicode(value, what)
     if isinstance(value, list):
         if conversational is False:
             raise RecordProblem("wrong_type", f"{what} is a message list but the prompt is text")
@@ -106,6 +119,7 @@ def check_text(value: Any, what: str, *, conversational: bool | None = None) -> 
                                                   f"{type(msg['content']).__name__}")
             if msg["role"] != "system" and not msg["content"].strip():
                 raise RecordProblem("empty", f"{what}[{i}] ({msg['role']}) has empty content")
+            check_unicode(msg["content"], f"{what}[{i}].content")
         return [{"role": m["role"], "content": m["content"]} for m in value]
     if value is None:
         raise RecordProblem("missing_field", f"{what} is missing (null)")

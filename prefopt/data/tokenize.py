@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefopt.data.report import DataReport
-from prefopt.data.schema import CompletionExample, Origin, PreferenceExample, RecordProblem, Text
+from prefopt.data.schema import (CompletionExample, Origin, PreferenceExample, RecordProblem, Text,
+                                 check_unicode)
 from prefopt.errors import ConfigError
 
 
@@ -138,12 +139,21 @@ class Encoder:
                     f"{prompt_text[-20:]!r}, completion starts {completion_text[:20]!r}); such "
                     f"completions are tokenised on their own, as generation would produce them")
             report.count("boundary_mismatch")
-            ids = self.tok(completion_text, add_special_tokens=False)["input_ids"]
+            ids = self._tokenize(completion_text, add_special_tokens=False)
         return self._end_with_eos(ids)
 
     def _ids(self, text: str, conversational: bool) -> list[int]:
         # Chat templates write their own BOS; raw text gets the tokenizer's special tokens.
-        return self.tok(text, add_special_tokens=not conversational)["input_ids"]
+        return self._tokenize(text, add_special_tokens=not conversational)
+
+    def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        try:
+            return self.tok(text, add_special_tokens=add_special_tokens)["input_ids"]
+        except TypeError:
+            # Rust tokenizers raise a bare TypeError for text that is not valid Unicode (a lone
+            # surrogate); the pipeline checks fields first, this covers other callers (judges).
+            check_unicode(text, "the text")
+            raise
 
     def _is_whitespace(self, token: int) -> bool:
         if token not in self._whitespace:
