@@ -286,3 +286,45 @@ def test_encoder_reports_a_lone_surrogate_instead_of_a_type_error(tokenizer):
         Encoder(tokenizer, 32).encode(ex, DataReport("train"))
     assert (err.value.reason, str(err.value)) == (
         "invalid_unicode", "the text holds a lone UTF-16 surrogate (U+D800 at character 2), which is not valid Unicode")
+
+
+# ---------------------------------------------------------------------------- deep nesting
+TOO_DEEP = "the record is nested more than 100 levels deep (no data format nests that deep)"
+
+
+def nested(depth: int) -> str:
+    return json.dumps({"prompt": "Hi", "chosen": " a", "rejected": " b"}).replace(
+        '"Hi"', "[" * depth + '"Hi"' + "]" * depth)
+
+
+@pytest.mark.parametrize("depth", [150, 1000, 100_000])  # 1000+ overflows the JSON parser's recursion
+def test_deeply_nested_line_is_a_record_error(depth, tmp_path, tokenizer):
+    path = write_lines(tmp_path / "data.jsonl", [json.dumps(GOOD[0]), nested(depth), json.dumps(GOOD[1])])
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer)
+    assert str(err.value) == f"{path}:2: {TOO_DEEP}{SKIP_HINT}"
+    train = prepare(path, tokenizer, on_error="skip")
+    assert (train.report.records, train.report.examples, train.report.rejected) == (3, 2, {"malformed": 1})
+    rejects = tmp_path / "rejected_records.jsonl"
+    train.report.write_rejects(rejects)  # the raw line is kept; nothing recurses on the nested value
+    assert json.loads(rejects.read_text(encoding="utf-8"))["record"] == nested(depth)
+
+
+def test_deeply_nested_json_array_element_names_its_line(tmp_path, tokenizer):
+    path = tmp_path / "data.json"
+    path.write_text("[\n" + json.dumps(GOOD[0]) + ",\n" + nested(1000) + "\n]\n", encoding="utf-8")
+    for on_error in ("raise", "skip"):  # an array cannot be read past an element it cannot parse
+        with pytest.raises(DataError) as err:
+            prepare(path, tokenizer, on_error=on_error)
+        assert str(err.value) == f"{path}:3: {TOO_DEEP}; records before it were read fine"
+    path.write_text("[\n" + json.dumps(GOOD[0]) + ",\n" + nested(150) + "\n]\n", encoding="utf-8")
+    train = prepare(path, tokenizer, on_error="skip")  # parsed, then refused: the rest is read
+    assert (train.report.records, train.report.examples, train.report.rejects[0]["where"]) == (2, 1, f"{path}:3")
+
+
+def test_deeply_nested_in_memory_record(tokenizer):
+    deep = json.loads(nested(150))
+    report = DataReport("train", "skip")
+    examples = load_examples([GOOD[0], deep], DataConfig(), report)
+    assert len(examples) == 1 and report.rejects[0]["where"] == "<list> record 2"
+    assert report.rejects[0]["problem"] == TOO_DEEP

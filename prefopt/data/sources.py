@@ -22,6 +22,11 @@ from prefopt.data.schema import Origin
 from prefopt.errors import DataError
 
 TEXT_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".csv", ".parquet")
+# No data format nests deeper than a few levels (record -> messages -> message). A record nested
+# deeper is refused when read: later steps (repr in messages, json.dumps into the rejects file,
+# comparing conversations) recurse and would hit Python's recursion limit far from its line.
+MAX_DEPTH = 100
+TOO_DEEP = f"the record is nested more than {MAX_DEPTH} levels deep (no data format nests that deep)"
 
 
 @dataclass
@@ -73,10 +78,38 @@ def _pick_split(dsd: Any, split: str, where: str):
 def _from_rows(rows: Any, name: str) -> Iterator[RawRecord]:
     for i, row in enumerate(rows):
         origin = Origin(name, i)
-        if isinstance(row, dict):
-            yield RawRecord(dict(row), origin)
-        else:
+        if not isinstance(row, dict):
             yield RawRecord(None, origin, f"expected a mapping (dict), got {type(row).__name__}")
+        elif _too_deep(row):
+            yield RawRecord(None, origin, TOO_DEEP)
+        else:
+            yield RawRecord(dict(row), origin)
+
+
+def _parsed(obj: Any, origin: Origin, raw: str) -> RawRecord:
+    """The record for a parsed JSON value: an object, or the problem with it."""
+    if not isinstance(obj, dict):
+        return RawRecord(None, origin, f"expected a JSON object, got {type(obj).__name__}", raw=raw)
+    if _too_deep(obj):
+        return RawRecord(None, origin, TOO_DEEP, raw=raw)
+    return RawRecord(obj, origin)
+
+
+def _too_deep(obj: Any) -> bool:
+    """Whether ``obj`` nests lists/dicts more than MAX_DEPTH deep (iterative: deep input is the point)."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children = value.values()
+        elif isinstance(value, (list, tuple)):
+            children = value
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _from_file(path: Path) -> Iterator[RawRecord]:
@@ -100,7 +133,7 @@ def _from_file(path: Path) -> Iterator[RawRecord]:
     elif name.endswith((".json", ".json.gz")) and text.lstrip().startswith("["):
         yield from _from_json_array(text, str(path))
     elif name.endswith((".json", ".json.gz")) and (single := _single_object(text)) is not None:
-        yield RawRecord(single, Origin(str(path), 0, 1 + text[:len(text) - len(text.lstrip())].count("\n")))
+        yield _parsed(single, Origin(str(path), 0, 1 + text[:len(text) - len(text.lstrip())].count("\n")), text[:2000])
     elif name.endswith((".json", ".json.gz", ".jsonl", ".jsonl.gz")):
         yield from _from_json_lines(text, str(path))
     else:
@@ -121,10 +154,10 @@ def _from_json_lines(text: str, path: str) -> Iterator[RawRecord]:
         except json.JSONDecodeError as e:
             yield RawRecord(None, origin, f"malformed JSON: {e.msg} (column {e.colno})", raw=line)
             continue
-        if isinstance(obj, dict):
-            yield RawRecord(obj, origin)
-        else:
-            yield RawRecord(None, origin, f"expected a JSON object, got {type(obj).__name__}", raw=line)
+        except RecursionError:  # the parser recurses once per level: ~1000 levels overflow it
+            yield RawRecord(None, origin, TOO_DEEP, raw=line)
+            continue
+        yield _parsed(obj, origin, line)
 
 
 def _from_json_array(text: str, path: str) -> Iterator[RawRecord]:
@@ -138,19 +171,17 @@ def _from_json_array(text: str, path: str) -> Iterator[RawRecord]:
     pos = _skip_ws(text, text.index("[") + 1)
     index = 0
     while pos < len(text) and text[pos] != "]":
+        # Inside an array there is no way to resynchronise after an error: the file is unusable.
         try:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            # Inside an array there is no way to resynchronise: the whole file is unusable.
             raise DataError(f"{path}:{e.lineno}", f"malformed JSON: {e.msg} (column {e.colno}); "
                                                   f"records before it were read fine") from None
+        except RecursionError:
+            raise DataError(f"{path}:{line_of(pos)}", f"{TOO_DEEP}; records before it were read fine") from None
         origin = Origin(path, index, line_of(pos))
         index += 1
-        if isinstance(obj, dict):
-            yield RawRecord(obj, origin)
-        else:
-            yield RawRecord(None, origin, f"expected a JSON object, got {type(obj).__name__}",
-                            raw=json.dumps(obj)[:2000])
+        yield _parsed(obj, origin, text[pos:end][:2000])
         pos = _skip_ws(text, end)
         if pos < len(text) and text[pos] == ",":
             pos = _skip_ws(text, pos + 1)
@@ -167,7 +198,7 @@ def _single_object(text: str) -> dict | None:
         return None
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # then read as lines, each with its own error
         return None
     return obj if isinstance(obj, dict) else None
 
