@@ -328,3 +328,86 @@ def test_deeply_nested_in_memory_record(tokenizer):
     examples = load_examples([GOOD[0], deep], DataConfig(), report)
     assert len(examples) == 1 and report.rejects[0]["where"] == "<list> record 2"
     assert report.rejects[0]["problem"] == TOO_DEEP
+
+
+# ---------------------------------------------------------------------------- bytes and line ends
+def write_bytes(path: Path, lines: list[bytes], end: bytes = b"\n", bom: bytes = b"") -> Path:
+    path.write_bytes(bom + end.join(lines) + end)
+    return path
+
+
+def good_bytes(i: int) -> bytes:
+    return json.dumps(GOOD[i]).encode()
+
+
+BAD_UTF8 = b'{"prompt": "caf\xe9?", "chosen": " a", "rejected": " b"}'  # Latin-1, not UTF-8
+BAD_UTF8_PROBLEM = "invalid UTF-8: byte 0xe9 at byte 16 of the line (invalid continuation byte)"
+
+
+def test_invalid_utf8_line_is_one_bad_record(tmp_path, tokenizer):
+    path = write_bytes(tmp_path / "data.jsonl", [good_bytes(0), BAD_UTF8, good_bytes(1)])
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer)
+    assert str(err.value) == f"{path}:2: {BAD_UTF8_PROBLEM}{SKIP_HINT}"
+    train = prepare(path, tokenizer, on_error="skip")  # the rest of the file is read
+    assert (train.report.records, train.report.examples, train.report.rejected) == (3, 2, {"malformed": 1})
+    assert [str(e.origin) for e in train.examples] == [f"{path}:1", f"{path}:3"]
+    assert train.report.rejects[0]["record"] == BAD_UTF8.decode("utf-8", "backslashreplace")
+
+
+def test_invalid_utf8_in_a_json_document_names_the_line(tmp_path, tokenizer):
+    array = write_bytes(tmp_path / "data.json", [b"[", good_bytes(0) + b",", BAD_UTF8, b"]"])
+    single = write_bytes(tmp_path / "one.json", [b"{", b'  "prompt": "caf\xe9?",', b'  "chosen": " a",',
+                                                 b'  "rejected": " b"', b"}"])
+    for path, line, column in ((array, 3, 16), (single, 2, 17)):
+        for on_error in ("raise", "skip"):  # one document: it cannot be read around the byte
+            with pytest.raises(DataError) as err:
+                prepare(path, tokenizer, on_error=on_error)
+            assert str(err.value) == (f"{path}:{line}: invalid UTF-8: byte 0xe9 at byte {column} of the "
+                                      f"line (invalid continuation byte); the file must be UTF-8")
+
+
+def test_utf16_file_is_refused_with_its_encoding(tmp_path, tokenizer):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(json.dumps(GOOD[0]).encode("utf-16"))
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer, on_error="skip")
+    assert str(err.value) == f"{path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8"
+
+
+@pytest.mark.parametrize("end", [b"\r\n", b"\r"])
+def test_crlf_and_bom_read_like_plain_utf8(end, tmp_path, tokenizer):
+    bom = b"\xef\xbb\xbf"
+    lines = write_bytes(tmp_path / "data.jsonl", [good_bytes(0), b"", good_bytes(1)], end, bom)
+    array = write_bytes(tmp_path / "data.json", [b"[", good_bytes(0) + b",", good_bytes(1), b"]"], end, bom)
+    table = write_bytes(tmp_path / "data.csv", [b"prompt,chosen,rejected", b'"Say\r\nhi", a, b', b"q, c, d"],
+                        end, bom)
+    expected = {lines: ([1, 3], [GOOD[0]["prompt"], GOOD[1]["prompt"]]),
+                array: ([2, 3], [GOOD[0]["prompt"], GOOD[1]["prompt"]]),
+                table: ([2, 4], ["Say\nhi", "q"])}  # universal newlines, as text mode reads them
+    for path, (line_numbers, prompts) in expected.items():
+        report = DataReport("train", "raise")
+        examples = load_examples(path, DataConfig(), report)
+        assert [str(e.origin) for e in examples] == [f"{path}:{n}" for n in line_numbers]
+        assert [e.prompt for e in examples] == prompts
+        assert all("\r" not in e.chosen and "\ufeff" not in e.prompt for e in examples)
+
+
+def test_truncated_last_line(tmp_path, tokenizer):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(good_bytes(0) + b"\n" + good_bytes(1)[:25])  # cut inside a string, no final newline
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer)
+    assert str(err.value) == f"{path}:2: malformed JSON: Unterminated string starting at (column 12){SKIP_HINT}"
+    train = prepare(path, tokenizer, on_error="skip")
+    assert (train.report.records, train.report.examples, train.report.rejected) == (2, 1, {"malformed": 1})
+
+
+def test_truncated_gzip_file(tmp_path, tokenizer):
+    import gzip
+    data = gzip.compress(b"\n".join([good_bytes(0), good_bytes(1)]))
+    path = tmp_path / "data.jsonl.gz"
+    path.write_bytes(data[:-10])
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer, on_error="skip")
+    assert str(err.value).startswith(f"{path}: cannot read file: Compressed file ended before")

@@ -9,6 +9,7 @@ line, and one bad line does not hide the rest of the file.
 from __future__ import annotations
 
 import bisect
+import codecs
 import csv
 import gzip
 import io
@@ -124,27 +125,42 @@ def _from_file(path: Path) -> Iterator[RawRecord]:
         return
     opener = gzip.open if name.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8-sig") as fh:  # -sig: tolerate a BOM (Excel CSV)
-            text = fh.read()
-    except (OSError, UnicodeDecodeError) as e:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as e:  # EOFError: a truncated .gz
         raise DataError(str(path), f"cannot read file: {e}") from None
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(str(path), "the file is UTF-16 (it starts with a UTF-16 byte-order mark); "
+                                   "save it as UTF-8")
+    data = data.removeprefix(codecs.BOM_UTF8)  # a BOM: Excel CSV, Windows editors
+    # Universal newlines, as text mode reads them: CRLF and old-Mac CR count as one line end.
+    data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    is_json = name.endswith((".json", ".json.gz"))
     if name.endswith(".csv"):
-        yield from _from_csv(text, str(path))
-    elif name.endswith((".json", ".json.gz")) and text.lstrip().startswith("["):
-        yield from _from_json_array(text, str(path))
-    elif name.endswith((".json", ".json.gz")) and (single := _single_object(text)) is not None:
-        yield _parsed(single, Origin(str(path), 0, 1 + text[:len(text) - len(text.lstrip())].count("\n")), text[:2000])
-    elif name.endswith((".json", ".json.gz", ".jsonl", ".jsonl.gz")):
-        yield from _from_json_lines(text, str(path))
+        yield from _from_csv(_decode(data, str(path)), str(path))
+    elif is_json and data.lstrip().startswith(b"["):
+        yield from _from_json_array(_decode(data, str(path)), str(path))
+    elif is_json and (single := _single_object(data, str(path))) is not None:
+        yield single
+    elif is_json or name.endswith((".jsonl", ".jsonl.gz")):
+        # Line by line from the bytes: an undecodable line is one bad record, not a bad file.
+        yield from _from_json_lines(data, str(path))
     else:
         raise DataError(str(path), f"unsupported file type; expected one of {', '.join(TEXT_SUFFIXES)} "
                                    f"or a datasets.save_to_disk folder")
 
 
-def _from_json_lines(text: str, path: str) -> Iterator[RawRecord]:
+def _from_json_lines(data: bytes, path: str) -> Iterator[RawRecord]:
     index = 0
-    # split("\n"), not splitlines(): JSON text may hold a raw U+2028 etc. inside a string.
-    for lineno, line in enumerate(text.split("\n"), start=1):
+    # split on b"\n", not splitlines(): JSON text may hold a raw U+2028 etc. inside a string.
+    for lineno, raw_line in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield RawRecord(None, Origin(path, index, lineno), _invalid_utf8(e, raw_line, 0),
+                            raw=raw_line.decode("utf-8", "backslashreplace"))
+            index += 1
+            continue
         if not line.strip():
             continue
         origin = Origin(path, index, lineno)
@@ -158,6 +174,22 @@ def _from_json_lines(text: str, path: str) -> Iterator[RawRecord]:
             yield RawRecord(None, origin, TOO_DEEP, raw=line)
             continue
         yield _parsed(obj, origin, line)
+
+
+def _decode(data: bytes, path: str) -> str:
+    """The whole file as text; an invalid byte is an error at its line (the file is one document)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        lineno = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{lineno}",
+                        f"{_invalid_utf8(e, data, line_start)}; the file must be UTF-8") from None
+
+
+def _invalid_utf8(e: UnicodeDecodeError, data: bytes, line_start: int) -> str:
+    return (f"invalid UTF-8: byte 0x{data[e.start]:02x} at byte {e.start - line_start + 1} of the line "
+            f"({e.reason})")
 
 
 def _from_json_array(text: str, path: str) -> Iterator[RawRecord]:
@@ -192,15 +224,20 @@ def _from_json_array(text: str, path: str) -> Iterator[RawRecord]:
                                                   "(is the file truncated?)")
 
 
-def _single_object(text: str) -> dict | None:
-    """A .json file holding one (possibly pretty-printed) object, else None (JSON Lines)."""
-    if not text.lstrip().startswith("{") or text.strip().count("\n") == 0:
+def _single_object(data: bytes, path: str) -> RawRecord | None:
+    """The record of a .json file holding one (possibly pretty-printed) object, else None (JSON
+    Lines). An invalid byte in such an object is an error at its line, as in an array."""
+    if not data.lstrip().startswith(b"{") or data.strip().count(b"\n") == 0:
         return None
+    text = data.decode("utf-8", "replace")
     try:
         obj = json.loads(text)
     except (json.JSONDecodeError, RecursionError):  # then read as lines, each with its own error
         return None
-    return obj if isinstance(obj, dict) else None
+    if not isinstance(obj, dict):
+        return None
+    _decode(data, path)  # raises at the line of an invalid byte
+    return _parsed(obj, Origin(path, 0, 1 + data[:len(data) - len(data.lstrip())].count(b"\n")), text[:2000])
 
 
 def _skip_ws(text: str, pos: int) -> int:
