@@ -8,18 +8,20 @@ DataReport for each dataset. Every record that does not make it is in a count.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from prefopt.config import DataConfig
-from prefopt.data.formats import Format, detect_format, get_format
+from prefopt.data.formats import SAMPLE_SIZE, Format, cannot_detect, detect_majority, get_format, recognise
 from prefopt.data.report import DataReport
 from prefopt.data.schema import (CompletionExample, PreferenceExample, PromptExample, RecordProblem,
                                  check_unicode, validate_completion, validate_pair, validate_prompt)
-from prefopt.data.sources import read_records
+from prefopt.data.sources import RawRecord, read_records
 from prefopt.data.tokenize import EncodedExample, Encoder
 from prefopt.errors import ConfigError, DataError
 from prefopt.losses.base import KNOWN_COLUMNS
@@ -81,11 +83,19 @@ def load_examples(source: Any, cfg: DataConfig, report: DataReport, required_col
             fmt = get_format(cfg.format)
         except KeyError as e:
             raise ConfigError(f"data.format: {e.args[0]}") from None
+    raws = within_max_examples(read_records(source, cfg.split), cfg.max_examples, report)
+    detection, sample = None, []
+    if fmt is None:
+        taken = take_sample(raws, SAMPLE_SIZE)
+        raws = itertools.chain(taken, raws)  # the sample is then converted like every other record
+        sample = [_renamed(r.data, cfg.columns) for r in taken if r.data is not None]
+        detection = detect_majority(sample)
+        fmt = detection.format if detection else None
+        if detection and detection.note():
+            report.notes.append(detection.note())
+    report.format = fmt.name if fmt else None
     examples: list[Example] = []
-    for raw in read_records(source, cfg.split):
-        if cfg.max_examples is not None and report.records >= cfg.max_examples:
-            report.count("records_beyond_max_examples")
-            continue
+    for raw in raws:
         report.records += 1
         if raw.data is None:
             report.reject(raw.origin, "malformed", raw.problem, raw.raw)
@@ -93,14 +103,48 @@ def load_examples(source: Any, cfg: DataConfig, report: DataReport, required_col
         try:
             record = rename_columns(raw.data, cfg.columns)
             if fmt is None:
-                fmt = detect_format(record, str(raw.origin), ())
-            report.format = fmt.name
+                raise DataError(str(raw.origin), cannot_detect(record, len(sample)))
             examples.append(convert(fmt, record, raw.origin, required_columns, optional_columns, record_checks))
         except RecordProblem as problem:
-            report.reject(raw.origin, problem.reason, f"[{fmt.name if fmt else '?'}] {problem}", raw.data)
+            reason, text = problem.reason, f"[{fmt.name if fmt else '?'}] {problem}"
+            # A record of another layout fails on its fields: say what it looks like.
+            other = recognise(_renamed(raw.data, cfg.columns)) if detection else None
+            if other not in (None, fmt) and problem.reason in ("missing_field", "wrong_type"):
+                reason = "other_format"
+                text += (f"; the record looks like '{other.name}', but the data format is '{fmt.name}' "
+                         f"({detection.describe()}; set data.format to choose)")
+            report.reject(raw.origin, reason, text, raw.data)
     if report.records == 0:
         raise DataError(str(source) if not isinstance(source, list) else "<list>", "no records")
     return examples
+
+
+def within_max_examples(raws: Iterator[RawRecord], max_examples: int | None,
+                        report: DataReport) -> Iterator[RawRecord]:
+    """The first ``max_examples`` records; the rest are read only to be counted."""
+    for i, raw in enumerate(raws):
+        if max_examples is not None and i >= max_examples:
+            report.count("records_beyond_max_examples")
+        else:
+            yield raw
+
+
+def take_sample(raws: Iterator[RawRecord], size: int) -> list[RawRecord]:
+    """Records of ``raws`` up to its ``size``-th readable one (unreadable ones in between kept, in order)."""
+    taken, readable = [], 0
+    for raw in raws:  # a for loop that breaks leaves the generator open: the rest is read later
+        taken.append(raw)
+        readable += raw.data is not None
+        if readable == size:
+            break
+    return taken
+
+
+def _renamed(record: dict, columns: dict[str, str]) -> dict:
+    try:
+        return rename_columns(record, columns)
+    except RecordProblem:  # a missing mapped column: the record is rejected when converted
+        return record
 
 
 def rename_columns(record: dict, columns: dict[str, str]) -> dict:
