@@ -13,7 +13,7 @@ import pytest
 
 from prefopt.config import DataConfig
 from prefopt.data.pipeline import load_examples, prepare_datasets
-from prefopt.data.report import DataReport
+from prefopt.data.report import DataReport, DataUnusable
 from prefopt.errors import ConfigError, DataError
 
 MAX_LENGTH = 32
@@ -159,9 +159,34 @@ def test_skip_keeps_good_records_counts_and_writes_rejects(tmp_path, tokenizer):
 
 def test_skip_with_nothing_left_is_an_error(tmp_path, tokenizer):
     path = write_lines(tmp_path / "data.jsonl", [BAD[0][1], BAD[1][1]])
-    with pytest.raises(DataError) as err:
+    with pytest.raises(DataUnusable) as err:
         prepare(path, tokenizer, on_error="skip")
-    assert str(err.value) == "train: no usable examples (train: 2 records (None) -> 0 examples; rejected 2 malformed)"
+    assert str(err.value) == (f"{path}: no usable examples in the train data (train: 2 records (format unknown) "
+                              f"-> 0 examples; rejected 2 malformed)")
+    (report,) = err.value.reports  # handed on, so the caller can write why before stopping
+    assert [r["where"] for r in report.rejects] == [f"{path}:1", f"{path}:2"]
+
+
+def test_nothing_left_still_writes_the_data_report_and_the_rejects(tiny_model_dir, tmp_path):
+    """A run that stops for want of examples leaves the reasons in OUTPUT_DIR, like any other run."""
+    from prefopt import DPOConfig, DPOTrainer
+
+    train = write_lines(tmp_path / "train.jsonl", [json.dumps(GOOD[0]), json.dumps(GOOD[1])])
+    evaluation = write_lines(tmp_path / "eval.jsonl", [BAD[0][1], BAD[7][1]])  # malformed, identical
+    out = tmp_path / "out"
+    trainer = DPOTrainer(str(tiny_model_dir), None, train_dataset=str(train), eval_dataset=str(evaluation),
+                         args=DPOConfig(output_dir=str(out), on_error="skip", max_length=MAX_LENGTH,
+                                        progress_bar=False))
+    with pytest.raises(DataError) as err:
+        trainer.setup()
+    assert str(err.value) == (f"{evaluation}: no usable examples in the eval data (eval: 2 records (plain) -> "
+                              f"0 examples; rejected 1 malformed, 1 identical)")
+    reports = json.loads((out / "data_report.json").read_text())
+    assert [(r["dataset"], r["source"], r["records"], r["examples"], r["rejected"]) for r in reports] == [
+        ("train", str(train), 2, 2, {}), ("eval", str(evaluation), 2, 0, {"malformed": 1, "identical": 1})]
+    rows = [json.loads(line) for line in (out / "rejected_records.jsonl").read_text().splitlines()]
+    assert [(r["dataset"], r["where"], r["reason"]) for r in rows] == [
+        ("eval", f"{evaluation}:1", "malformed"), ("eval", f"{evaluation}:2", "identical")]
 
 
 def test_json_array_with_a_syntax_error(tmp_path, tokenizer):

@@ -13,17 +13,18 @@ import math
 import numbers
 import random
 from collections.abc import Iterator
+from os import PathLike
 from dataclasses import dataclass
 from typing import Any
 
 from prefopt.config import DataConfig
 from prefopt.data.formats import SAMPLE_SIZE, Format, cannot_detect, detect_majority, get_format, recognise
-from prefopt.data.report import DataReport
+from prefopt.data.report import DataReport, DataUnusable
 from prefopt.data.schema import (CompletionExample, PreferenceExample, PromptExample, RecordProblem,
                                  check_unicode, validate_completion, validate_pair, validate_prompt)
 from prefopt.data.sources import RawRecord, read_records
 from prefopt.data.tokenize import EncodedExample, Encoder
-from prefopt.errors import ConfigError, DataError
+from prefopt.errors import ConfigError
 from prefopt.losses.base import KNOWN_COLUMNS
 
 Example = PreferenceExample | CompletionExample | PromptExample
@@ -58,19 +59,26 @@ def prepare_datasets(cfg: DataConfig, tokenizer, kind: str, *, train_source: Any
     eval_source = eval_source if eval_source is not None else cfg.eval
     encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.prompt_truncation)
     train = evaluation = None
-    if train_source is not None:
-        report = DataReport("train", cfg.on_error)
-        examples = load_examples(train_source, cfg, report, *columns)
-        held_out: list[Example] = []
-        if eval_source is None and cfg.eval_split_size:
-            examples, held_out = split_off(examples, cfg.eval_split_size, seed)
-        train = encode(examples, kind, encoder, report)
-        if held_out:
-            evaluation = encode(held_out, kind, encoder, DataReport("eval", cfg.on_error, report.format,
-                                                                    records=len(held_out)))
-    if eval_source is not None:
-        report = DataReport("eval", cfg.on_error)
-        evaluation = encode(load_examples(eval_source, cfg, report, *columns), kind, encoder, report)
+    reports: list[DataReport] = []  # every dataset's, handed on when one has nothing left
+    try:
+        if train_source is not None:
+            report = DataReport("train", cfg.on_error)
+            reports.append(report)
+            examples = load_examples(train_source, cfg, report, *columns)
+            held_out: list[Example] = []
+            if eval_source is None and cfg.eval_split_size:
+                examples, held_out = split_off(examples, cfg.eval_split_size, seed)
+            train = encode(examples, kind, encoder, report)
+            if held_out:
+                reports.append(DataReport("eval", cfg.on_error, report.format, records=len(held_out),
+                                          source=report.source))
+                evaluation = encode(held_out, kind, encoder, reports[-1])
+        if eval_source is not None:
+            reports.append(DataReport("eval", cfg.on_error))
+            evaluation = encode(load_examples(eval_source, cfg, reports[-1], *columns), kind, encoder, reports[-1])
+    except DataUnusable as stop:
+        stop.reports = reports
+        raise
     return train, evaluation
 
 
@@ -83,6 +91,7 @@ def load_examples(source: Any, cfg: DataConfig, report: DataReport, required_col
             fmt = get_format(cfg.format)
         except KeyError as e:
             raise ConfigError(f"data.format: {e.args[0]}") from None
+    report.source = source_name(source)
     raws = within_max_examples(read_records(source, cfg.split), cfg.max_examples, report)
     detection, sample = None, []
     if fmt is None:
@@ -103,7 +112,7 @@ def load_examples(source: Any, cfg: DataConfig, report: DataReport, required_col
         try:
             record = rename_columns(raw.data, cfg.columns)
             if fmt is None:
-                raise DataError(str(raw.origin), cannot_detect(record, len(sample)))
+                raise DataUnusable(str(raw.origin), cannot_detect(record, len(sample)))
             examples.append(convert(fmt, record, raw.origin, required_columns, optional_columns, record_checks))
         except RecordProblem as problem:
             reason, text = problem.reason, f"[{fmt.name if fmt else '?'}] {problem}"
@@ -115,8 +124,15 @@ def load_examples(source: Any, cfg: DataConfig, report: DataReport, required_col
                          f"({detection.describe()}; set data.format to choose)")
             report.reject(raw.origin, reason, text, raw.data)
     if report.records == 0:
-        raise DataError(str(source) if not isinstance(source, list) else "<list>", "no records")
+        raise DataUnusable(report.source, "no records")
     return examples
+
+
+def source_name(source: Any) -> str:
+    """How messages name a source: its path or id, or the kind of in-memory object."""
+    if isinstance(source, (str, PathLike)):
+        return str(source)
+    return "<list>" if isinstance(source, list) else f"<{type(source).__name__}>"
 
 
 def within_max_examples(raws: Iterator[RawRecord], max_examples: int | None,
@@ -264,5 +280,6 @@ def encode(examples: list[Example], kind: str, encoder: Encoder, report: DataRep
         report.count("desirable", sum(1 for e in encoded if e.label))
         report.count("undesirable", sum(1 for e in encoded if not e.label))
     if not encoded:
-        raise DataError(report.name, f"no usable examples ({report.summary()})")
+        raise DataUnusable(report.source or report.name,
+                           f"no usable examples in the {report.name} data ({report.summary()})")
     return Dataset(encoded, report)
