@@ -436,3 +436,23 @@ def test_truncated_gzip_file(tmp_path, tokenizer):
     with pytest.raises(DataError) as err:
         prepare(path, tokenizer, on_error="skip")
     assert str(err.value).startswith(f"{path}: cannot read file: Compressed file ended before")
+
+
+# ---------------------------------------------------------------------------- NUL
+def test_nul_in_text_is_kept_and_counted(tmp_path, tokenizer):
+    nul_chosen = r'{"prompt": "Hi", "chosen": " a\u0000b", "rejected": " b"}'  # the JSON escape of U+0000
+    nul_prompt = r'{"prompt": "Q\u0000", "chosen": " a", "rejected": " b"}'
+    path = write_lines(tmp_path / "data.jsonl", [json.dumps(GOOD[0]), nul_chosen, nul_prompt])
+    train = prepare(path, tokenizer)
+    report = train.report
+    assert (report.records, report.examples, report.counts["contains_nul"]) == (3, 3, 2)
+    assert report.notes == [f"text with NUL characters (U+0000) is kept and counted as contains_nul; the first "
+                            f"is chosen at {path}:2"]
+    assert "\x00" in tokenizer.decode(train.examples[1].completions["chosen"])  # encoded, not dropped
+    assert "contains_nul" in report.as_dict() and "2 contains_nul" in report.summary()
+
+    conv = {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "x\x00"}],
+            "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}
+    train, _ = prepare_datasets(DataConfig(max_length=64), tokenizer, "unpaired", train_source=[conv])
+    assert train.report.counts["contains_nul"] == 2  # the pair is two unpaired examples
+    assert train.report.notes[0].endswith("the first is prompt[1].content at <list> record 1")

@@ -21,7 +21,7 @@ from prefopt.config import DataConfig
 from prefopt.data.formats import SAMPLE_SIZE, Format, cannot_detect, detect_majority, get_format, recognise
 from prefopt.data.report import DataReport, DataUnusable
 from prefopt.data.schema import (CompletionExample, PreferenceExample, PromptExample, RecordProblem,
-                                 check_unicode, validate_completion, validate_pair, validate_prompt)
+                                 check_unicode, texts_of, validate_completion, validate_pair, validate_prompt)
 from prefopt.data.sources import RawRecord, read_records
 from prefopt.data.tokenize import EncodedExample, Encoder
 from prefopt.errors import ConfigError
@@ -126,6 +126,18 @@ def load_examples(source: Any, cfg: DataConfig, report: DataReport, required_col
     if report.records == 0:
         raise DataUnusable(report.source, "no records")
     return examples
+
+
+def count_nul(example: Example, report: DataReport) -> None:
+    """Count an example whose text holds NUL (U+0000). It is kept: it is valid Unicode and tokenizers
+    encode it, but it is rarely meant (a C string end, binary data pasted in), so it is not silent."""
+    field = next((name for name, text in texts_of(example) if "\x00" in text), None)
+    if field is None:
+        return
+    if not report.counts["contains_nul"]:
+        report.notes.append(f"text with NUL characters (U+0000) is kept and counted as contains_nul; the "
+                            f"first is {field} at {example.origin}")
+    report.count("contains_nul")
 
 
 def source_name(source: Any) -> str:
@@ -275,6 +287,8 @@ def encode(examples: list[Example], kind: str, encoder: Encoder, report: DataRep
             encoded.append(encoder.encode(ex, report))
         except RecordProblem as problem:
             report.reject(ex.origin, problem.reason, str(problem), None)
+            continue
+        count_nul(ex, report)
     report.examples = len(encoded)
     if kind == "unpaired":
         report.count("desirable", sum(1 for e in encoded if e.label))

@@ -82,6 +82,20 @@ class PromptExample:
         return isinstance(self.prompt, list)
 
 
+def texts_of(example: PreferenceExample | CompletionExample | PromptExample) -> list[tuple[str, str]]:
+    """Every text of an example with the name of its field (``chosen[0].content`` in a conversation)."""
+    fields = [(name, getattr(example, name)) for name in ("prompt", "chosen", "rejected", "completion")
+              if hasattr(example, name)]
+    fields += [(f"column '{name}'", value) for name, value in example.extras.items() if isinstance(value, str)]
+    out = []
+    for name, value in fields:
+        if isinstance(value, str):
+            out.append((name, value))
+        else:
+            out += [(f"{name}[{i}].content", m["content"]) for i, m in enumerate(value)]
+    return out
+
+
 def check_unicode(text: str, what: str) -> str:
     """``text``, or a RecordProblem when it holds a lone UTF-16 surrogate (what JSON's "\\ud800"
     escape without its pair decodes to): such a string is not valid Unicode, so it cannot be
