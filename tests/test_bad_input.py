@@ -456,3 +456,14 @@ def test_nul_in_text_is_kept_and_counted(tmp_path, tokenizer):
     train, _ = prepare_datasets(DataConfig(max_length=64), tokenizer, "unpaired", train_source=[conv])
     assert train.report.counts["contains_nul"] == 2  # the pair is two unpaired examples
     assert train.report.notes[0].endswith("the first is prompt[1].content at <list> record 1")
+
+
+def test_rejects_file_keeps_one_record_per_line_for_any_reader(tmp_path, tokenizer):
+    """U+2028/U+2029/U+0085 are line breaks to str.splitlines(); JSON leaves them raw in strings."""
+    odd = {"prompt": "a\u2028b\u2029c\x85d", "chosen": " same", "rejected": " same"}
+    path = write_lines(tmp_path / "data.jsonl", [json.dumps(GOOD[0]), json.dumps(odd)])
+    train = prepare(path, tokenizer, on_error="skip")
+    rejects = tmp_path / "rejected_records.jsonl"
+    train.report.write_rejects(rejects)
+    (row,) = rejects.read_text(encoding="utf-8").splitlines()
+    assert json.loads(row)["record"] == odd

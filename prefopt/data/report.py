@@ -66,7 +66,17 @@ class DataReport:
         # "\\ud800" it was read from, instead of failing to encode.
         with path.open("a", encoding="utf-8", errors="backslashreplace") as fh:
             for row in self.rejects:
-                fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                fh.write(json_line(row) + "\n")
+
+
+# Line breaks to str.splitlines() (and some editors) that JSON leaves raw inside strings; escaped,
+# one rejected record stays one line for every reader. (JSON escapes the other control characters.)
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def json_line(row: Any) -> str:
+    """``row`` as one line of JSON Lines: readable text (non-ASCII kept), no character any reader splits at."""
+    return json.dumps(row, ensure_ascii=False, default=str).translate(_LINE_BREAKS)
 
 
 class DataUnusable(DataError):
