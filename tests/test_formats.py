@@ -100,15 +100,17 @@ def test_sharegpt_bad_turns_are_rejected_with_reason(tmp_path):
     ends_with_gpt = {**good, "conversations": [{"from": "human", "value": "hi"},
                                                {"from": "gpt", "value": "x"}]}
     bad_speaker = {**good, "conversations": [{"from": "robot", "value": "hi"}]}
-    path = write_jsonl(tmp_path / "s.jsonl", [good, ends_with_gpt, bad_speaker])
+    list_speaker = {**good, "chosen": {"from": ["gpt"], "value": "a"}}  # unhashable: was a TypeError
+    path = write_jsonl(tmp_path / "s.jsonl", [good, ends_with_gpt, bad_speaker, list_speaker])
     examples, report = load(path, on_error="skip")
     assert len(examples) == 1
-    assert report.rejected == {"wrong_type": 2}
+    assert report.rejected == {"wrong_type": 3}
+    speakers = "human, user, gpt, assistant, model, system, observation, tool, function_call"
     assert [(r["where"], r["problem"]) for r in report.rejects] == [
         (f"{path}:2", "[sharegpt] the prompt conversation ends with an assistant turn; the "
                       "completion must follow a user (or tool) turn"),
-        (f"{path}:3", "[sharegpt] conversations[0] has unknown speaker 'robot'; expected one of "
-                      "human, user, gpt, assistant, model, system, observation, tool, function_call"),
+        (f"{path}:3", f"[sharegpt] conversations[0] has unknown speaker 'robot'; expected one of {speakers}"),
+        (f"{path}:4", f"[sharegpt] chosen has unknown speaker ['gpt']; expected one of {speakers}"),
     ]
 
 
