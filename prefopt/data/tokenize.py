@@ -83,6 +83,8 @@ class Encoder:
             texts["ref_completion"] = [{"role": "assistant", "content": ref}] if example.conversational else ref
         prompt_text = self._render_prompt(example.prompt)
         prompt_ids = self._ids(prompt_text, conversational=example.conversational)
+        if self.max_prompt_length is None:  # refused before tokenising its completions (a 1 MB prompt)
+            self._check_room(prompt_ids)
         completions = {role: self._completion_ids(example.prompt, prompt_text, prompt_ids, text,
                                                   report, example.origin)
                        for role, text in texts.items()}
@@ -169,15 +171,18 @@ class Encoder:
         return ids + [self.eos]
 
     # ------------------------------------------------------------------ truncation
+    def _check_room(self, prompt_ids: list[int]) -> None:
+        if len(prompt_ids) >= self.max_length:
+            raise RecordProblem("too_long", f"the prompt has {len(prompt_ids)} tokens, leaving no room for "
+                                            f"a completion within data.max_length={self.max_length}; set "
+                                            f"data.max_prompt_length to truncate prompts")
+
     def _truncate(self, prompt_ids: list[int], completions: dict[str, list[int]], report: DataReport):
         limit = self.max_prompt_length
         if limit is not None and len(prompt_ids) > limit:
             prompt_ids = prompt_ids[-limit:] if self.keep_end else prompt_ids[:limit]
             report.count("prompt_truncated")
-        if len(prompt_ids) >= self.max_length:
-            raise RecordProblem("too_long", f"the prompt has {len(prompt_ids)} tokens, leaving no room for "
-                                            f"a completion within data.max_length={self.max_length}; set "
-                                            f"data.max_prompt_length to truncate prompts")
+        self._check_room(prompt_ids)
         room = self.max_length - len(prompt_ids)
         out = {}
         for role, ids in completions.items():
