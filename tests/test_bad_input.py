@@ -467,3 +467,13 @@ def test_rejects_file_keeps_one_record_per_line_for_any_reader(tmp_path, tokeniz
     train.report.write_rejects(rejects)
     (row,) = rejects.read_text(encoding="utf-8").splitlines()
     assert json.loads(row)["record"] == odd
+
+
+def test_json_array_cut_inside_a_record_names_the_record(tmp_path, tokenizer):
+    path = tmp_path / "data.json"
+    path.write_text('[\n' + json.dumps(GOOD[0]) + ',\n  {"prompt": [{"role": "user", "content": "Hi"}]\n',
+                    encoding="utf-8")  # the JSON decoder's own error would point past the last line
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer, on_error="skip")
+    assert str(err.value) == (f"{path}:3: malformed JSON: the file ends inside this record (is it truncated?); "
+                              f"records before it were read fine")

@@ -207,6 +207,9 @@ def _from_json_array(text: str, path: str) -> Iterator[RawRecord]:
         try:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
+            if _skip_ws(text, e.pos) >= len(text):  # cut off: name the record, not the end of the file
+                raise DataError(f"{path}:{line_of(pos)}", "malformed JSON: the file ends inside this record "
+                                                          "(is it truncated?); records before it were read fine") from None
             raise DataError(f"{path}:{e.lineno}", f"malformed JSON: {e.msg} (column {e.colno}); "
                                                   f"records before it were read fine") from None
         except RecursionError:
