@@ -13,8 +13,8 @@ import math
 import numbers
 import random
 from collections.abc import Iterator
-from os import PathLike
 from dataclasses import dataclass
+from os import PathLike
 from typing import Any
 
 from prefopt.config import DataConfig
@@ -84,7 +84,10 @@ def prepare_datasets(cfg: DataConfig, tokenizer, kind: str, *, train_source: Any
 
 def load_examples(source: Any, cfg: DataConfig, report: DataReport, required_columns: tuple[str, ...] = (),
                   optional_columns: tuple[str, ...] = (), record_checks: tuple = ()) -> list[Example]:
-    """Read ``source`` and convert every record to a canonical example (bad ones: see report)."""
+    """Read ``source`` and convert every record to a canonical example (bad ones: see report).
+
+    The format is ``cfg.format``, or else the one most of the first SAMPLE_SIZE readable records
+    have (prefopt.data.formats); a record that does not fit it is a bad record at its line."""
     fmt: Format | None = None
     if cfg.format != "auto":
         try:
@@ -100,8 +103,8 @@ def load_examples(source: Any, cfg: DataConfig, report: DataReport, required_col
         sample = [_renamed(r.data, cfg.columns) for r in taken if r.data is not None]
         detection = detect_majority(sample)
         fmt = detection.format if detection else None
-        if detection and detection.note():
-            report.notes.append(detection.note())
+        if note := detection and detection.note():
+            report.notes.append(note)
     report.format = fmt.name if fmt else None
     examples: list[Example] = []
     for raw in raws:

@@ -63,7 +63,7 @@ class DataReport:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         # backslashreplace: a lone surrogate in a rejected record is written as the JSON escape
-        # "\\ud800" it was read from, instead of failing to encode.
+        # "\ud800" it was read from, instead of failing to encode.
         with path.open("a", encoding="utf-8", errors="backslashreplace") as fh:
             for row in self.rejects:
                 fh.write(json_line(row) + "\n")

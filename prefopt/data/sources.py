@@ -98,18 +98,14 @@ def _parsed(obj: Any, origin: Origin, raw: str) -> RawRecord:
 
 def _too_deep(obj: Any) -> bool:
     """Whether ``obj`` nests lists/dicts more than MAX_DEPTH deep (iterative: deep input is the point)."""
-    stack = [(obj, 1)]
-    while stack:
+    containers = (dict, list, tuple)
+    stack = [(obj, 1)] if isinstance(obj, containers) else []
+    while stack:  # only containers are pushed: a long list of numbers costs one pass
         value, depth = stack.pop()
-        if isinstance(value, dict):
-            children = value.values()
-        elif isinstance(value, (list, tuple)):
-            children = value
-        else:
-            continue
         if depth > MAX_DEPTH:
             return True
-        stack.extend((child, depth + 1) for child in children)
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, containers))
     return False
 
 

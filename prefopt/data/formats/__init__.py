@@ -2,12 +2,12 @@
 
 A ``Format`` knows how to recognise a record (``detect``) and how to convert it
 (``convert`` returns the canonical fields). Unless ``data.format`` names it, the pipeline
-detects the format once, by majority over a sample of the first readable records (each
+detects the format once, by majority over the first SAMPLE_SIZE readable records (each
 record votes for the first registered format that recognises it; a tie goes to the format
-seen first), and then converts every record with it: a record of another layout is reported at its own line instead of being silently read
-another way, and one odd record at the top of a file does not decide how the rest is read.
-``data.columns`` renames source columns first, which makes any other layout usable without
-code.
+seen first), and then converts every record with it: a record of another layout is
+reported at its own line instead of being silently read another way, and one odd record
+at the top of a file does not decide how the rest is read. ``data.columns`` renames
+source columns first, which makes any other layout usable without code.
 """
 from __future__ import annotations
 
@@ -91,8 +91,8 @@ class Detection:
         if self.votes[self.format.name] == self.sampled:
             return None
         others = [f"{n} {name}" for name, n in self.votes.most_common() if name != self.format.name]
-        unknown = self.sampled - sum(self.votes.values())
-        others += [f"{unknown} of no known format"] if unknown else []
+        unfit = self.sampled - sum(self.votes.values())
+        others += [f"{unfit} of no known format"] if unfit else []
         return (f"data format '{self.format.name}' detected from {self.describe()} (also seen: "
                 f"{', '.join(others)}); records that do not fit it are rejected at their line")
 
