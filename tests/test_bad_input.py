@@ -477,3 +477,14 @@ def test_json_array_cut_inside_a_record_names_the_record(tmp_path, tokenizer):
         prepare(path, tokenizer, on_error="skip")
     assert str(err.value) == (f"{path}:3: malformed JSON: the file ends inside this record (is it truncated?); "
                               f"records before it were read fine")
+
+
+def test_csv_field_longer_than_csv_default_limit_is_read(tmp_path, tokenizer):
+    """csv refuses fields over 128 KB by default; a long prompt is a too_long record, not a crash."""
+    import csv
+    path = tmp_path / "data.csv"
+    path.write_text("prompt,chosen,rejected\nq, a, b\n" + "x " * 100_000 + ", a, b\nq2, c, d\n", encoding="utf-8")
+    train = prepare(path, tokenizer, on_error="skip")
+    assert (train.report.records, train.report.examples, dict(train.report.rejected)) == (3, 2, {"too_long": 1})
+    assert train.report.rejects[0]["where"] == f"{path}:3"
+    assert csv.field_size_limit() == 131072  # the process-wide limit is left as it was

@@ -246,13 +246,10 @@ def _skip_ws(text: str, pos: int) -> int:
 
 
 def _from_csv(text: str, path: str) -> Iterator[RawRecord]:
-    # csv.reader rather than DictReader: DictReader skips blank lines silently, which would
-    # make the line of the row after a blank line wrong.
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, [])
+    rows = _csv_rows(text, path)
+    header = rows[0][1] if rows else []
     index = 0
-    start_line = reader.line_num + 1
-    for row in reader:
+    for start_line, row in rows[1:]:
         if row:  # a blank line reads as []
             origin = Origin(path, index, start_line)
             index += 1
@@ -260,7 +257,26 @@ def _from_csv(text: str, path: str) -> Iterator[RawRecord]:
                 yield RawRecord(None, origin, f"row has more fields than the header ({len(header)})")
             else:  # missing trailing fields are None, as with DictReader
                 yield RawRecord(dict(zip(header, row + [None] * (len(header) - len(row)))), origin)
-        start_line = reader.line_num + 1  # a quoted field may span several lines
+
+
+def _csv_rows(text: str, path: str) -> list[tuple[int, list[str]]]:
+    """Every row with the line it starts on (a quoted field may span several lines). csv.reader
+    rather than DictReader: DictReader skips blank lines silently, which would make the line of
+    the row after a blank line wrong. Fields may be of any length (csv's default limit is 128 KB,
+    a long prompt is a too_long record later, not a file error); the limit is process-wide, so it
+    is raised only while this file is parsed."""
+    limit = csv.field_size_limit(2**31 - 1)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows, start_line = [], 1
+    try:
+        for row in reader:
+            rows.append((start_line, row))
+            start_line = reader.line_num + 1
+    except csv.Error as e:  # e.g. a NUL byte on Pythons before 3.11, or a stray quote in strict mode
+        raise DataError(f"{path}:{start_line}", f"malformed CSV: {e}") from None
+    finally:
+        csv.field_size_limit(limit)
+    return rows
 
 
 def _from_disk(path: Path, split: str) -> Iterator[RawRecord]:
