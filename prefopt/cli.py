@@ -254,7 +254,8 @@ def cmd_keys(ns) -> int:
 def cmd_formats(ns) -> int:
     from prefopt.data.formats import FORMATS
 
-    print("Formats, in detection order (data.format: auto picks the first that matches):")
+    print("Formats, in detection order (data.format: auto: each of the first 100 records takes the first "
+          "that matches; the most common one is the data's format):")
     for fmt in FORMATS.values():
         print(f"{fmt.name:<24} {fmt.kind:<10} {fmt.description}\n{'':<35} {fmt.example}")
     return 0

@@ -82,8 +82,8 @@ class DataConfig:
         0, "Hold out this many training examples (or this fraction when < 1) as evaluation "
            "data when `eval` is not given. The split is seeded by train.seed.")
     split: str = option("train", "Split to read from a hub dataset or a DatasetDict folder.")
-    format: str = option("auto", "Record format; 'auto' detects it from the first record. "
-                         "`prefopt formats` lists them.")
+    format: str = option("auto", "Record format; 'auto' takes the format of most of the first 100 "
+                         "records (others are bad records). `prefopt formats` lists them.")
     columns: dict = option(
         factory=dict, help="Rename source columns to canonical ones before the format is "
                            "detected, e.g. {prompt: question, chosen: good, rejected: bad}.")

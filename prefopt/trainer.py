@@ -18,7 +18,6 @@ same code. The config passed in is copied, never modified.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -32,6 +31,7 @@ import torch
 from prefopt.config import RunConfig, config_from_flat, parse_loss, save_config, to_dict
 from prefopt.data.collate import Collator
 from prefopt.data.pipeline import Dataset, prepare_datasets
+from prefopt.data.report import DataReport, DataUnusable, write_reports
 from prefopt.data.roles import expand_roles
 from prefopt.errors import ConfigError
 from prefopt.objective import Objective
@@ -253,11 +253,15 @@ class Trainer:
         """Read, encode and report the data; give every example its roles; build the collator and
         check every loss on a first batch."""
         cfg, tcfg = self.config, self.config.train
-        train_set, eval_set = prepare_datasets(
-            cfg.data, tokenizer, objective.kind, train_source=self._train_source,
-            eval_source=self._eval_source, seed=tcfg.seed, required_columns=objective.columns,
-            optional_columns=objective.optional_columns, record_checks=objective.record_checks)
-        self._report_data(accelerator, output_dir, train_set, eval_set)
+        try:
+            train_set, eval_set = prepare_datasets(
+                cfg.data, tokenizer, objective.kind, train_source=self._train_source,
+                eval_source=self._eval_source, seed=tcfg.seed, required_columns=objective.columns,
+                optional_columns=objective.optional_columns, record_checks=objective.record_checks)
+        except DataUnusable as stop:  # nothing left to train on: keep the reasons on disk first
+            self._report_data(accelerator, output_dir, *stop.reports)
+            raise
+        self._report_data(accelerator, output_dir, *(d.report for d in (train_set, eval_set) if d is not None))
         for data in (train_set, eval_set):
             if data is not None:
                 data.examples = expand_roles(data.examples, objective.roles)
@@ -371,22 +375,9 @@ class Trainer:
         return get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                              num_training_steps=total_steps)
 
-    def _report_data(self, accelerator, output_dir: Path, *datasets: Dataset | None) -> None:
-        reports = [d.report for d in datasets if d is not None]
-        if not accelerator.is_main_process:
-            return
-        output_dir.mkdir(parents=True, exist_ok=True)
-        rejects = output_dir / "rejected_records.jsonl"
-        rejects.unlink(missing_ok=True)
-        for report in reports:
-            log.info("data %s", report.summary())
-            for note in report.notes:
-                log.warning("data %s: %s", report.name, note)
-            report.write_rejects(rejects)
-            if report.rejects:
-                log.warning("data %s: %d record(s) skipped, written to %s", report.name,
-                            len(report.rejects), rejects)
-        (output_dir / "data_report.json").write_text(json.dumps([r.as_dict() for r in reports], indent=2))
+    def _report_data(self, accelerator, output_dir: Path, *reports: DataReport) -> None:
+        if accelerator.is_main_process:
+            write_reports(output_dir, list(reports))
 
 
 def enable_checkpointing(model) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from prefopt.config import DataConfig
 from prefopt.data.pipeline import load_examples, prepare_datasets
-from prefopt.data.report import DataReport
+from prefopt.data.report import DataReport, DataUnusable
 from prefopt.errors import ConfigError, DataError
 
 MAX_LENGTH = 32
@@ -159,9 +159,34 @@ def test_skip_keeps_good_records_counts_and_writes_rejects(tmp_path, tokenizer):
 
 def test_skip_with_nothing_left_is_an_error(tmp_path, tokenizer):
     path = write_lines(tmp_path / "data.jsonl", [BAD[0][1], BAD[1][1]])
-    with pytest.raises(DataError) as err:
+    with pytest.raises(DataUnusable) as err:
         prepare(path, tokenizer, on_error="skip")
-    assert str(err.value) == "train: no usable examples (train: 2 records (None) -> 0 examples; rejected 2 malformed)"
+    assert str(err.value) == (f"{path}: no usable examples in the train data (train: 2 records (format unknown) "
+                              f"-> 0 examples; rejected 2 malformed)")
+    (report,) = err.value.reports  # handed on, so the caller can write why before stopping
+    assert [r["where"] for r in report.rejects] == [f"{path}:1", f"{path}:2"]
+
+
+def test_nothing_left_still_writes_the_data_report_and_the_rejects(tiny_model_dir, tmp_path):
+    """A run that stops for want of examples leaves the reasons in OUTPUT_DIR, like any other run."""
+    from prefopt import DPOConfig, DPOTrainer
+
+    train = write_lines(tmp_path / "train.jsonl", [json.dumps(GOOD[0]), json.dumps(GOOD[1])])
+    evaluation = write_lines(tmp_path / "eval.jsonl", [BAD[0][1], BAD[7][1]])  # malformed, identical
+    out = tmp_path / "out"
+    trainer = DPOTrainer(str(tiny_model_dir), None, train_dataset=str(train), eval_dataset=str(evaluation),
+                         args=DPOConfig(output_dir=str(out), on_error="skip", max_length=MAX_LENGTH,
+                                        progress_bar=False))
+    with pytest.raises(DataError) as err:
+        trainer.setup()
+    assert str(err.value) == (f"{evaluation}: no usable examples in the eval data (eval: 2 records (plain) -> "
+                              f"0 examples; rejected 1 malformed, 1 identical)")
+    reports = json.loads((out / "data_report.json").read_text())
+    assert [(r["dataset"], r["source"], r["records"], r["examples"], r["rejected"]) for r in reports] == [
+        ("train", str(train), 2, 2, {}), ("eval", str(evaluation), 2, 0, {"malformed": 1, "identical": 1})]
+    rows = [json.loads(line) for line in (out / "rejected_records.jsonl").read_text().splitlines()]
+    assert [(r["dataset"], r["where"], r["reason"]) for r in rows] == [
+        ("eval", f"{evaluation}:1", "malformed"), ("eval", f"{evaluation}:2", "identical")]
 
 
 def test_json_array_with_a_syntax_error(tmp_path, tokenizer):
@@ -240,3 +265,226 @@ def test_absent_key_lists_the_keys_the_record_has(tmp_path):
     with pytest.raises(DataError) as err:
         load_examples(path, DataConfig(), DataReport("train", "raise"))
     assert str(err.value).startswith(f"{path}:2: [plain] missing field 'rejected' (record has: prompt, chosen)")
+
+
+# ---------------------------------------------------------------------------- invalid text
+# JSON's "\ud800" escape without its low half decodes to a lone surrogate: not valid Unicode.
+LONE_SURROGATE = r'{"prompt": "Q\ud800?", "chosen": " a", "rejected": " b"}'
+SURROGATE_IN_MESSAGE = json.dumps({"prompt": [{"role": "user", "content": "Hi"}],
+                                   "chosen": [{"role": "assistant", "content": "a"}],
+                                   "rejected": [{"role": "assistant", "content": "b"}]}).replace('"a"', r'"a\udfff"')
+
+
+def test_lone_surrogate_is_a_record_error_naming_line_and_field(tmp_path, tokenizer):
+    path = write_lines(tmp_path / "data.jsonl", [json.dumps(GOOD[0]), LONE_SURROGATE])
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer)
+    assert str(err.value) == (f"{path}:2: [plain] prompt holds a lone UTF-16 surrogate (U+D800 at "
+                              f"character 2), which is not valid Unicode{SKIP_HINT}")
+
+    conv = write_lines(tmp_path / "conv.jsonl", [SURROGATE_IN_MESSAGE])
+    with pytest.raises(DataError) as err:
+        prepare(conv, tokenizer)
+    assert str(err.value) == (f"{conv}:1: [conversational] chosen[0].content holds a lone UTF-16 surrogate "
+                              f"(U+DFFF at character 2), which is not valid Unicode{SKIP_HINT}")
+
+
+def test_lone_surrogate_is_skipped_counted_and_written_back_as_its_escape(tmp_path, tokenizer):
+    path = write_lines(tmp_path / "data.jsonl", [json.dumps(GOOD[0]), LONE_SURROGATE, json.dumps(GOOD[1])])
+    train = prepare(path, tokenizer, on_error="skip")
+    assert (train.report.records, train.report.examples) == (3, 2)
+    assert train.report.rejected == {"invalid_unicode": 1}
+    rejects = tmp_path / "rejected_records.jsonl"
+    train.report.write_rejects(rejects)
+    assert r'"Q\ud800?"' in rejects.read_text(encoding="utf-8")
+    (row,) = [json.loads(line) for line in rejects.read_text(encoding="utf-8").splitlines()]
+    assert row["where"] == f"{path}:2" and row["record"]["prompt"] == "Q\ud800?"
+
+
+def test_encoder_reports_a_lone_surrogate_instead_of_a_type_error(tokenizer):
+    """Callers that build examples themselves (judges) get the RecordProblem too."""
+    from prefopt.data.schema import Origin, PreferenceExample, RecordProblem
+    from prefopt.data.tokenize import Encoder
+
+    ex = PreferenceExample("Q\ud800?", " a", " b", Origin("<list>", 0))
+    with pytest.raises(RecordProblem) as err:
+        Encoder(tokenizer, 32).encode(ex, DataReport("train"))
+    assert (err.value.reason, str(err.value)) == (
+        "invalid_unicode", "the text holds a lone UTF-16 surrogate (U+D800 at character 2), which is not valid Unicode")
+
+
+# ---------------------------------------------------------------------------- deep nesting
+TOO_DEEP = "the record is nested more than 100 levels deep (no data format nests that deep)"
+
+
+def nested(depth: int) -> str:
+    return json.dumps({"prompt": "Hi", "chosen": " a", "rejected": " b"}).replace(
+        '"Hi"', "[" * depth + '"Hi"' + "]" * depth)
+
+
+@pytest.mark.parametrize("depth", [150, 1000, 100_000])  # 1000+ overflows the JSON parser's recursion
+def test_deeply_nested_line_is_a_record_error(depth, tmp_path, tokenizer):
+    path = write_lines(tmp_path / "data.jsonl", [json.dumps(GOOD[0]), nested(depth), json.dumps(GOOD[1])])
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer)
+    assert str(err.value) == f"{path}:2: {TOO_DEEP}{SKIP_HINT}"
+    train = prepare(path, tokenizer, on_error="skip")
+    assert (train.report.records, train.report.examples, train.report.rejected) == (3, 2, {"malformed": 1})
+    rejects = tmp_path / "rejected_records.jsonl"
+    train.report.write_rejects(rejects)  # the raw line is kept; nothing recurses on the nested value
+    assert json.loads(rejects.read_text(encoding="utf-8"))["record"] == nested(depth)
+
+
+def test_deeply_nested_json_array_element_names_its_line(tmp_path, tokenizer):
+    path = tmp_path / "data.json"
+    path.write_text("[\n" + json.dumps(GOOD[0]) + ",\n" + nested(1000) + "\n]\n", encoding="utf-8")
+    for on_error in ("raise", "skip"):  # an array cannot be read past an element it cannot parse
+        with pytest.raises(DataError) as err:
+            prepare(path, tokenizer, on_error=on_error)
+        assert str(err.value) == f"{path}:3: {TOO_DEEP}; records before it were read fine"
+    path.write_text("[\n" + json.dumps(GOOD[0]) + ",\n" + nested(150) + "\n]\n", encoding="utf-8")
+    train = prepare(path, tokenizer, on_error="skip")  # parsed, then refused: the rest is read
+    assert (train.report.records, train.report.examples, train.report.rejects[0]["where"]) == (2, 1, f"{path}:3")
+
+
+def test_deeply_nested_in_memory_record(tokenizer):
+    deep = json.loads(nested(150))
+    report = DataReport("train", "skip")
+    examples = load_examples([GOOD[0], deep], DataConfig(), report)
+    assert len(examples) == 1 and report.rejects[0]["where"] == "<list> record 2"
+    assert report.rejects[0]["problem"] == TOO_DEEP
+
+
+# ---------------------------------------------------------------------------- bytes and line ends
+def write_bytes(path: Path, lines: list[bytes], end: bytes = b"\n", bom: bytes = b"") -> Path:
+    path.write_bytes(bom + end.join(lines) + end)
+    return path
+
+
+def good_bytes(i: int) -> bytes:
+    return json.dumps(GOOD[i]).encode()
+
+
+BAD_UTF8 = b'{"prompt": "caf\xe9?", "chosen": " a", "rejected": " b"}'  # Latin-1, not UTF-8
+BAD_UTF8_PROBLEM = "invalid UTF-8: byte 0xe9 at byte 16 of the line (invalid continuation byte)"
+
+
+def test_invalid_utf8_line_is_one_bad_record(tmp_path, tokenizer):
+    path = write_bytes(tmp_path / "data.jsonl", [good_bytes(0), BAD_UTF8, good_bytes(1)])
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer)
+    assert str(err.value) == f"{path}:2: {BAD_UTF8_PROBLEM}{SKIP_HINT}"
+    train = prepare(path, tokenizer, on_error="skip")  # the rest of the file is read
+    assert (train.report.records, train.report.examples, train.report.rejected) == (3, 2, {"malformed": 1})
+    assert [str(e.origin) for e in train.examples] == [f"{path}:1", f"{path}:3"]
+    assert train.report.rejects[0]["record"] == BAD_UTF8.decode("utf-8", "backslashreplace")
+
+
+def test_invalid_utf8_in_a_json_document_names_the_line(tmp_path, tokenizer):
+    array = write_bytes(tmp_path / "data.json", [b"[", good_bytes(0) + b",", BAD_UTF8, b"]"])
+    single = write_bytes(tmp_path / "one.json", [b"{", b'  "prompt": "caf\xe9?",', b'  "chosen": " a",',
+                                                 b'  "rejected": " b"', b"}"])
+    for path, line, column in ((array, 3, 16), (single, 2, 17)):
+        for on_error in ("raise", "skip"):  # one document: it cannot be read around the byte
+            with pytest.raises(DataError) as err:
+                prepare(path, tokenizer, on_error=on_error)
+            assert str(err.value) == (f"{path}:{line}: invalid UTF-8: byte 0xe9 at byte {column} of the "
+                                      f"line (invalid continuation byte); the file must be UTF-8")
+
+
+def test_utf16_file_is_refused_with_its_encoding(tmp_path, tokenizer):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(json.dumps(GOOD[0]).encode("utf-16"))
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer, on_error="skip")
+    assert str(err.value) == f"{path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8"
+
+
+@pytest.mark.parametrize("end", [b"\r\n", b"\r"])
+def test_crlf_and_bom_read_like_plain_utf8(end, tmp_path, tokenizer):
+    bom = b"\xef\xbb\xbf"
+    lines = write_bytes(tmp_path / "data.jsonl", [good_bytes(0), b"", good_bytes(1)], end, bom)
+    array = write_bytes(tmp_path / "data.json", [b"[", good_bytes(0) + b",", good_bytes(1), b"]"], end, bom)
+    table = write_bytes(tmp_path / "data.csv", [b"prompt,chosen,rejected", b'"Say\r\nhi", a, b', b"q, c, d"],
+                        end, bom)
+    expected = {lines: ([1, 3], [GOOD[0]["prompt"], GOOD[1]["prompt"]]),
+                array: ([2, 3], [GOOD[0]["prompt"], GOOD[1]["prompt"]]),
+                table: ([2, 4], ["Say\nhi", "q"])}  # universal newlines, as text mode reads them
+    for path, (line_numbers, prompts) in expected.items():
+        report = DataReport("train", "raise")
+        examples = load_examples(path, DataConfig(), report)
+        assert [str(e.origin) for e in examples] == [f"{path}:{n}" for n in line_numbers]
+        assert [e.prompt for e in examples] == prompts
+        assert all("\r" not in e.chosen and "\ufeff" not in e.prompt for e in examples)
+
+
+def test_truncated_last_line(tmp_path, tokenizer):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(good_bytes(0) + b"\n" + good_bytes(1)[:25])  # cut inside a string, no final newline
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer)
+    assert str(err.value) == f"{path}:2: malformed JSON: Unterminated string starting at (column 12){SKIP_HINT}"
+    train = prepare(path, tokenizer, on_error="skip")
+    assert (train.report.records, train.report.examples, train.report.rejected) == (2, 1, {"malformed": 1})
+
+
+def test_truncated_gzip_file(tmp_path, tokenizer):
+    import gzip
+    data = gzip.compress(b"\n".join([good_bytes(0), good_bytes(1)]))
+    path = tmp_path / "data.jsonl.gz"
+    path.write_bytes(data[:-10])
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer, on_error="skip")
+    assert str(err.value).startswith(f"{path}: cannot read file: Compressed file ended before")
+
+
+# ---------------------------------------------------------------------------- NUL
+def test_nul_in_text_is_kept_and_counted(tmp_path, tokenizer):
+    nul_chosen = r'{"prompt": "Hi", "chosen": " a\u0000b", "rejected": " b"}'  # the JSON escape of U+0000
+    nul_prompt = r'{"prompt": "Q\u0000", "chosen": " a", "rejected": " b"}'
+    path = write_lines(tmp_path / "data.jsonl", [json.dumps(GOOD[0]), nul_chosen, nul_prompt])
+    train = prepare(path, tokenizer)
+    report = train.report
+    assert (report.records, report.examples, report.counts["contains_nul"]) == (3, 3, 2)
+    assert report.notes == [f"text with NUL characters (U+0000) is kept and counted as contains_nul; the first "
+                            f"is chosen at {path}:2"]
+    assert "\x00" in tokenizer.decode(train.examples[1].completions["chosen"])  # encoded, not dropped
+    assert "contains_nul" in report.as_dict() and "2 contains_nul" in report.summary()
+
+    conv = {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "x\x00"}],
+            "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}
+    train, _ = prepare_datasets(DataConfig(max_length=64), tokenizer, "unpaired", train_source=[conv])
+    assert train.report.counts["contains_nul"] == 2  # the pair is two unpaired examples
+    assert train.report.notes[0].endswith("the first is prompt[1].content at <list> record 1")
+
+
+def test_rejects_file_keeps_one_record_per_line_for_any_reader(tmp_path, tokenizer):
+    """U+2028/U+2029/U+0085 are line breaks to str.splitlines(); JSON leaves them raw in strings."""
+    odd = {"prompt": "a\u2028b\u2029c\x85d", "chosen": " same", "rejected": " same"}
+    path = write_lines(tmp_path / "data.jsonl", [json.dumps(GOOD[0]), json.dumps(odd)])
+    train = prepare(path, tokenizer, on_error="skip")
+    rejects = tmp_path / "rejected_records.jsonl"
+    train.report.write_rejects(rejects)
+    (row,) = rejects.read_text(encoding="utf-8").splitlines()
+    assert json.loads(row)["record"] == odd
+
+
+def test_json_array_cut_inside_a_record_names_the_record(tmp_path, tokenizer):
+    path = tmp_path / "data.json"
+    path.write_text('[\n' + json.dumps(GOOD[0]) + ',\n  {"prompt": [{"role": "user", "content": "Hi"}]\n',
+                    encoding="utf-8")  # the JSON decoder's own error would point past the last line
+    with pytest.raises(DataError) as err:
+        prepare(path, tokenizer, on_error="skip")
+    assert str(err.value) == (f"{path}:3: malformed JSON: the file ends inside this record (is it truncated?); "
+                              f"records before it were read fine")
+
+
+def test_csv_field_longer_than_csv_default_limit_is_read(tmp_path, tokenizer):
+    """csv refuses fields over 128 KB by default; a long prompt is a too_long record, not a crash."""
+    import csv
+    path = tmp_path / "data.csv"
+    path.write_text("prompt,chosen,rejected\nq, a, b\n" + "x " * 100_000 + ", a, b\nq2, c, d\n", encoding="utf-8")
+    train = prepare(path, tokenizer, on_error="skip")
+    assert (train.report.records, train.report.examples, dict(train.report.rejected)) == (3, 2, {"too_long": 1})
+    assert train.report.rejects[0]["where"] == f"{path}:3"
+    assert csv.field_size_limit() == 131072  # the process-wide limit is left as it was

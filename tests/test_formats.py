@@ -100,15 +100,17 @@ def test_sharegpt_bad_turns_are_rejected_with_reason(tmp_path):
     ends_with_gpt = {**good, "conversations": [{"from": "human", "value": "hi"},
                                                {"from": "gpt", "value": "x"}]}
     bad_speaker = {**good, "conversations": [{"from": "robot", "value": "hi"}]}
-    path = write_jsonl(tmp_path / "s.jsonl", [good, ends_with_gpt, bad_speaker])
+    list_speaker = {**good, "chosen": {"from": ["gpt"], "value": "a"}}  # unhashable: was a TypeError
+    path = write_jsonl(tmp_path / "s.jsonl", [good, ends_with_gpt, bad_speaker, list_speaker])
     examples, report = load(path, on_error="skip")
     assert len(examples) == 1
-    assert report.rejected == {"wrong_type": 2}
+    assert report.rejected == {"wrong_type": 3}
+    speakers = "human, user, gpt, assistant, model, system, observation, tool, function_call"
     assert [(r["where"], r["problem"]) for r in report.rejects] == [
         (f"{path}:2", "[sharegpt] the prompt conversation ends with an assistant turn; the "
                       "completion must follow a user (or tool) turn"),
-        (f"{path}:3", "[sharegpt] conversations[0] has unknown speaker 'robot'; expected one of "
-                      "human, user, gpt, assistant, model, system, observation, tool, function_call"),
+        (f"{path}:3", f"[sharegpt] conversations[0] has unknown speaker 'robot'; expected one of {speakers}"),
+        (f"{path}:4", f"[sharegpt] chosen has unknown speaker ['gpt']; expected one of {speakers}"),
     ]
 
 
@@ -285,8 +287,10 @@ def test_unpaired_bad_label(tmp_path):
     assert len(examples) == 1
     assert [(r["where"], r["reason"], r["problem"]) for r in report.rejects] == [
         (f"{path}:2", "wrong_type", "[unpaired] field 'label' must be a boolean, got 'maybe'"),
-        # detection ran on line 1, so line 3 is read as the same (unpaired) format
-        (f"{path}:3", "missing_field", "[unpaired] missing field 'completion' (record has: messages, label)"),
+        # the format is the majority's (unpaired), so line 3 is read as unpaired and said to differ
+        (f"{path}:3", "other_format", "[unpaired] missing field 'completion' (record has: messages, label); "
+                                      "the record looks like 'messages_label', but the data format is "
+                                      "'unpaired' (2 of 3 records sampled; set data.format to choose)"),
     ]
 
 
@@ -616,14 +620,64 @@ def test_detection_priority_is_registration_order():
                              "prompt_completion", "messages", "prompt_only"]
 
 
-def test_detection_uses_the_first_record_only(tmp_path):
+def test_detection_tie_goes_to_the_first_record(tmp_path):
     recs = [FIVE[0], {"question": "q", "response_j": "a", "response_k": "b"}]
     path = write_jsonl(tmp_path / "mixed.jsonl", recs)
     examples, report = load(path, on_error="skip")
     assert report.format == "plain" and len(examples) == 1
     assert report.rejects[0]["where"] == f"{path}:2"
+    assert report.rejects[0]["reason"] == "other_format"
     assert report.rejects[0]["problem"] == ("[plain] missing field 'prompt' (record has: question, "
-                                           "response_j, response_k)")
+                                           "response_j, response_k); the record looks like 'stack_exchange', "
+                                           "but the data format is 'plain' (1 of 2 records sampled; set "
+                                           "data.format to choose)")
+
+
+# The format is the majority's over the first SAMPLE_SIZE readable records, so one odd record at
+# the top of a file is one rejected record, not a failed run or a misread file.
+def test_first_record_missing_a_field_does_not_decide_the_format(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi", "chosen": " a"}] + FIVE)
+    examples, report = load(path, on_error="skip")
+    assert report.format == "plain" and triples(examples) == triples(load(write_jsonl(tmp_path / "5.jsonl", FIVE))[0])
+    assert (report.records, dict(report.rejected)) == (6, {"missing_field": 1})
+    assert report.rejects[0]["where"] == f"{path}:1"
+    assert report.notes == ["data format 'plain' detected from 5 of 6 records sampled (also seen: 1 of no known "
+                            "format); records that do not fit it are rejected at their line"]
+    with pytest.raises(DataError) as err:
+        load(path)
+    assert str(err.value) == (f"{path}:1: [plain] missing field 'rejected' (record has: prompt, chosen) "
+                              f"(set data.on_error: skip to skip such records)")
+
+
+def test_stray_record_of_another_format_is_rejected_at_its_line(tmp_path, tokenizer):
+    stray = {"prompt": "Hi", "completion": " there"}
+    path = write_jsonl(tmp_path / "p.jsonl", [stray] + FIVE)
+    train, _ = prepare_datasets(DataConfig(max_length=64, on_error="skip"), tokenizer, "paired", train_source=path)
+    assert (train.report.format, train.report.records, train.report.examples) == ("plain", 6, 5)
+    assert dict(train.report.rejected) == {"other_format": 1}
+    problem = ("[plain] missing field 'chosen' (record has: prompt, completion); the record looks like "
+               "'prompt_completion', but the data format is 'plain' (5 of 6 records sampled; set data.format "
+               "to choose)")
+    assert (train.report.rejects[0]["where"], train.report.rejects[0]["problem"]) == (f"{path}:1", problem)
+    with pytest.raises(DataError) as err:
+        load(path)
+    assert str(err.value) == f"{path}:1: {problem} (set data.on_error: skip to skip such records)"
+    # data.format still decides alone: no vote, so no comparison in the message
+    examples, report = load(path, on_error="skip", format="plain")
+    assert len(examples) == 5 and report.rejected == {"missing_field": 1} and not report.notes
+
+
+def test_format_is_voted_by_the_first_100_readable_records(tmp_path):
+    from prefopt.data.formats import SAMPLE_SIZE
+    sft = [{"prompt": f"q{i}", "completion": " a"} for i in range(SAMPLE_SIZE)]
+    lines = ["not json"] * 3 + [json.dumps(r) for r in sft + FIVE * 30]  # 150 plain after the sample
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    examples, report = load(path, on_error="skip")
+    assert report.format == "prompt_completion" and len(examples) == SAMPLE_SIZE
+    assert report.records == 253 and dict(report.rejected) == {"malformed": 3, "other_format": 150}
+    assert not report.notes  # the sample was unanimous
+    assert [r["where"] for r in report.rejects[:4]] == [f"{path}:{n}" for n in (1, 2, 3, 104)]
 
 
 def test_max_examples(tmp_path):

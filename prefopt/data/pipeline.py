@@ -8,20 +8,23 @@ DataReport for each dataset. Every record that does not make it is in a count.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
+from os import PathLike
 from typing import Any
 
 from prefopt.config import DataConfig
-from prefopt.data.formats import Format, detect_format, get_format
-from prefopt.data.report import DataReport
+from prefopt.data.formats import SAMPLE_SIZE, Format, cannot_detect, detect_majority, get_format, recognise
+from prefopt.data.report import DataReport, DataUnusable
 from prefopt.data.schema import (CompletionExample, PreferenceExample, PromptExample, RecordProblem,
-                                 validate_completion, validate_pair, validate_prompt)
-from prefopt.data.sources import read_records
+                                 check_unicode, texts_of, validate_completion, validate_pair, validate_prompt)
+from prefopt.data.sources import RawRecord, read_records
 from prefopt.data.tokenize import EncodedExample, Encoder
-from prefopt.errors import ConfigError, DataError
+from prefopt.errors import ConfigError
 from prefopt.losses.base import KNOWN_COLUMNS
 
 Example = PreferenceExample | CompletionExample | PromptExample
@@ -56,36 +59,55 @@ def prepare_datasets(cfg: DataConfig, tokenizer, kind: str, *, train_source: Any
     eval_source = eval_source if eval_source is not None else cfg.eval
     encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.prompt_truncation)
     train = evaluation = None
-    if train_source is not None:
-        report = DataReport("train", cfg.on_error)
-        examples = load_examples(train_source, cfg, report, *columns)
-        held_out: list[Example] = []
-        if eval_source is None and cfg.eval_split_size:
-            examples, held_out = split_off(examples, cfg.eval_split_size, seed)
-        train = encode(examples, kind, encoder, report)
-        if held_out:
-            evaluation = encode(held_out, kind, encoder, DataReport("eval", cfg.on_error, report.format,
-                                                                    records=len(held_out)))
-    if eval_source is not None:
-        report = DataReport("eval", cfg.on_error)
-        evaluation = encode(load_examples(eval_source, cfg, report, *columns), kind, encoder, report)
+    reports: list[DataReport] = []  # every dataset's, handed on when one has nothing left
+    try:
+        if train_source is not None:
+            report = DataReport("train", cfg.on_error)
+            reports.append(report)
+            examples = load_examples(train_source, cfg, report, *columns)
+            held_out: list[Example] = []
+            if eval_source is None and cfg.eval_split_size:
+                examples, held_out = split_off(examples, cfg.eval_split_size, seed)
+            train = encode(examples, kind, encoder, report)
+            if held_out:
+                reports.append(DataReport("eval", cfg.on_error, report.format, records=len(held_out),
+                                          source=report.source))
+                evaluation = encode(held_out, kind, encoder, reports[-1])
+        if eval_source is not None:
+            reports.append(DataReport("eval", cfg.on_error))
+            evaluation = encode(load_examples(eval_source, cfg, reports[-1], *columns), kind, encoder, reports[-1])
+    except DataUnusable as stop:
+        stop.reports = reports
+        raise
     return train, evaluation
 
 
 def load_examples(source: Any, cfg: DataConfig, report: DataReport, required_columns: tuple[str, ...] = (),
                   optional_columns: tuple[str, ...] = (), record_checks: tuple = ()) -> list[Example]:
-    """Read ``source`` and convert every record to a canonical example (bad ones: see report)."""
+    """Read ``source`` and convert every record to a canonical example (bad ones: see report).
+
+    The format is ``cfg.format``, or else the one most of the first SAMPLE_SIZE readable records
+    have (prefopt.data.formats); a record that does not fit it is a bad record at its line."""
     fmt: Format | None = None
     if cfg.format != "auto":
         try:
             fmt = get_format(cfg.format)
         except KeyError as e:
             raise ConfigError(f"data.format: {e.args[0]}") from None
+    report.source = source_name(source)
+    raws = within_max_examples(read_records(source, cfg.split), cfg.max_examples, report)
+    detection, sample = None, []
+    if fmt is None:
+        taken = take_sample(raws, SAMPLE_SIZE)
+        raws = itertools.chain(taken, raws)  # the sample is then converted like every other record
+        sample = [_renamed(r.data, cfg.columns) for r in taken if r.data is not None]
+        detection = detect_majority(sample)
+        fmt = detection.format if detection else None
+        if note := detection and detection.note():
+            report.notes.append(note)
+    report.format = fmt.name if fmt else None
     examples: list[Example] = []
-    for raw in read_records(source, cfg.split):
-        if cfg.max_examples is not None and report.records >= cfg.max_examples:
-            report.count("records_beyond_max_examples")
-            continue
+    for raw in raws:
         report.records += 1
         if raw.data is None:
             report.reject(raw.origin, "malformed", raw.problem, raw.raw)
@@ -93,14 +115,67 @@ def load_examples(source: Any, cfg: DataConfig, report: DataReport, required_col
         try:
             record = rename_columns(raw.data, cfg.columns)
             if fmt is None:
-                fmt = detect_format(record, str(raw.origin), ())
-            report.format = fmt.name
+                raise DataUnusable(str(raw.origin), cannot_detect(record, len(sample)))
             examples.append(convert(fmt, record, raw.origin, required_columns, optional_columns, record_checks))
         except RecordProblem as problem:
-            report.reject(raw.origin, problem.reason, f"[{fmt.name if fmt else '?'}] {problem}", raw.data)
+            reason, text = problem.reason, f"[{fmt.name if fmt else '?'}] {problem}"
+            # A record of another layout fails on its fields: say what it looks like.
+            other = recognise(_renamed(raw.data, cfg.columns)) if detection else None
+            if other not in (None, fmt) and problem.reason in ("missing_field", "wrong_type"):
+                reason = "other_format"
+                text += (f"; the record looks like '{other.name}', but the data format is '{fmt.name}' "
+                         f"({detection.describe()}; set data.format to choose)")
+            report.reject(raw.origin, reason, text, raw.data)
     if report.records == 0:
-        raise DataError(str(source) if not isinstance(source, list) else "<list>", "no records")
+        raise DataUnusable(report.source, "no records")
     return examples
+
+
+def count_nul(example: Example, report: DataReport) -> None:
+    """Count an example whose text holds NUL (U+0000). It is kept: it is valid Unicode and tokenizers
+    encode it, but it is rarely meant (a C string end, binary data pasted in), so it is not silent."""
+    field = next((name for name, text in texts_of(example) if "\x00" in text), None)
+    if field is None:
+        return
+    if not report.counts["contains_nul"]:
+        report.notes.append(f"text with NUL characters (U+0000) is kept and counted as contains_nul; the "
+                            f"first is {field} at {example.origin}")
+    report.count("contains_nul")
+
+
+def source_name(source: Any) -> str:
+    """How messages name a source: its path or id, or the kind of in-memory object."""
+    if isinstance(source, (str, PathLike)):
+        return str(source)
+    return "<list>" if isinstance(source, list) else f"<{type(source).__name__}>"
+
+
+def within_max_examples(raws: Iterator[RawRecord], max_examples: int | None,
+                        report: DataReport) -> Iterator[RawRecord]:
+    """The first ``max_examples`` records; the rest are read only to be counted."""
+    for i, raw in enumerate(raws):
+        if max_examples is not None and i >= max_examples:
+            report.count("records_beyond_max_examples")
+        else:
+            yield raw
+
+
+def take_sample(raws: Iterator[RawRecord], size: int) -> list[RawRecord]:
+    """Records of ``raws`` up to its ``size``-th readable one (unreadable ones in between kept, in order)."""
+    taken, readable = [], 0
+    for raw in raws:  # a for loop that breaks leaves the generator open: the rest is read later
+        taken.append(raw)
+        readable += raw.data is not None
+        if readable == size:
+            break
+    return taken
+
+
+def _renamed(record: dict, columns: dict[str, str]) -> dict:
+    try:
+        return rename_columns(record, columns)
+    except RecordProblem:  # a missing mapped column: the record is rejected when converted
+        return record
 
 
 def rename_columns(record: dict, columns: dict[str, str]) -> dict:
@@ -158,6 +233,8 @@ def extract_columns(record: dict, required: tuple[str, ...], optional: tuple[str
             value = float(value)
         elif not isinstance(value, str) or not value.strip():
             raise RecordProblem("wrong_type", f"column '{name}' must be non-empty text")
+        else:
+            check_unicode(value, f"column '{name}'")
         extras[name] = value
     return extras
 
@@ -213,10 +290,13 @@ def encode(examples: list[Example], kind: str, encoder: Encoder, report: DataRep
             encoded.append(encoder.encode(ex, report))
         except RecordProblem as problem:
             report.reject(ex.origin, problem.reason, str(problem), None)
+            continue
+        count_nul(ex, report)
     report.examples = len(encoded)
     if kind == "unpaired":
         report.count("desirable", sum(1 for e in encoded if e.label))
         report.count("undesirable", sum(1 for e in encoded if not e.label))
     if not encoded:
-        raise DataError(report.name, f"no usable examples ({report.summary()})")
+        raise DataUnusable(report.source or report.name,
+                           f"no usable examples in the {report.name} data ({report.summary()})")
     return Dataset(encoded, report)

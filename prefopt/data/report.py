@@ -8,6 +8,7 @@ line and problem; with ``skip`` it is counted by reason and kept for
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 
 from prefopt.data.schema import Origin
 from prefopt.errors import DataError
+
+log = logging.getLogger("prefopt")
 
 
 @dataclass
@@ -28,6 +31,7 @@ class DataReport:
     rejects: list[dict] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)    # truncations, mismatches, conversions
     notes: list[str] = field(default_factory=list)      # warnings worth reading once
+    source: str | None = None      # the file (or object) read, for messages about the whole dataset
 
     def reject(self, origin: Origin, reason: str, problem: str, record: Any = None) -> None:
         """Stop (on_error=raise) or count and keep the record (on_error=skip)."""
@@ -41,12 +45,13 @@ class DataReport:
         self.counts[what] += n
 
     def as_dict(self) -> dict:
-        return {"dataset": self.name, "format": self.format, "records": self.records,
+        return {"dataset": self.name, "source": self.source, "format": self.format, "records": self.records,
                 "examples": self.examples, "rejected": dict(self.rejected),
                 **{k: v for k, v in sorted(self.counts.items())}, "notes": self.notes}
 
     def summary(self) -> str:
-        parts = [f"{self.name}: {self.records} records ({self.format}) -> {self.examples} examples"]
+        parts = [f"{self.name}: {self.records} records ({self.format or 'format unknown'}) -> "
+                 f"{self.examples} examples"]
         if self.rejected:
             parts.append("rejected " + ", ".join(f"{n} {r}" for r, n in self.rejected.most_common()))
         parts += [f"{n} {what}" for what, n in sorted(self.counts.items()) if n]
@@ -57,6 +62,42 @@ class DataReport:
         if not self.rejects:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as fh:
+        # backslashreplace: a lone surrogate in a rejected record is written as the JSON escape
+        # "\ud800" it was read from, instead of failing to encode.
+        with path.open("a", encoding="utf-8", errors="backslashreplace") as fh:
             for row in self.rejects:
-                fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                fh.write(json_line(row) + "\n")
+
+
+# Line breaks to str.splitlines() (and some editors) that JSON leaves raw inside strings; escaped,
+# one rejected record stays one line for every reader. (JSON escapes the other control characters.)
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def json_line(row: Any) -> str:
+    """``row`` as one line of JSON Lines: readable text (non-ASCII kept), no character any reader splits at."""
+    return json.dumps(row, ensure_ascii=False, default=str).translate(_LINE_BREAKS)
+
+
+class DataUnusable(DataError):
+    """A dataset with no usable example. ``reports`` (every dataset's so far) say why: the caller
+    writes them (``write_reports``) before stopping, so the reasons are not lost with the run."""
+
+    def __init__(self, where: str, problem: str, reports: list[DataReport] | None = None):
+        super().__init__(where, problem)
+        self.reports = list(reports or [])
+
+
+def write_reports(output_dir: Path, reports: list[DataReport]) -> None:
+    """OUTPUT_DIR/data_report.json and rejected_records.jsonl (both replaced), the summaries logged."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rejects = output_dir / "rejected_records.jsonl"
+    rejects.unlink(missing_ok=True)
+    for report in reports:
+        log.info("data %s", report.summary())
+        for note in report.notes:
+            log.warning("data %s: %s", report.name, note)
+        report.write_rejects(rejects)
+        if report.rejects:
+            log.warning("data %s: %d record(s) skipped, written to %s", report.name, len(report.rejects), rejects)
+    (output_dir / "data_report.json").write_text(json.dumps([r.as_dict() for r in reports], indent=2))

@@ -82,6 +82,33 @@ class PromptExample:
         return isinstance(self.prompt, list)
 
 
+def texts_of(example: PreferenceExample | CompletionExample | PromptExample) -> list[tuple[str, str]]:
+    """Every text of an example with the name of its field (``chosen[0].content`` in a conversation)."""
+    fields = [(name, getattr(example, name)) for name in ("prompt", "chosen", "rejected", "completion")
+              if hasattr(example, name)]
+    fields += [(f"column '{name}'", value) for name, value in example.extras.items() if isinstance(value, str)]
+    out = []
+    for name, value in fields:
+        if isinstance(value, str):
+            out.append((name, value))
+        else:
+            out += [(f"{name}[{i}].content", m["content"]) for i, m in enumerate(value)]
+    return out
+
+
+def check_unicode(text: str, what: str) -> str:
+    """``text``, or a RecordProblem when it holds a lone UTF-16 surrogate (what JSON's "\\ud800"
+    escape without its pair decodes to): such a string is not valid Unicode, so it cannot be
+    encoded to UTF-8 and no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RecordProblem("invalid_unicode", f"{what} holds a lone UTF-16 surrogate "
+                                               f"(U+{ord(text[e.start]):04X} at character {e.start + 1}), "
+                                               f"which is not valid Unicode") from None
+    return text
+
+
 def check_text(value: Any, what: str, *, conversational: bool | None = None) -> Text:
     """Validate a prompt or completion: non-empty text, or well-formed messages."""
     if isinstance(value, str):
@@ -89,7 +116,7 @@ def check_text(value: Any, what: str, *, conversational: bool | None = None) -> 
             raise RecordProblem("wrong_type", f"{what} is text but the prompt is a conversation")
         if not value.strip():
             raise RecordProblem("empty", f"{what} is empty")
-        return value
+        return check_unicode(value, what)
     if isinstance(value, list):
         if conversational is False:
             raise RecordProblem("wrong_type", f"{what} is a message list but the prompt is text")
@@ -106,6 +133,7 @@ def check_text(value: Any, what: str, *, conversational: bool | None = None) -> 
                                                   f"{type(msg['content']).__name__}")
             if msg["role"] != "system" and not msg["content"].strip():
                 raise RecordProblem("empty", f"{what}[{i}] ({msg['role']}) has empty content")
+            check_unicode(msg["content"], f"{what}[{i}].content")
         return [{"role": m["role"], "content": m["content"]} for m in value]
     if value is None:
         raise RecordProblem("missing_field", f"{what} is missing (null)")

@@ -9,6 +9,7 @@ line, and one bad line does not hide the rest of the file.
 from __future__ import annotations
 
 import bisect
+import codecs
 import csv
 import gzip
 import io
@@ -22,6 +23,11 @@ from prefopt.data.schema import Origin
 from prefopt.errors import DataError
 
 TEXT_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".csv", ".parquet")
+# No data format nests deeper than a few levels (record -> messages -> message). A record nested
+# deeper is refused when read: later steps (repr in messages, json.dumps into the rejects file,
+# comparing conversations) recurse and would hit Python's recursion limit far from its line.
+MAX_DEPTH = 100
+TOO_DEEP = f"the record is nested more than {MAX_DEPTH} levels deep (no data format nests that deep)"
 
 
 @dataclass
@@ -73,10 +79,34 @@ def _pick_split(dsd: Any, split: str, where: str):
 def _from_rows(rows: Any, name: str) -> Iterator[RawRecord]:
     for i, row in enumerate(rows):
         origin = Origin(name, i)
-        if isinstance(row, dict):
-            yield RawRecord(dict(row), origin)
-        else:
+        if not isinstance(row, dict):
             yield RawRecord(None, origin, f"expected a mapping (dict), got {type(row).__name__}")
+        elif _too_deep(row):
+            yield RawRecord(None, origin, TOO_DEEP)
+        else:
+            yield RawRecord(dict(row), origin)
+
+
+def _parsed(obj: Any, origin: Origin, raw: str) -> RawRecord:
+    """The record for a parsed JSON value: an object, or the problem with it."""
+    if not isinstance(obj, dict):
+        return RawRecord(None, origin, f"expected a JSON object, got {type(obj).__name__}", raw=raw)
+    if _too_deep(obj):
+        return RawRecord(None, origin, TOO_DEEP, raw=raw)
+    return RawRecord(obj, origin)
+
+
+def _too_deep(obj: Any) -> bool:
+    """Whether ``obj`` nests lists/dicts more than MAX_DEPTH deep (iterative: deep input is the point)."""
+    containers = (dict, list, tuple)
+    stack = [(obj, 1)] if isinstance(obj, containers) else []
+    while stack:  # only containers are pushed: a long list of numbers costs one pass
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, containers))
+    return False
 
 
 def _from_file(path: Path) -> Iterator[RawRecord]:
@@ -91,27 +121,42 @@ def _from_file(path: Path) -> Iterator[RawRecord]:
         return
     opener = gzip.open if name.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8-sig") as fh:  # -sig: tolerate a BOM (Excel CSV)
-            text = fh.read()
-    except (OSError, UnicodeDecodeError) as e:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as e:  # EOFError: a truncated .gz
         raise DataError(str(path), f"cannot read file: {e}") from None
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(str(path), "the file is UTF-16 (it starts with a UTF-16 byte-order mark); "
+                                   "save it as UTF-8")
+    data = data.removeprefix(codecs.BOM_UTF8)  # a BOM: Excel CSV, Windows editors
+    # Universal newlines, as text mode reads them: CRLF and old-Mac CR count as one line end.
+    data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    is_json = name.endswith((".json", ".json.gz"))
     if name.endswith(".csv"):
-        yield from _from_csv(text, str(path))
-    elif name.endswith((".json", ".json.gz")) and text.lstrip().startswith("["):
-        yield from _from_json_array(text, str(path))
-    elif name.endswith((".json", ".json.gz")) and (single := _single_object(text)) is not None:
-        yield RawRecord(single, Origin(str(path), 0, 1 + text[:len(text) - len(text.lstrip())].count("\n")))
-    elif name.endswith((".json", ".json.gz", ".jsonl", ".jsonl.gz")):
-        yield from _from_json_lines(text, str(path))
+        yield from _from_csv(_decode(data, str(path)), str(path))
+    elif is_json and data.lstrip().startswith(b"["):
+        yield from _from_json_array(_decode(data, str(path)), str(path))
+    elif is_json and (single := _single_object(data, str(path))) is not None:
+        yield single
+    elif is_json or name.endswith((".jsonl", ".jsonl.gz")):
+        # Line by line from the bytes: an undecodable line is one bad record, not a bad file.
+        yield from _from_json_lines(data, str(path))
     else:
         raise DataError(str(path), f"unsupported file type; expected one of {', '.join(TEXT_SUFFIXES)} "
                                    f"or a datasets.save_to_disk folder")
 
 
-def _from_json_lines(text: str, path: str) -> Iterator[RawRecord]:
+def _from_json_lines(data: bytes, path: str) -> Iterator[RawRecord]:
     index = 0
-    # split("\n"), not splitlines(): JSON text may hold a raw U+2028 etc. inside a string.
-    for lineno, line in enumerate(text.split("\n"), start=1):
+    # split on b"\n", not splitlines(): JSON text may hold a raw U+2028 etc. inside a string.
+    for lineno, raw_line in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield RawRecord(None, Origin(path, index, lineno), _invalid_utf8(e, raw_line, 0),
+                            raw=raw_line.decode("utf-8", "backslashreplace"))
+            index += 1
+            continue
         if not line.strip():
             continue
         origin = Origin(path, index, lineno)
@@ -121,10 +166,26 @@ def _from_json_lines(text: str, path: str) -> Iterator[RawRecord]:
         except json.JSONDecodeError as e:
             yield RawRecord(None, origin, f"malformed JSON: {e.msg} (column {e.colno})", raw=line)
             continue
-        if isinstance(obj, dict):
-            yield RawRecord(obj, origin)
-        else:
-            yield RawRecord(None, origin, f"expected a JSON object, got {type(obj).__name__}", raw=line)
+        except RecursionError:  # the parser recurses once per level: ~1000 levels overflow it
+            yield RawRecord(None, origin, TOO_DEEP, raw=line)
+            continue
+        yield _parsed(obj, origin, line)
+
+
+def _decode(data: bytes, path: str) -> str:
+    """The whole file as text; an invalid byte is an error at its line (the file is one document)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        lineno = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{lineno}",
+                        f"{_invalid_utf8(e, data, line_start)}; the file must be UTF-8") from None
+
+
+def _invalid_utf8(e: UnicodeDecodeError, data: bytes, line_start: int) -> str:
+    return (f"invalid UTF-8: byte 0x{data[e.start]:02x} at byte {e.start - line_start + 1} of the line "
+            f"({e.reason})")
 
 
 def _from_json_array(text: str, path: str) -> Iterator[RawRecord]:
@@ -138,19 +199,20 @@ def _from_json_array(text: str, path: str) -> Iterator[RawRecord]:
     pos = _skip_ws(text, text.index("[") + 1)
     index = 0
     while pos < len(text) and text[pos] != "]":
+        # Inside an array there is no way to resynchronise after an error: the file is unusable.
         try:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            # Inside an array there is no way to resynchronise: the whole file is unusable.
+            if _skip_ws(text, e.pos) >= len(text):  # cut off: name the record, not the end of the file
+                raise DataError(f"{path}:{line_of(pos)}", "malformed JSON: the file ends inside this record "
+                                                          "(is it truncated?); records before it were read fine") from None
             raise DataError(f"{path}:{e.lineno}", f"malformed JSON: {e.msg} (column {e.colno}); "
                                                   f"records before it were read fine") from None
+        except RecursionError:
+            raise DataError(f"{path}:{line_of(pos)}", f"{TOO_DEEP}; records before it were read fine") from None
         origin = Origin(path, index, line_of(pos))
         index += 1
-        if isinstance(obj, dict):
-            yield RawRecord(obj, origin)
-        else:
-            yield RawRecord(None, origin, f"expected a JSON object, got {type(obj).__name__}",
-                            raw=json.dumps(obj)[:2000])
+        yield _parsed(obj, origin, text[pos:end][:2000])
         pos = _skip_ws(text, end)
         if pos < len(text) and text[pos] == ",":
             pos = _skip_ws(text, pos + 1)
@@ -161,15 +223,20 @@ def _from_json_array(text: str, path: str) -> Iterator[RawRecord]:
                                                   "(is the file truncated?)")
 
 
-def _single_object(text: str) -> dict | None:
-    """A .json file holding one (possibly pretty-printed) object, else None (JSON Lines)."""
-    if not text.lstrip().startswith("{") or text.strip().count("\n") == 0:
+def _single_object(data: bytes, path: str) -> RawRecord | None:
+    """The record of a .json file holding one (possibly pretty-printed) object, else None (JSON
+    Lines). An invalid byte in such an object is an error at its line, as in an array."""
+    if not data.lstrip().startswith(b"{") or data.strip().count(b"\n") == 0:
         return None
+    text = data.decode("utf-8", "replace")
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # then read as lines, each with its own error
         return None
-    return obj if isinstance(obj, dict) else None
+    if not isinstance(obj, dict):
+        return None
+    _decode(data, path)  # raises at the line of an invalid byte
+    return _parsed(obj, Origin(path, 0, 1 + data[:len(data) - len(data.lstrip())].count(b"\n")), text[:2000])
 
 
 def _skip_ws(text: str, pos: int) -> int:
@@ -179,13 +246,10 @@ def _skip_ws(text: str, pos: int) -> int:
 
 
 def _from_csv(text: str, path: str) -> Iterator[RawRecord]:
-    # csv.reader rather than DictReader: DictReader skips blank lines silently, which would
-    # make the line of the row after a blank line wrong.
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, [])
+    rows = _csv_rows(text, path)
+    header = rows[0][1] if rows else []
     index = 0
-    start_line = reader.line_num + 1
-    for row in reader:
+    for start_line, row in rows[1:]:
         if row:  # a blank line reads as []
             origin = Origin(path, index, start_line)
             index += 1
@@ -193,7 +257,26 @@ def _from_csv(text: str, path: str) -> Iterator[RawRecord]:
                 yield RawRecord(None, origin, f"row has more fields than the header ({len(header)})")
             else:  # missing trailing fields are None, as with DictReader
                 yield RawRecord(dict(zip(header, row + [None] * (len(header) - len(row)))), origin)
-        start_line = reader.line_num + 1  # a quoted field may span several lines
+
+
+def _csv_rows(text: str, path: str) -> list[tuple[int, list[str]]]:
+    """Every row with the line it starts on (a quoted field may span several lines). csv.reader
+    rather than DictReader: DictReader skips blank lines silently, which would make the line of
+    the row after a blank line wrong. Fields may be of any length (csv's default limit is 128 KB,
+    a long prompt is a too_long record later, not a file error); the limit is process-wide, so it
+    is raised only while this file is parsed."""
+    limit = csv.field_size_limit(2**31 - 1)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows, start_line = [], 1
+    try:
+        for row in reader:
+            rows.append((start_line, row))
+            start_line = reader.line_num + 1
+    except csv.Error as e:  # e.g. a NUL byte on Pythons before 3.11, or a stray quote in strict mode
+        raise DataError(f"{path}:{start_line}", f"malformed CSV: {e}") from None
+    finally:
+        csv.field_size_limit(limit)
+    return rows
 
 
 def _from_disk(path: Path, split: str) -> Iterator[RawRecord]:

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefopt.data.report import DataReport
-from prefopt.data.schema import CompletionExample, Origin, PreferenceExample, RecordProblem, Text
+from prefopt.data.schema import (CompletionExample, Origin, PreferenceExample, RecordProblem, Text,
+                                 check_unicode)
 from prefopt.errors import ConfigError
 
 
@@ -82,6 +83,8 @@ class Encoder:
             texts["ref_completion"] = [{"role": "assistant", "content": ref}] if example.conversational else ref
         prompt_text = self._render_prompt(example.prompt)
         prompt_ids = self._ids(prompt_text, conversational=example.conversational)
+        if self.max_prompt_length is None:  # refused before tokenising its completions (a 1 MB prompt)
+            self._check_room(prompt_ids)
         completions = {role: self._completion_ids(example.prompt, prompt_text, prompt_ids, text,
                                                   report, example.origin)
                        for role, text in texts.items()}
@@ -138,12 +141,21 @@ class Encoder:
                     f"{prompt_text[-20:]!r}, completion starts {completion_text[:20]!r}); such "
                     f"completions are tokenised on their own, as generation would produce them")
             report.count("boundary_mismatch")
-            ids = self.tok(completion_text, add_special_tokens=False)["input_ids"]
+            ids = self._tokenize(completion_text, add_special_tokens=False)
         return self._end_with_eos(ids)
 
     def _ids(self, text: str, conversational: bool) -> list[int]:
         # Chat templates write their own BOS; raw text gets the tokenizer's special tokens.
-        return self.tok(text, add_special_tokens=not conversational)["input_ids"]
+        return self._tokenize(text, add_special_tokens=not conversational)
+
+    def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        try:
+            return self.tok(text, add_special_tokens=add_special_tokens)["input_ids"]
+        except TypeError:
+            # Rust tokenizers raise a bare TypeError for text that is not valid Unicode (a lone
+            # surrogate); the pipeline checks fields first, this covers other callers (judges).
+            check_unicode(text, "the text")
+            raise
 
     def _is_whitespace(self, token: int) -> bool:
         if token not in self._whitespace:
@@ -159,15 +171,18 @@ class Encoder:
         return ids + [self.eos]
 
     # ------------------------------------------------------------------ truncation
+    def _check_room(self, prompt_ids: list[int]) -> None:
+        if len(prompt_ids) >= self.max_length:
+            raise RecordProblem("too_long", f"the prompt has {len(prompt_ids)} tokens, leaving no room for "
+                                            f"a completion within data.max_length={self.max_length}; set "
+                                            f"data.max_prompt_length to truncate prompts")
+
     def _truncate(self, prompt_ids: list[int], completions: dict[str, list[int]], report: DataReport):
         limit = self.max_prompt_length
         if limit is not None and len(prompt_ids) > limit:
             prompt_ids = prompt_ids[-limit:] if self.keep_end else prompt_ids[:limit]
             report.count("prompt_truncated")
-        if len(prompt_ids) >= self.max_length:
-            raise RecordProblem("too_long", f"the prompt has {len(prompt_ids)} tokens, leaving no room for "
-                                            f"a completion within data.max_length={self.max_length}; set "
-                                            f"data.max_prompt_length to truncate prompts")
+        self._check_room(prompt_ids)
         room = self.max_length - len(prompt_ids)
         out = {}
         for role, ids in completions.items():

@@ -23,7 +23,7 @@ def to_message(turn, where: str) -> dict:
         raise RecordProblem("wrong_type", f"{where} must be a {{from, value}} turn, got {type(turn).__name__}")
     speaker = turn.get("from", turn.get("role"))
     content = turn.get("value", turn.get("content"))
-    if speaker not in ROLE_OF:
+    if not isinstance(speaker, str) or speaker not in ROLE_OF:  # a list or dict: not hashable either
         raise RecordProblem("wrong_type", f"{where} has unknown speaker {speaker!r}; expected one of "
                                           f"{', '.join(ROLE_OF)}")
     if not isinstance(content, str):
