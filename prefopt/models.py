@@ -7,6 +7,7 @@ the demo and the tests run without any hub.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,9 @@ def load_model(name_or_path: str, dtype: str = "float32", model_cfg: ModelConfig
     _quiet_transformers()
     model_cfg = model_cfg or ModelConfig()
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": model_cfg.trust_remote_code}
+    if model_cfg.trust_remote_code:
+        logging.getLogger("prefopt").warning("model.trust_remote_code: running the modelling code that comes with %s",
+                                             name_or_path)
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     quantization = quantization_config(model_cfg.load_in_4bit)  # checked before anything loads

@@ -241,8 +241,9 @@ class Trainer:
                         accelerator.device, accelerator.autocast, accelerator.mixed_precision)))
         if accelerator.num_processes > 1:  # KTO's z0 and BCO's δ: statistics over every process
             objective.reduce_mean = lambda t: accelerator.reduce(t, reduction="mean")
-        if objective.stateful:  # e.g. BCO's running reward mean: saved and restored with checkpoints
-            accelerator.register_for_checkpointing(objective)
+        # A stateful loss (BCO's running reward mean) is saved in checkpoints as loss_state.json by
+        # prefopt.train.checkpoint, not registered with accelerate, which would pickle it and load it
+        # back with torch.load(weights_only=False): running code from a tampered checkpoint.
         hooks = [objective.reference.after_optimizer_step] if hasattr(objective.reference, "after_optimizer_step") \
             else []
         self.job = loop.Job(cfg, accelerator, model, tokenizer, objective, optimizer, scheduler,

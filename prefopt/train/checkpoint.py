@@ -41,6 +41,7 @@ log = logging.getLogger("prefopt")
 
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
+LOSS_STATE = "loss_state.json"   # stateful losses (BCO's running mean): JSON, never a pickle
 
 
 class CheckpointError(PrefoptError):
@@ -69,7 +70,7 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(accelerator, model, tokenizer, state: TrainState, config: RunConfig,
-                    output_dir: Path, keep: int | None) -> Path:
+                    output_dir: Path, keep: int | None, loss_state: dict | None = None) -> Path:
     """Write checkpoints/step-N atomically (see the module docstring); returns its path."""
     path = checkpoint_dir(output_dir, state.step)
     tmp = path.parent / f".tmp-{path.name}"
@@ -89,6 +90,8 @@ def save_checkpoint(accelerator, model, tokenizer, state: TrainState, config: Ru
                 tokenizer.save_pretrained(tmp)
             save_config(config, tmp / "config.yaml")
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+            if loss_state:
+                (tmp / LOSS_STATE).write_text(json.dumps(encode_state(loss_state)))
             fault_point("checkpoint", state.step)
             write_manifest(tmp)
     except OSError as e:
@@ -251,6 +254,32 @@ def claim_output_dir(output_dir: Path, overwrite: bool, resuming: bool, accelera
     accelerator.wait_for_everyone()
 
 
+def encode_state(value):
+    """Loss state as JSON: tensors as {tensor, dtype} (float64 values round-trip exactly)."""
+    import torch
+
+    if isinstance(value, dict):
+        return {str(k): encode_state(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return {"tensor": value.detach().cpu().tolist(), "dtype": str(value.dtype).removeprefix("torch.")}
+    return value
+
+
+def decode_state(value, device=None):
+    import torch
+
+    if isinstance(value, dict) and set(value) == {"tensor", "dtype"}:
+        return torch.tensor(value["tensor"], dtype=getattr(torch, value["dtype"]), device=device)
+    if isinstance(value, dict):
+        return {k: decode_state(v, device) for k, v in value.items()}
+    return value
+
+
+def load_loss_state(path: Path, device=None) -> dict | None:
+    f = path / LOSS_STATE
+    return decode_state(json.loads(f.read_text()), device) if f.is_file() else None
+
+
 def load_checkpoint(accelerator, model, path: Path) -> TrainState:
     """Restore a checkpoint. Without frozen parameters every weight must load (strict); with
     them (a LoRA base, left out of the checkpoint) every trainable parameter must be in the file,
@@ -271,10 +300,22 @@ def load_checkpoint(accelerator, model, path: Path) -> TrainState:
                        else f"holds {len(reshaped)} parameter(s) of another shape (e.g. {reshaped[0]})")
             raise ConfigError(f"{path}: the checkpoint {problem}; it was written by another model or LoRA "
                               f"configuration")
-        accelerator.load_state(str(path), strict=False)
+        _load_state(accelerator, path, strict=False)
     else:
-        accelerator.load_state(str(path))
+        _load_state(accelerator, path)
     return TrainState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def _load_state(accelerator, path: Path, **kwargs) -> None:
+    """accelerate.load_state; its pickled parts (optimizer, scheduler, RNG) load with
+    torch.load(weights_only=True), so a tampered file is refused, never run."""
+    import pickle
+
+    try:
+        accelerator.load_state(str(path), **kwargs)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused to load a file of the checkpoint: it holds objects other than "
+                              f"tensors and plain values, which could run code ({str(e).splitlines()[0][:200]})") from None
 
 
 def save_final(accelerator, model, tokenizer, config: RunConfig, output_dir: Path,

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from prefopt.config import RunConfig
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.objective import Objective
-from prefopt.train.checkpoint import (TrainState, fault_point, load_checkpoint, resolve_resume,
+from prefopt.train.checkpoint import (TrainState, fault_point, load_checkpoint, load_loss_state, resolve_resume,
                                       resume_differences, save_checkpoint, save_final)
 from prefopt.train.distributed import deepspeed_backward
 from prefopt.train.metrics import MetricAccumulator, MetricsWriter, prefixed
@@ -116,6 +116,9 @@ def start_state(job: Job) -> TrainState:
                           + "\n  ".join(blocking) + "\nResume with the checkpoint's settings, or start afresh "
                           "(another output_dir, or train.overwrite_output_dir=true)")
     state = load_checkpoint(acc, job.model, path)
+    loss_state = load_loss_state(path, acc.device)
+    if loss_state is not None:
+        job.objective.load_state_dict(loss_state)
     log.info("resumed from %s (step %d of %d)%s", path, state.step, job.total_steps,
              "; changed since: " + "; ".join(changed) if changed else "")
     return state
@@ -179,9 +182,11 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
         if job.eval_loader is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
             last_eval = _log_eval(job, writer, state.step)
         if cfg.save_steps and state.step % cfg.save_steps == 0:
-            save_checkpoint(acc, job.model, job.tokenizer, state, job.config, job.output_dir, cfg.save_total_limit)
+            save_checkpoint(acc, job.model, job.tokenizer, state, job.config, job.output_dir, cfg.save_total_limit,
+                            _loss_state(job))
         if in_a_row >= cfg.max_consecutive_skips:
-            path = save_checkpoint(acc, job.model, job.tokenizer, state, job.config, job.output_dir, None)
+            path = save_checkpoint(acc, job.model, job.tokenizer, state, job.config, job.output_dir, None,
+                                   _loss_state(job))
             raise NonFiniteLossError(
                 f"steps {state.step - in_a_row + 1}..{state.step} in a row had a non-finite loss or gradient "
                 f"(train.max_consecutive_skips={cfg.max_consecutive_skips}); stopped with a checkpoint in {path}. "
@@ -189,7 +194,8 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
                 "high (the loss grew before), empty or fully truncated completions (see data_report.json)")
         signum = signals.requested(acc)
         if signum:
-            path = save_checkpoint(acc, job.model, job.tokenizer, state, job.config, job.output_dir, None)
+            path = save_checkpoint(acc, job.model, job.tokenizer, state, job.config, job.output_dir, None,
+                                   _loss_state(job))
             bar.close()
             raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} at step {state.step} of "
                                       f"{job.total_steps}: checkpoint saved in {path}; continue with "
@@ -201,6 +207,10 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
         last_eval = _log_eval(job, writer, state.step)
     save_final(acc, job.model, job.tokenizer, job.config, job.output_dir)
     return state, last_eval
+
+
+def _loss_state(job: Job) -> dict | None:
+    return job.objective.state_dict() if job.objective.stateful else None
 
 
 def _windows(job: Job, state: TrainState) -> Iterator[list]:
