@@ -121,6 +121,11 @@ class DataConfig:
                "holds examples of similar lengths: less padding, fuller packed rows (the logged "
                "batch_fill); the windows stay in random order.")
     pad_to_multiple_of: int | None = option(None, "Pad batch length up to a multiple of this.")
+    cache: bool = option(True, "Keep the tokenised examples in a cache keyed on the data's content, the tokenizer and "
+                               "every data setting: a second run reads them back instead of tokenising, and under "
+                               "several processes only the main one tokenises.")
+    cache_dir: str | None = option(None, "Where the tokenised-data cache lives; None: $PREFOPT_CACHE/data or "
+                                         "~/.cache/prefopt/data.")
 
 
 @dataclass

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from prefopt.config import RunConfig, config_from_flat, parse_loss, save_config, to_dict
+from prefopt.data.cache import cached_prepare
 from prefopt.data.collate import Collator
 from prefopt.data.pipeline import Dataset, prepare_datasets
 from prefopt.data.report import DataReport, DataUnusable, write_reports
@@ -255,10 +256,14 @@ class Trainer:
         check every loss on a first batch."""
         cfg, tcfg = self.config, self.config.train
         try:
-            train_set, eval_set = prepare_datasets(
-                cfg.data, tokenizer, objective.kind, train_source=self._train_source,
-                eval_source=self._eval_source, seed=tcfg.seed, required_columns=objective.columns,
-                optional_columns=objective.optional_columns, record_checks=objective.record_checks)
+            train_set, eval_set = cached_prepare(
+                lambda: prepare_datasets(
+                    cfg.data, tokenizer, objective.kind, train_source=self._train_source,
+                    eval_source=self._eval_source, seed=tcfg.seed, required_columns=objective.columns,
+                    optional_columns=objective.optional_columns, record_checks=objective.record_checks),
+                cfg.data, tokenizer, objective.kind, train_source=self._train_source, eval_source=self._eval_source,
+                seed=tcfg.seed, columns=(objective.columns, objective.optional_columns, objective.record_checks),
+                accelerator=accelerator)
         except DataUnusable as stop:  # nothing left to train on: keep the reasons on disk first
             self._report_data(accelerator, output_dir, *stop.reports)
             raise

@@ -15,6 +15,13 @@ DEMO_DATA = ROOT / "prefopt" / "demo" / "data" / "dpo_en_demo.json"
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache(tmp_path_factory):
+    """The tokenised-data cache of the test session: its own folder, never the user's."""
+    import os
+    os.environ["PREFOPT_CACHE"] = str(tmp_path_factory.mktemp("prefopt-cache"))
+
+
 @pytest.fixture(scope="session")
 def demo_records() -> list[dict]:
     return json.loads(DEMO_DATA.read_text())

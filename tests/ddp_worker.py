@@ -1,11 +1,13 @@
 """Launched by tests/test_ddp.py under torch.distributed.run (not collected by pytest).
 
 Tasks (comma-separated in argv[1]), each writing its result under OUT:
-  grad-dpo, grad-sft   the all-reduced gradient of the first optimizer step (2 pairs per
+  grad-dpo, grad-sft, grad-dpo-packed, grad-dpo-padded
+                       the all-reduced gradient of the first optimizer step (2 pairs per
                        micro-batch, 2 micro-batches per step)
   run-dpo              a whole run: 16 pairs, 1 epoch, eval on 10 pairs (eval batches of 4,
                        so one process evaluates a padding batch)
   run-kto              KTO on 7 unpaired examples (a short last round)
+  tokenise-once        setup with a fresh data cache: each rank writes how many times it tokenised
   generate             `prefopt generate` of OUT/prompts.jsonl, 3 batches over 2 processes
   run-lora-pre         LoRA with the precomputed reference (13 + 5 examples: the pre-pass gives
                        the processes 3 and 2 batches, so one scores a filler), a DDP checkpoint
@@ -23,8 +25,11 @@ SHORT = dict(max_grad_norm=None, max_length=64, max_prompt_length=32, progress_b
 
 
 def build(loss: str, model_dir: str, records: list, out: str, micro: int, accum: int):
+    """``loss`` is sft, dpo or dpo-LAYOUT (dpo in that data layout)."""
+    loss, _, layout = loss.partition("-")
     cls, cfg = (SFTTrainer, SFTConfig) if loss == "sft" else (DPOTrainer, DPOConfig)
-    args = cfg(output_dir=out, per_device_train_batch_size=micro, gradient_accumulation_steps=accum, **SHORT)
+    args = cfg(output_dir=out, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
+               **({"layout": layout} if layout else {}), **SHORT)
     return cls(model_dir, train_dataset=records, args=args)
 
 
@@ -61,6 +66,18 @@ if __name__ == "__main__":
             for name, resume in (("full", None), ("resumed", f"{out}/{task}/full/checkpoints/step-1")):
                 args = DPOConfig(output_dir=f"{out}/{task}/{name}", resume_from=resume, **common)
                 DPOTrainer(model_dir, None, train_dataset=records[:13], eval_dataset=records[13:18], args=args).train()
+        elif task == "tokenise-once":
+            import os
+            from prefopt.data import pipeline
+            calls, real = [], pipeline.encode
+            pipeline.encode = lambda *a, **k: calls.append(1) or real(*a, **k)
+            args = DPOConfig(output_dir=f"{out}/{task}", cache_dir=f"{out}/{task}-cache", **SHORT)
+            trainer = DPOTrainer(model_dir, None, train_dataset=records[:12], eval_dataset=records[12:16], args=args)
+            trainer.setup()
+            rank = trainer.job.accelerator.process_index
+            with open(f"{out}/{task}-{rank}.json", "w") as f:
+                json.dump({"encode_calls": len(calls), "examples": len(trainer._train_set.examples)}, f)
+            pipeline.encode = real
         elif task == "generate":
             from prefopt.cli import main
             assert main(generate_args(model_dir, out, f"{out}/{task}")) == 0

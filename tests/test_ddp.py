@@ -40,12 +40,13 @@ def test_two_processes_match_one(tiny_model_dir, demo_records, tmp_path):
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["conversations"][0]["value"]}) + "\n"
                                                     for r in demo_records[:5]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(HERE / "ddp_worker.py"), "grad-dpo,grad-sft,run-dpo,run-kto,run-lora-pre,generate",
+           "--master_port", str(free_port()), str(HERE / "ddp_worker.py"), "grad-dpo,grad-sft,grad-dpo-packed,grad-dpo-padded,run-dpo,run-kto,run-lora-pre,generate,"
+           "tokenise-once",
            str(tiny_model_dir), str(DATA), str(KTO), str(tmp_path)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=HERE.parent)
     assert run.returncode == 0, run.stderr[-3000:]
 
-    for loss in ("dpo", "sft"):
+    for loss in ("dpo", "sft", "dpo-packed", "dpo-padded"):
         saved = torch.load(tmp_path / f"grad-{loss}.pt")
         assert saved["processes"] == 2, "accelerate did not form the 2-process group"
         single = first_step_gradient(build(loss, str(tiny_model_dir), demo_records[:8], str(tmp_path / "one" / loss),
@@ -85,3 +86,7 @@ def test_two_processes_match_one(tiny_model_dir, demo_records, tmp_path):
     two, one = [(tmp_path / d / "generate" / "generations.jsonl").read_text().splitlines() for d in (".", "one")]
     assert len(two) == 5 and two == one
     assert json.loads((tmp_path / "generate" / "generate_report.json").read_text())["processes"] == 2
+
+    # the main process tokenised (train and eval), the other read its cache
+    ranks = [json.loads((tmp_path / f"tokenise-once-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks == [{"encode_calls": 2, "examples": 12}, {"encode_calls": 0, "examples": 12}]
