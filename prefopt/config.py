@@ -121,6 +121,8 @@ class DataConfig:
                "holds examples of similar lengths: less padding, fuller packed rows (the logged "
                "batch_fill); the windows stay in random order.")
     pad_to_multiple_of: int | None = option(None, "Pad batch length up to a multiple of this.")
+    num_proc: int = option(1, "Processes that tokenise (TRL's dataset_num_proc); the examples, their order and "
+                              "the data report are the same for any number.")
     cache: bool = option(True, "Keep the tokenised examples in a cache keyed on the data's content, the tokenizer and "
                                "every data setting: a second run reads them back instead of tokenising, and under "
                                "several processes only the main one tokenises.")
@@ -304,7 +306,8 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
 FLAT_ALIASES = {"loss_type": "loss.name", "ref_model": "reference.name_or_path",
                 "ref_dtype": "reference.dtype", "reference_strategy": "reference.strategy",
                 "bf16": "train.mixed_precision", "model_name_or_path": "model.name_or_path",
-                "ref_model_sync_steps": "reference.sync_steps", "ref_model_mixup_alpha": "reference.sync_alpha"}
+                "ref_model_sync_steps": "reference.sync_steps", "ref_model_mixup_alpha": "reference.sync_alpha",
+                "dataset_num_proc": "data.num_proc"}
 FLAT_SECTIONS = ("model", "data", "train", "save")
 # data.train / data.eval are the trainers' train_dataset / eval_dataset arguments.
 FLAT_EXCLUDED = {"data.train", "data.eval"}

@@ -24,7 +24,7 @@ from prefopt.data.schema import (CompletionExample, PreferenceExample, PromptExa
                                  check_unicode, texts_of, validate_completion, validate_pair, validate_prompt)
 from prefopt.data.sources import RawRecord, read_records
 from prefopt.data.tokenize import EncodedExample, Encoder
-from prefopt.errors import ConfigError
+from prefopt.errors import ConfigError, DataError
 from prefopt.losses.base import KNOWN_COLUMNS
 
 Example = PreferenceExample | CompletionExample | PromptExample
@@ -68,14 +68,15 @@ def prepare_datasets(cfg: DataConfig, tokenizer, kind: str, *, train_source: Any
             held_out: list[Example] = []
             if eval_source is None and cfg.eval_split_size:
                 examples, held_out = split_off(examples, cfg.eval_split_size, seed)
-            train = encode(examples, kind, encoder, report)
+            train = encode(examples, kind, encoder, report, cfg.num_proc)
             if held_out:
                 reports.append(DataReport("eval", cfg.on_error, report.format, records=len(held_out),
                                           source=report.source))
-                evaluation = encode(held_out, kind, encoder, reports[-1])
+                evaluation = encode(held_out, kind, encoder, reports[-1], cfg.num_proc)
         if eval_source is not None:
             reports.append(DataReport("eval", cfg.on_error))
-            evaluation = encode(load_examples(eval_source, cfg, reports[-1], *columns), kind, encoder, reports[-1])
+            evaluation = encode(load_examples(eval_source, cfg, reports[-1], *columns), kind, encoder, reports[-1],
+                                cfg.num_proc)
     except DataUnusable as stop:
         stop.reports = reports
         raise
@@ -283,15 +284,65 @@ def as_kind(examples: list[Example], kind: str, report: DataReport) -> list[Exam
     return out
 
 
-def encode(examples: list[Example], kind: str, encoder: Encoder, report: DataReport) -> Dataset:
+def encode_all(examples: list[Example], encoder: Encoder, report: DataReport) -> list[EncodedExample]:
     encoded = []
-    for ex in as_kind(examples, kind, report):
+    for ex in examples:
         try:
             encoded.append(encoder.encode(ex, report))
         except RecordProblem as problem:
             report.reject(ex.origin, problem.reason, str(problem), None)
             continue
         count_nul(ex, report)
+    return encoded
+
+
+def _encode_chunk(args) -> tuple:
+    """A worker's share: its examples encoded with a report of its own (merged in order by the
+    parent); a stopping error is returned, not raised, so the parent raises the earliest one."""
+    examples, encoder, report = args
+    try:
+        return encode_all(examples, encoder, report), report, None
+    except DataError as e:  # as (where, problem): DataError does not unpickle from its message alone
+        return [], report, (e.where, e.problem)
+
+
+def encode_in_processes(examples: list[Example], encoder: Encoder, report: DataReport,
+                        num_proc: int) -> list[EncodedExample]:
+    """encode_all over ``num_proc`` spawned processes, each a contiguous chunk: the same
+    examples in the same order, and the same counts, rejects and notes, as one process."""
+    import multiprocessing
+
+    size = math.ceil(len(examples) / num_proc)
+    chunks = [examples[i:i + size] for i in range(0, len(examples), size)]
+    jobs = [(chunk, encoder, DataReport(report.name, report.on_error, report.format, source=report.source))
+            for chunk in chunks]
+    with multiprocessing.get_context("spawn").Pool(len(chunks)) as pool:
+        results = pool.map(_encode_chunk, jobs)
+    encoded = []
+    for part, sub, error in results:
+        report.rejected.update(sub.rejected)
+        report.rejects.extend(sub.rejects)
+        report.counts.update(sub.counts)
+        # a "first at ..." note is kept from the earliest chunk that has one, as one process would
+        kinds = {_note_kind(n) for n in report.notes}
+        report.notes.extend(n for n in sub.notes if _note_kind(n) not in kinds)
+        if error is not None:
+            raise DataError(*error)
+        encoded += part
+    return encoded
+
+
+def _note_kind(note: str) -> str:
+    return note.split(" (first at ")[0].split("; the first is ")[0]
+
+
+def encode(examples: list[Example], kind: str, encoder: Encoder, report: DataReport,
+           num_proc: int = 1) -> Dataset:
+    examples = as_kind(examples, kind, report)
+    if num_proc > 1 and len(examples) > 1:
+        encoded = encode_in_processes(examples, encoder, report, num_proc)
+    else:
+        encoded = encode_all(examples, encoder, report)
     report.examples = len(encoded)
     if kind == "unpaired":
         report.count("desirable", sum(1 for e in encoded if e.label))
