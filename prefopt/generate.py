@@ -308,14 +308,22 @@ def summary(generations: list[Generation], seconds: float) -> dict:
             "seconds": round(seconds, 3), "tokens_per_second": round(tokens / seconds, 1) if seconds else None}
 
 
-def load_inference_model(model_cfg, device: torch.device | str = "cpu"):
+def inference_device() -> torch.device:
+    """This process's device: its own GPU under a multi-process launch, else CUDA when present."""
+    group = process_group()
+    if group is not None:
+        return group.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_inference_model(model_cfg, device: torch.device | str | None = None):
     """The policy for sampling: a full model directory or hub id, or a saved LoRA adapter
     (its base loaded and the adapter merged, which samples faster)."""
     from prefopt.models import disable_dropout, load_model
 
     model = load_model(model_cfg.name_or_path, model_cfg.dtype, model_cfg)  # an adapter is merged
     disable_dropout(model)
-    return model.to(device).eval()
+    return model.to(device if device is not None else inference_device()).eval()
 
 
 def model_at(model_cfg, path) -> torch.nn.Module:

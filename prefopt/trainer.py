@@ -46,7 +46,7 @@ from prefopt.reference import ReferenceContext, build_reference
 from prefopt.scoring import Plan, Probe, architecture_key, plan_scoring, reuse_plan
 from prefopt.train import batches, loop
 from prefopt.train.checkpoint import claim_output_dir, save_final
-from prefopt.train.distributed import configure_deepspeed
+from prefopt.train.distributed import check_process_group, configure_deepspeed
 
 log = logging.getLogger("prefopt")
 
@@ -180,6 +180,8 @@ class Trainer:
         if min(tcfg.gradient_accumulation_steps, tcfg.per_device_train_batch_size, tcfg.per_device_eval_batch_size) < 1:
             raise ConfigError("train.per_device_train_batch_size, per_device_eval_batch_size and "
                               "gradient_accumulation_steps must be >= 1")
+        if tcfg.max_consecutive_skips < 1:
+            raise ConfigError(f"train.max_consecutive_skips must be >= 1 (got {tcfg.max_consecutive_skips})")
         # Under torchrun on a machine without CUDA, accelerate only forms the gloo process group
         # when asked for CPU explicitly; otherwise each process would silently train alone.
         # (Not under DeepSpeed or FSDP: forcing CPU would silently turn them into plain DDP; DeepSpeed
@@ -222,6 +224,7 @@ class Trainer:
 
         optimizer = self._optimizer(model)
         scheduler = self._scheduler(optimizer, total_steps)
+        check_process_group(accelerator)
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
             configure_deepspeed(accelerator, tcfg)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

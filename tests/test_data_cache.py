@@ -60,3 +60,16 @@ def test_records_passed_in_python_are_cached_by_content(tiny_model_dir, demo_rec
         DPOTrainer(str(tiny_model_dir), None, train_dataset=demo_records[:6],
                    args=DPOConfig(output_dir=str(tmp_path / out), cache_dir=str(tmp_path / "cache"), **SHORT)).setup()
     assert len(calls) == 1
+
+
+def test_the_key_is_stable_for_record_checks_that_are_partials():
+    import functools
+
+    from prefopt.data.cache import check_name
+
+    def needs(columns, p):
+        return None
+
+    a, b = functools.partial(needs, p=1), functools.partial(needs, p=1)
+    assert check_name(a) == check_name(b) and "0x" not in check_name(a)
+    assert check_name(functools.partial(needs, p=2)) != check_name(a)

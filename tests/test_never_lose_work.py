@@ -245,3 +245,35 @@ def test_non_finite_steps_in_a_row_stop_with_a_checkpoint(tiny_model_dir, demo_r
                    args=DPOConfig(output_dir=str(out), max_steps=5, max_consecutive_skips=2, **SHORT)).train()
     saved = load_file(out / "checkpoints" / "step-2" / "model.safetensors")
     assert all(torch.equal(saved[k], initial[k]) for k in saved)  # no update was made
+
+
+def test_a_skipped_step_leaves_no_trace_in_a_running_statistic(tiny_model_dir, demo_records, tmp_path):
+    """BCO's running reward mean folds in each batch during forward; a skipped (NaN) step must
+    not make it NaN for the rest of the run."""
+    trainer = DPOTrainer(str(tiny_model_dir), None, train_dataset=demo_records[:8], loss="bco_pair",
+                         extra_losses={"fault": faulty({2})},
+                         args=DPOConfig(output_dir=str(tmp_path / "run"), max_steps=4, **SHORT))
+    trainer.train()
+    (state,) = trainer.job.objective.state_dict().values()
+    assert state["count"] == 3 * 2 * 2  # 3 updated steps x 2 pairs x (chosen, rejected): step 2 not counted
+    assert torch.isfinite(state["mean"])
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tiny_model_dir, demo_records, tmp_path, caplog):
+    out = tmp_path / "run"
+    run(tiny_model_dir, demo_records[:8], out, max_steps=4, save_steps=1, save_total_limit=2).train()
+    assert [p.name for p in list_checkpoints(out)] == ["step-3", "step-4"]
+    caplog.set_level("INFO", logger="prefopt")
+    run(tiny_model_dir, demo_records[:8], out, max_steps=4, save_steps=1, save_total_limit=2, learning_rate=5e-4,
+        resume_from=str(out / "checkpoints" / "step-3")).train()
+    assert "checkpoints after step 3 (step-4) moved to" in caplog.text
+    assert [p.name for p in list_checkpoints(out)] == ["step-3", "step-4"]  # step-4 is the new run's
+    assert (out / "checkpoints" / "superseded" / "step-4").is_dir()
+    new = json.loads((out / "checkpoints" / "step-4" / "config.yaml").read_text().split("learning_rate: ")[1]
+                     .split("\n")[0])
+    assert new == 5e-4
+
+
+def test_max_consecutive_skips_must_be_positive(tiny_model_dir, demo_records, tmp_path):
+    with pytest.raises(ConfigError, match="max_consecutive_skips must be >= 1"):
+        run(tiny_model_dir, demo_records[:4], tmp_path / "r", max_steps=1, max_consecutive_skips=0).train()

@@ -7,7 +7,7 @@ the main process tokenises (the others wait for it and read its result).
 
 KEY is a SHA-256 over everything the result depends on: the source's bytes (a file) or its
 records (Python objects), the tokenizer (vocabulary, merges, special tokens, chat template), every
-``data.*`` setting, the objective's kind and columns, the split seed and this format's version.
+``data.*`` setting, the objective's kind and columns, the split seed, and the data layer's code.
 Written as JSON (never a pickle) into a temporary folder renamed into place, so a reader never
 sees half a cache. CACHE_DIR: ``data.cache_dir``, else ``$PREFOPT_CACHE/data``, else
 ``~/.cache/prefopt/data``. ``data.cache: false`` turns it off.
@@ -32,6 +32,15 @@ from prefopt.data.tokenize import EncodedExample
 log = logging.getLogger("prefopt")
 
 VERSION = 1
+
+
+def code_digest() -> str:
+    """The data layer's own code: a fix to reading, formats or tokenisation is another key."""
+    digest = hashlib.sha256()
+    root = Path(__file__).parent
+    for f in sorted(root.rglob("*.py")):
+        digest.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
+    return digest.hexdigest()
 
 
 def cache_root(cache_dir: str | None) -> Path:
@@ -61,9 +70,14 @@ def source_digest(source: Any) -> str | None:
     return None
 
 
-def tokenizer_digest(tokenizer) -> str:
+def tokenizer_digest(tokenizer) -> str | None:
+    """None when the tokenizer cannot be described (e.g. a custom Python pre-tokenizer): no cache."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    parts = [backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items())),
+    try:
+        described = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    except Exception:  # noqa: BLE001 - any failure only means this tokenizer is not cached
+        return None
+    parts = [described,
              repr(getattr(tokenizer, "chat_template", None)), repr(tokenizer.all_special_tokens),
              repr((tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id)), type(tokenizer).__name__]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
@@ -71,17 +85,25 @@ def tokenizer_digest(tokenizer) -> str:
 
 def cache_key(data_cfg, tokenizer, kind: str, sources: tuple, seed: int, columns: tuple) -> str | None:
     digests = [source_digest(s) for s in sources]
-    if any(d is None for d in digests):
+    tokenizer_id = tokenizer_digest(tokenizer)
+    if any(d is None for d in digests) or tokenizer_id is None:
         return None
     settings = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in ("cache", "cache_dir", "train", "eval")}
     required, optional, checks = columns
     payload = json.dumps({"version": VERSION, "sources": digests, "names": [str(s) for s in sources
                                                                           if isinstance(s, (str, os.PathLike))],
-                          "tokenizer": tokenizer_digest(tokenizer), "data": settings, "kind": kind, "seed": seed,
-                          "columns": [list(required), list(optional),
-                                      [getattr(c, "__qualname__", repr(c)) for c in checks]]},
+                          "tokenizer": tokenizer_id, "data": settings, "code": code_digest(), "kind": kind, "seed": seed,
+                          "columns": [list(required), list(optional), [check_name(c) for c in checks]]},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def check_name(check) -> str:
+    """A record check's stable name (a functools.partial's repr holds a memory address)."""
+    func = getattr(check, "func", check)
+    name = f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', type(func).__name__)}"
+    keywords = getattr(check, "keywords", None)
+    return name + (repr(sorted(keywords.items())) if keywords else "") + repr(getattr(check, "args", ()))
 
 
 # ----------------------------------------------------------------------------- (de)serialising
@@ -107,19 +129,20 @@ def _report(d: dict) -> DataReport:
 def store(folder: Path, datasets: tuple) -> None:
     """Write (train, eval) Datasets (either may be None) atomically."""
     tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         for name, data in zip(("train", "eval"), datasets):
             if data is None:
                 continue
             with (tmp / f"{name}.examples.jsonl").open("w") as f:
                 for e in data.examples:
-                    f.write(json.dumps(_example_row(e), ensure_ascii=True) + "\n")
-            (tmp / f"{name}.report.json").write_text(json.dumps(_report_dict(data.report), ensure_ascii=True))
+                    f.write(json.dumps(_example_row(e), ensure_ascii=True, default=str) + "\n")
+            (tmp / f"{name}.report.json").write_text(json.dumps(_report_dict(data.report), ensure_ascii=True,
+                                                                default=str))
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
-    except OSError as e:  # a cache that cannot be written costs a re-tokenisation next time, nothing more
+    except (OSError, TypeError, ValueError) as e:  # a cache not written costs a tokenisation next time, nothing more
         shutil.rmtree(tmp, ignore_errors=True)
         log.warning("data cache: could not write %s (%s)", folder, e)
 

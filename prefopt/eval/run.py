@@ -14,6 +14,7 @@ from pathlib import Path
 from prefopt.config import RunConfig
 from prefopt.data.report import DataReport
 from prefopt.errors import ConfigError
+from prefopt.generate import is_main_process
 
 log = logging.getLogger("prefopt")
 
@@ -72,8 +73,9 @@ def run_sampled_eval(config: RunConfig) -> dict:
     result = {"reference": str(config.reference.name_or_path), "judge": judge.describe(),
               "prompts": len(ref_gens), "prompts_source": str(source), "sampling": sampling_settings(gen, seed),
               "data": report.as_dict(), "models": rows}
-    (out / "sampled_eval.json").write_text(json.dumps(result, indent=2))
-    write_table(rows, out)
+    if is_main_process():
+        (out / "sampled_eval.json").write_text(json.dumps(result, indent=2))
+        write_table(rows, out)
     return result
 
 

@@ -35,6 +35,11 @@ class Rounds:
             raise RoundError("set model.name_or_path (the model the first round starts from)")
         self.config, self.method = config, method
         self.out = Path(config.output_dir)
+        done = sorted(p.name for p in self.out.glob("iter-*") if (p / "final").is_dir() or (p / "checkpoints").is_dir())
+        if done and not config.train.overwrite_output_dir:
+            raise RoundError(f"{self.out} holds the rounds of an earlier run ({', '.join(done)}); choose another "
+                             f"output_dir, or set train.overwrite_output_dir=true to replace them (rounds do not "
+                             f"resume: each is short and starts from the previous round's final model)")
         self.model_path = str(config.model.name_or_path)   # the policy the next round starts from
         self.history: list[dict] = []
         self.started = time.time()

@@ -20,6 +20,7 @@ from pathlib import Path
 from prefopt.config import RunConfig
 from prefopt.data.report import DataReport
 from prefopt.methods.rounds import Rounds, as_completion, completion_text, round_sampler, sample_round
+from prefopt.generate import is_main_process
 
 log = logging.getLogger("prefopt")
 
@@ -35,8 +36,9 @@ def sft_examples(config: RunConfig, out: Path) -> list:
     examples = as_kind(load_examples(config.data.train, config.data, report), "completion", report)
     report.examples = len(examples)
     rejects = out / "rejected_records.jsonl"
-    rejects.unlink(missing_ok=True)
-    report.write_rejects(rejects)
+    if is_main_process():
+        rejects.unlink(missing_ok=True)
+        report.write_rejects(rejects)
     log.info("data %s", report.summary())
     return examples
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from prefopt.config import RunConfig
 from prefopt.errors import ConfigError
 from prefopt.methods.rounds import Rounds
+from prefopt.generate import is_main_process
 
 log = logging.getLogger("prefopt")
 
@@ -41,8 +42,9 @@ def chunk_sources(config: RunConfig) -> list:
         else:
             rows.append(r.data)
     rejects = Path(config.output_dir) / "rejected_records.jsonl"
-    rejects.unlink(missing_ok=True)
-    report.write_rejects(rejects)
+    if is_main_process():
+        rejects.unlink(missing_ok=True)
+        report.write_rejects(rejects)
     if len(rows) < sw.chunks:
         raise ConfigError(f"{len(rows)} records cannot make {sw.chunks} chunks")
     size, extra = divmod(len(rows), sw.chunks)

@@ -71,16 +71,25 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 def save_checkpoint(accelerator, model, tokenizer, state: TrainState, config: RunConfig,
                     output_dir: Path, keep: int | None, loss_state: dict | None = None) -> Path:
-    """Write checkpoints/step-N atomically (see the module docstring); returns its path."""
+    """Write checkpoints/step-N atomically (see the module docstring); returns its path.
+    A failure on any process (a full disk raises OSError or torch's RuntimeError) is agreed by
+    every process, which all stop with the same message: none is left waiting at a barrier."""
     path = checkpoint_dir(output_dir, state.step)
     tmp = path.parent / f".tmp-{path.name}"
     main = accelerator.is_main_process
     if main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in path.parent.glob(".tmp-*") if path.parent.is_dir() else ():  # killed writes
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
+    error = None
     try:
         accelerator.save_state(str(tmp))  # trainable parameters only (prefopt.lora.without_frozen_weights)
-        if main:
+    except (OSError, RuntimeError) as e:
+        error = e
+    # every process's files (RNG states, shards) are complete before the manifest lists them
+    error = _agree(accelerator, error)
+    if error is None and main:
+        try:
             raw = accelerator.unwrap_model(model)
             if not is_peft_model(raw):
                 raw.config.save_pretrained(tmp)
@@ -94,25 +103,43 @@ def save_checkpoint(accelerator, model, tokenizer, state: TrainState, config: Ru
                 (tmp / LOSS_STATE).write_text(json.dumps(encode_state(loss_state)))
             fault_point("checkpoint", state.step)
             write_manifest(tmp)
-    except OSError as e:
+        except (OSError, RuntimeError) as e:
+            error = e
+    error = _agree(accelerator, error)
+    if error is not None:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(output_dir)
+        if error is True:
+            reason = "another process failed to write its part"
+        else:
+            reason = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0]
         raise CheckpointError(
-            f"could not write the checkpoint of step {state.step} to {path}: {e.strerror or e}. "
+            f"could not write the checkpoint of step {state.step} to {path}: {reason}. "
             + (f"The previous checkpoint {previous[-1]} is intact: free space and resume with "
-               f"train.resume_from=latest" if previous else "No earlier checkpoint exists")) from None
-    accelerator.wait_for_everyone()
+               f"train.resume_from=latest" if previous else "No earlier checkpoint exists"))
     if main:
-        if path.exists():  # the same step written before (a run resumed from an earlier step)
-            shutil.rmtree(path)
+        aside = path.parent / f".old-{path.name}"
+        if path.exists():  # the same step written before: set aside, so a kill never leaves half of it
+            os.replace(path, aside)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+        shutil.rmtree(aside, ignore_errors=True)
         if keep:
             for old in list_checkpoints(output_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return path
+
+
+def _agree(accelerator, error):
+    """The error of this process, or True when another process failed (one all-reduce)."""
+    if accelerator.num_processes == 1:
+        return error
+    import torch
+
+    failed = accelerator.reduce(torch.tensor([0 if error is None else 1], device=accelerator.device), reduction="max")
+    return error if error is not None else (True if int(failed.item()) else None)
 
 
 def write_manifest(folder: Path) -> None:
@@ -197,11 +224,13 @@ def resolve_resume(resume_from: str, output_dir: Path) -> Path:
 # Settings a resumed run must share with its checkpoint: another value makes it another run
 # (other weights, other data order or batch geometry). Everything else (max_steps, logging,
 # eval, save cadence...) may change on resume and is listed in the log.
-SAME_RUN_KEYS = ("model.name_or_path", "model.lora", "model.dtype", "model.chat_template", "loss",
-                 "reference.strategy", "reference.name_or_path", "data.train", "data.format", "data.max_length",
-                 "data.max_prompt_length", "data.layout", "data.max_examples", "data.max_tokens_per_batch",
-                 "data.group_by_length", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
-                 "train.seed", "num_processes")
+SAME_RUN_KEYS = ("model.name_or_path", "model.tokenizer", "model.lora", "model.dtype", "model.load_in_4bit",
+                 "model.chat_template", "loss", "reference.strategy", "reference.name_or_path", "data.train",
+                 "data.split", "data.columns", "data.format", "data.eval_split_size", "data.max_length",
+                 "data.max_prompt_length", "data.prompt_truncation", "data.layout", "data.max_examples",
+                 "data.max_tokens_per_batch", "data.max_tokens_per_row", "data.group_by_length",
+                 "train.per_device_train_batch_size", "train.gradient_accumulation_steps", "train.seed",
+                 "num_processes")
 
 
 def resume_differences(path: Path, config: RunConfig, num_processes: int) -> tuple[list[str], list[str]]:
@@ -223,6 +252,25 @@ def resume_differences(path: Path, config: RunConfig, num_processes: int) -> tup
             [line for k, line in lines.items() if k not in SAME_RUN_KEYS])
 
 
+def set_aside_later_checkpoints(output_dir: Path, step: int, accelerator) -> None:
+    """Resuming from step S while checkpoints after S exist (an explicit earlier checkpoint, or
+    ``latest`` past a damaged one): those belong to the abandoned continuation. They are moved
+    to checkpoints/superseded/ (not deleted), so neither ``latest`` nor save_total_limit's
+    pruning confuses them with this run's."""
+    later = [p for p in list_checkpoints(output_dir) if int(p.name.split("-")[1]) > step]
+    if later and accelerator.is_main_process:
+        aside = output_dir / "checkpoints" / "superseded"
+        aside.mkdir(exist_ok=True)
+        for p in later:
+            target = aside / p.name
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(p, target)
+        log.info("checkpoints after step %d (%s) moved to %s: this run continues from step %d", step,
+                 ", ".join(p.name for p in later), aside, step)
+    accelerator.wait_for_everyone()
+
+
 def _flat(config: dict) -> dict:
     """{section.key: value} one level deep (a LoRA mapping or the loss list stays one value)."""
     out = {}
@@ -238,6 +286,9 @@ def claim_output_dir(output_dir: Path, overwrite: bool, resuming: bool, accelera
     """Refuse a directory that holds another run's checkpoints or final model (unless the run
     resumes it); with ``overwrite`` delete them (main process) and go on."""
     checkpoints, final = list_checkpoints(output_dir), output_dir / "final"
+    # every process decides before any deletes (a slower one would otherwise find nothing and
+    # skip the barrier below)
+    accelerator.wait_for_everyone()
     if resuming or not (checkpoints or final.is_dir()):
         return
     held = ([f"checkpoints {checkpoints[0].name}..{checkpoints[-1].name}"] if checkpoints else []) + \

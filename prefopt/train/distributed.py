@@ -21,18 +21,17 @@ from prefopt.errors import ConfigError
 
 def check_process_group(accelerator) -> None:
     """Every launched process must be in accelerate's group: on a machine without CUDA,
-    accelerate 1.15 forms none for DeepSpeed (each rank reports 1 process) and every rank would
-    train alone, each writing the same files."""
+    accelerate 1.15 forms none for DeepSpeed or FSDP (each rank reports 1 process) and every
+    rank would train alone, each writing the same files."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise ConfigError(f"{launched} processes were launched but accelerate formed a group of "
                           f"{accelerator.num_processes} ({accelerator.distributed_type.value}); each would train "
-                          f"alone. DeepSpeed through accelerate needs CUDA GPUs; on CPU launch plain DDP "
+                          f"alone. DeepSpeed and FSDP through accelerate need CUDA GPUs; on CPU launch plain DDP "
                           f"(configs/accelerate/ddp.yaml or torchrun)")
 
 
 def configure_deepspeed(accelerator, tcfg: TrainConfig) -> None:
-    check_process_group(accelerator)
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     values = {"train_micro_batch_size_per_gpu": tcfg.per_device_train_batch_size,
               "gradient_accumulation_steps": tcfg.gradient_accumulation_steps,

@@ -13,6 +13,7 @@ micro-batch x accumulation x process split give the same gradient as one large b
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import signal
@@ -31,7 +32,8 @@ from prefopt.config import RunConfig
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.objective import Objective
 from prefopt.train.checkpoint import (TrainState, fault_point, load_checkpoint, load_loss_state, resolve_resume,
-                                      resume_differences, save_checkpoint, save_final)
+                                      resume_differences, save_checkpoint, save_final,
+                                      set_aside_later_checkpoints)
 from prefopt.train.distributed import deepspeed_backward
 from prefopt.train.metrics import MetricAccumulator, MetricsWriter, prefixed
 
@@ -70,13 +72,18 @@ class Interrupted(PrefoptError):
 
 
 class StopSignals:
-    """Turns SIGTERM/SIGINT into a request to stop at the next step boundary (a second one
-    acts at once, as usual). Every process agrees on the request (one all-reduce per step)."""
+    """Turns SIGTERM/SIGINT into a request to stop at the next step boundary. Every process
+    agrees on the request (one all-reduce per step). A second signal more than REPEAT seconds
+    after the first acts at once, as usual; one sooner is the same request arriving twice
+    (Ctrl-C reaches the whole process group and torchrun forwards it to its workers too)."""
+
+    REPEAT = 5.0
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.received: int | None = None
+        self.at = 0.0
         self.previous: dict = {}
 
     def __enter__(self):
@@ -88,10 +95,11 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame):
-        if self.received is not None:  # asked twice: stop now
+        if self.received is not None and time.monotonic() - self.at > self.REPEAT:  # asked again: stop now
             signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
             signal.raise_signal(signum)
-        self.received = signum
+        if self.received is None:
+            self.received, self.at = signum, time.monotonic()
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -116,6 +124,7 @@ def start_state(job: Job) -> TrainState:
                           + "\n  ".join(blocking) + "\nResume with the checkpoint's settings, or start afresh "
                           "(another output_dir, or train.overwrite_output_dir=true)")
     state = load_checkpoint(acc, job.model, path)
+    set_aside_later_checkpoints(job.output_dir, state.step, acc)
     loss_state = load_loss_state(path, acc.device)
     if loss_state is not None:
         job.objective.load_state_dict(loss_state)
@@ -147,15 +156,16 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
     in_a_row = 0
     for window in _windows(job, state) if state.step < job.total_steps else ():
         started = time.perf_counter()
-        read, updated = optimizer_step(job, window, window_metrics)
+        read, outcome = optimizer_step(job, window, window_metrics)
         tokens += read
         train_seconds += time.perf_counter() - started  # eval and checkpoint time excluded
         state.step += 1
-        in_a_row = 0 if updated else in_a_row + 1
-        if not updated:
+        in_a_row = in_a_row + 1 if outcome == "skipped" else 0
+        if outcome != "updated":
             state.skipped_steps += 1
-            log.warning("step %d skipped: non-finite loss or gradient (%d skipped so far)", state.step,
-                        state.skipped_steps)
+            log.warning("step %d skipped: %s (%d skipped so far)", state.step,
+                        "non-finite loss or gradient" if outcome == "skipped" else
+                        "fp16 gradient overflow, the loss scale is lowered", state.skipped_steps)
         for hook in job.step_hooks:
             hook(state.step)
         fault_point("step", state.step)
@@ -181,12 +191,13 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
             tokens, train_seconds = 0, 0.0
         if job.eval_loader is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
             last_eval = _log_eval(job, writer, state.step)
+        saved = None
         if cfg.save_steps and state.step % cfg.save_steps == 0:
-            save_checkpoint(acc, job.model, job.tokenizer, state, job.config, job.output_dir, cfg.save_total_limit,
+            saved = save_checkpoint(acc, job.model, job.tokenizer, state, job.config, job.output_dir, cfg.save_total_limit,
                             _loss_state(job))
         if in_a_row >= cfg.max_consecutive_skips:
-            path = save_checkpoint(acc, job.model, job.tokenizer, state, job.config, job.output_dir, None,
-                                   _loss_state(job))
+            path = saved or save_checkpoint(acc, job.model, job.tokenizer, state, job.config, job.output_dir, None,
+                                            _loss_state(job))
             raise NonFiniteLossError(
                 f"steps {state.step - in_a_row + 1}..{state.step} in a row had a non-finite loss or gradient "
                 f"(train.max_consecutive_skips={cfg.max_consecutive_skips}); stopped with a checkpoint in {path}. "
@@ -194,8 +205,8 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
                 "high (the loss grew before), empty or fully truncated completions (see data_report.json)")
         signum = signals.requested(acc)
         if signum:
-            path = save_checkpoint(acc, job.model, job.tokenizer, state, job.config, job.output_dir, None,
-                                   _loss_state(job))
+            path = saved or save_checkpoint(acc, job.model, job.tokenizer, state, job.config, job.output_dir, None,
+                                            _loss_state(job))
             bar.close()
             raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} at step {state.step} of "
                                       f"{job.total_steps}: checkpoint saved in {path}; continue with "
@@ -235,11 +246,12 @@ def _windows(job: Job, state: TrainState) -> Iterator[list]:
         state.batch_in_epoch = 0
 
 
-def optimizer_step(job: Job, window: list, metrics: MetricAccumulator) -> tuple[int, bool]:
+def optimizer_step(job: Job, window: list, metrics: MetricAccumulator) -> tuple[int, str]:
     """Forward/backward every micro-batch of the window, then one optimizer step. Returns the
-    tokens read and whether the weights were updated: a non-finite loss (on any process) or
-    gradient norm skips the update (the schedule still advances: a step is a step) and keeps
-    the window's metrics out of the averages."""
+    tokens read and the step's outcome: "updated"; "skipped" (a non-finite loss on any process,
+    or a non-finite gradient norm: no update, a stateful loss's state restored, the window's
+    metrics left out; the schedule still advances: a step is a step); "overflow" (fp16: the
+    gradient scaler skipped the update and lowered its scale, its normal start-up, not a fault)."""
     acc, model, objective = job.accelerator, job.model, job.objective
     per_batch = [objective.units(b) for b in window]
     names = list(per_batch[0])
@@ -248,6 +260,7 @@ def optimizer_step(job: Job, window: list, metrics: MetricAccumulator) -> tuple[
         totals = acc.reduce(torch.tensor(totals, device=acc.device, dtype=torch.float64), reduction="sum").tolist()
     units = dict(zip(names, totals))
     model.train()
+    snapshot = copy.deepcopy(objective.state_dict()) if objective.stateful else None
     tokens, finite, window_metrics = 0, True, MetricAccumulator()
     for i, batch in enumerate(window):
         last = i == len(window) - 1
@@ -268,14 +281,29 @@ def optimizer_step(job: Job, window: list, metrics: MetricAccumulator) -> tuple[
     max_norm = job.config.train.max_grad_norm
     grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm if max_norm else math.inf)
     if grad_norm is not None:
-        finite = finite and bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
         window_metrics.add("grad_norm", float(grad_norm), 1)
-    if finite:
-        metrics.merge(window_metrics)
+    grads_finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        # the engine stepped inside the last backward (its fp16 scaler skips overflows itself)
+        outcome = "updated"
+        if not finite:
+            log.warning("non-finite loss under DeepSpeed: the update was DeepSpeed's to skip, not prefopt's")
+    elif acc.scaler is not None:
+        # fp16: the gradient scaler decides, and must see every step to adjust its scale
         job.optimizer.step()
+        outcome = "skipped" if not finite else "overflow" if job.optimizer.step_was_skipped else "updated"
+    elif finite and grads_finite:
+        job.optimizer.step()
+        outcome = "updated"
+    else:
+        outcome = "skipped"
+    if outcome == "updated":
+        metrics.merge(window_metrics)
+    elif snapshot is not None:
+        objective.load_state_dict(snapshot)  # a skipped batch leaves no trace in a running statistic
     job.scheduler.step()
     job.optimizer.zero_grad(set_to_none=True)
-    return tokens, finite
+    return tokens, outcome
 
 
 def _finite_everywhere(acc, loss: torch.Tensor) -> bool:
