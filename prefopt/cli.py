@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,17 +61,44 @@ def main(argv: list[str] | None = None) -> int:
     losses.add_argument("--markdown", action="store_true", help="the README's table of losses")
     verbs.add_parser("keys", help="list every config key")
     verbs.add_parser("formats", help="list the data formats")
-    ns = parser.parse_args(argv)
+    ns, extra = parser.parse_known_args(argv)
+    overrides = dashed_overrides(extra)
+    if overrides is None or (overrides and not hasattr(ns, "args")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if overrides:
+        ns.args = list(ns.args) + overrides
     from prefopt.train.loop import Interrupted
 
     try:
         return VERBS[ns.verb](ns)
+    except BrokenPipeError:  # `prefopt losses | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Interrupted as e:  # a checkpoint was saved: exit as a process stopped by that signal would
         print(f"prefopt {ns.verb}: {e}", file=sys.stderr)
         return 128 + e.signum
     except PrefoptError as e:
         print(f"prefopt {ns.verb}: error: {e}", file=sys.stderr)
         return 2
+
+
+def dashed_overrides(extra: list[str]) -> list[str] | None:
+    """``--train.max_steps=3`` and ``--train.max_steps 3`` as the override train.max_steps=3
+    (None when something else is left over)."""
+    out, i = [], 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            return None
+        if "=" in arg:
+            out.append(arg[2:])
+            i += 1
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            out.append(f"{arg[2:]}={extra[i + 1]}")
+            i += 2
+        else:
+            return None
+    return out
 
 
 def _config(ns, defaults: dict):
@@ -110,11 +138,11 @@ def cmd_eval(ns) -> int:
             return 0  # no preference data (or several models): the sampled metrics only
     needed, needed_by = Objective.requirements(config.loss)
     if needed and config.reference.name_or_path is None:
-        raise ConfigError(f"prefopt eval: {needed_by} compares the model with a reference; set "
+        raise ConfigError(f"{needed_by} compares the model with a reference; set "
                           f"reference.name_or_path (a copy of the evaluated model would give zero rewards)")
     source = config.data.eval or config.data.train
     if source is None and not config.data.eval_split_size:
-        raise ConfigError("prefopt eval: set data.eval (or data.train)")
+        raise ConfigError("set data.eval (or data.train)")
     if config.data.eval is None and config.data.eval_split_size:
         source = None  # evaluate on the held-out split of data.train
     else:

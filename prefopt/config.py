@@ -475,11 +475,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
         path = Path(path)
         data = deep_merge(data, read_yaml(path))  # a file's train: section keeps the verb's other defaults
     for assignment in overrides:
+        check_override_key(assignment)  # a typo in an override is the override's, not the file's
         apply_override(data, assignment)
     try:
         return config_from_dict(data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def check_override_key(assignment: str) -> None:
+    """An unknown key in a command-line override: named as the override, with the closest
+    valid key (a flat TRL-style name such as learning_rate points to train.learning_rate)."""
+    from prefopt.errors import did_you_mean
+
+    key = assignment.split("=", 1)[0].strip()
+    parts = key.split(".")
+    if "=" not in assignment or parts[0] in ("loss", "output_dir", "base"):
+        return
+    section = SECTIONS.get(parts[0])
+    if section is not None and len(parts) >= 2:
+        field_types = {f.name: f.type for f in fields(section)}
+        if parts[1] in field_types and (len(parts) == 2 or "dict" in str(field_types[parts[1]])):
+            return
+    valid = [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in fields(cls)] + ["output_dir", "loss"]
+    flat = {**flat_key_paths(), **FLAT_ALIASES}.get(key)
+    hint = f" (did you mean '{flat}'?)" if flat else did_you_mean(key, valid)
+    raise ConfigError(f"override '{assignment}': unknown config key '{key}'{hint}; `prefopt keys` lists them all")
 
 
 # ----------------------------------------------------------------------------- flat kwargs

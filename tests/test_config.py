@@ -50,7 +50,7 @@ def test_loss_forms_name_mapping_list():
 
 @pytest.mark.parametrize("override, message", [
     ("train.learnig_rate=1", "unknown config key 'train.learnig_rate' (did you mean 'train.learning_rate'?)"),
-    ("trian.seed=1", "unknown config key 'trian' (did you mean 'train'?)"),
+    ("trian.seed=1", "override 'trian.seed=1': unknown config key 'trian.seed' (did you mean 'train.seed'?)"),
     ("loss=dpoo", "unknown loss 'dpoo' (did you mean 'dpo'?)"),
     ("loss.bta=1", "unknown parameter of 'dpo' 'bta' (did you mean 'beta'?)"),
     ("train.max_steps=ten", "train.max_steps: expected int, got 'ten'"),
