@@ -44,3 +44,24 @@ def test_a_closed_pipe_is_not_a_traceback():
     proc = subprocess.run(f"{sys.executable} -m prefopt losses | true", shell=True, cwd=ROOT,  # reader gone at once
                           capture_output=True, text=True)
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+def test_the_console_line_has_grad_norm_and_eta_and_evaluations_are_printed(tiny_model_dir, demo_records,
+                                                                            tmp_path, caplog):
+    import re
+
+    from prefopt import DPOConfig, DPOTrainer
+
+    caplog.set_level("INFO", logger="prefopt")
+    DPOTrainer(str(tiny_model_dir), None, train_dataset=demo_records[:8], eval_dataset=demo_records[8:12],
+               args=DPOConfig(output_dir=str(tmp_path / "run"), max_steps=4, eval_steps=2, logging_steps=2,
+                              max_length=64, max_prompt_length=32, per_device_train_batch_size=2,
+                              progress_bar=True)).train()
+    steps = [m for m in caplog.messages if m.startswith("step ")]
+    assert len(steps) == 2
+    assert all(re.search(r"grad norm [0-9.e+-]+ lr .* ETA \d+:\d\d:\d\d$", m) for m in steps)
+    assert steps[-1].endswith("ETA 0:00:00")
+    evals = [m for m in caplog.messages if m.startswith("eval at step")]
+    assert [m.split(":")[0] for m in evals] == ["eval at step 2", "eval at step 4"]
+    assert all(re.search(r"loss [0-9.]+, rewards/accuracies [0-9.]+, rewards/margins", m) for m in evals)
+    assert "evaluating at step 2 (1 batches per process)..." in caplog.messages

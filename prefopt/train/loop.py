@@ -153,7 +153,7 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
     interactive = show and sys.stderr.isatty()
     bar = tqdm(total=job.total_steps, initial=state.step, desc="train", dynamic_ncols=True,
                disable=not interactive)
-    in_a_row = 0
+    in_a_row, run_started, first_step = 0, time.perf_counter(), state.step
     for window in _windows(job, state) if state.step < job.total_steps else ():
         started = time.perf_counter()
         read, outcome = optimizer_step(job, window, window_metrics)
@@ -184,9 +184,12 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
             if interactive:
                 bar.set_postfix(headline)
             elif show:
-                log.info("step %d/%d %s lr %.3g, %.0f tokens/s, batch fill %.2f", state.step, job.total_steps,
-                         " ".join(f"{k} {v}" for k, v in headline.items()), logged["learning_rate"],
-                         logged["tokens_per_second"], logged.get("batch_fill", math.nan))
+                done = state.step - first_step
+                eta = (time.perf_counter() - run_started) / max(done, 1) * (job.total_steps - state.step)
+                log.info("step %d/%d %s grad norm %.3g lr %.3g, %.0f tokens/s, batch fill %.2f, ETA %s", state.step,
+                         job.total_steps, " ".join(f"{k} {v}" for k, v in headline.items()),
+                         logged.get("grad_norm", math.nan), logged["learning_rate"], logged["tokens_per_second"],
+                         logged.get("batch_fill", math.nan), _clock(eta))
             window_metrics.reset()
             tokens, train_seconds = 0, 0.0
         if job.eval_loader is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
@@ -335,6 +338,20 @@ def evaluate(accelerator, model, objective: Objective, loader) -> dict[str, floa
 
 
 def _log_eval(job: Job, writer: MetricsWriter, step: int) -> dict:
+    """Evaluate, write the eval row, and say so on the console (start, and the headline after)."""
+    show = job.accelerator.is_main_process and job.config.train.progress_bar
+    started = time.perf_counter()
+    if show:
+        log.info("evaluating at step %d (%d batches per process)...", step, len(job.eval_loader))
     values = prefixed("eval/", evaluate(job.accelerator, job.model, job.objective, job.eval_loader))
     writer.write(step, values)
+    if show:
+        headline = [f"{k[5:]} {values[k]:.4g}" for k in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
+                    if k in values]
+        log.info("eval at step %d: %s (%.1fs)", step, ", ".join(headline), time.perf_counter() - started)
     return values
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
