@@ -297,6 +297,25 @@ class RunConfig:
     loss: list = option(factory=lambda: parse_loss("dpo"),
                         help="The objective: one loss or a weighted list of losses.")
 
+    def __getattr__(self, name: str):
+        """TRL's flat names read back (``args.learning_rate`` is ``args.train.learning_rate``,
+        ``args.beta`` the single loss's beta, ``args.loss_type`` its name), as they go in."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        path = {**flat_key_paths(), **FLAT_ALIASES}.get(name)
+        loss = self.__dict__.get("loss") or []
+        if path == "loss.name":
+            return loss[0].name if len(loss) == 1 else [t.name for t in loss]
+        if path is not None:
+            section, key = path.split(".")
+            return getattr(getattr(self, section), key)
+        if len(loss) == 1:
+            params = dataclasses.asdict(loss[0].resolved_params())
+            if name in params:
+                return params[name]
+        raise AttributeError(f"'{type(self).__name__}' has no attribute '{name}' (nor a flat name of that "
+                             f"name; `prefopt keys` lists them)")
+
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
             "reference": ReferenceConfig, "save": SaveConfig, "generate": GenerateConfig, "eval": EvalConfig,
