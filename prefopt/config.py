@@ -302,7 +302,9 @@ class RunConfig:
         ``args.beta`` the single loss's beta, ``args.loss_type`` its name), as they go in."""
         if name.startswith("_"):
             raise AttributeError(name)
-        path = {**flat_key_paths(), **FLAT_ALIASES}.get(name)
+        from prefopt.config_flat import flat_target
+
+        path = flat_target(name)
         loss = self.__dict__.get("loss") or []
         if path == "loss.name":
             return loss[0].name if len(loss) == 1 else [t.name for t in loss]
@@ -321,16 +323,6 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
             "reference": ReferenceConfig, "save": SaveConfig, "generate": GenerateConfig, "eval": EvalConfig,
             "spin": SpinConfig,
             "iterative": IterativeConfig, "stepwise": StepwiseConfig}
-# Flat names for the Python API beyond the model/data/train field names (which are unique).
-FLAT_ALIASES = {"loss_type": "loss.name", "ref_model": "reference.name_or_path",
-                "ref_dtype": "reference.dtype", "reference_strategy": "reference.strategy",
-                "bf16": "train.mixed_precision", "model_name_or_path": "model.name_or_path",
-                "ref_model_sync_steps": "reference.sync_steps", "ref_model_mixup_alpha": "reference.sync_alpha",
-                "dataset_num_proc": "data.num_proc"}
-FLAT_SECTIONS = ("model", "data", "train", "save")
-# data.train / data.eval are the trainers' train_dataset / eval_dataset arguments.
-FLAT_EXCLUDED = {"data.train", "data.eval"}
-
 
 # ----------------------------------------------------------------------------- parsing
 
@@ -505,8 +497,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
 def check_override_key(assignment: str) -> None:
     """An unknown key in a command-line override: named as the override, with the closest
     valid key (a flat TRL-style name such as learning_rate points to train.learning_rate)."""
-    from prefopt.errors import did_you_mean
-
     key = assignment.split("=", 1)[0].strip()
     parts = key.split(".")
     if "=" not in assignment or parts[0] in ("loss", "output_dir", "base"):
@@ -517,79 +507,11 @@ def check_override_key(assignment: str) -> None:
         if parts[1] in field_types and (len(parts) == 2 or "dict" in str(field_types[parts[1]])):
             return
     valid = [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in fields(cls)] + ["output_dir", "loss"]
-    flat = {**flat_key_paths(), **FLAT_ALIASES}.get(key)
+    from prefopt.config_flat import flat_target
+
+    flat = flat_target(key)
     hint = f" (did you mean '{flat}'?)" if flat else did_you_mean(key, valid)
     raise ConfigError(f"override '{assignment}': unknown config key '{key}'{hint}; `prefopt keys` lists them all")
-
-
-# ----------------------------------------------------------------------------- flat kwargs
-
-def flat_key_paths() -> dict[str, str]:
-    """Every model/data/train field by its bare name -> 'section.name' (unique by design)."""
-    paths: dict[str, str] = {}
-    for section in FLAT_SECTIONS:
-        for f in fields(SECTIONS[section]):
-            if f"{section}.{f.name}" in FLAT_EXCLUDED:
-                continue
-            if f.name in paths:
-                raise AssertionError(f"config field name '{f.name}' is not unique")
-            paths[f.name] = f"{section}.{f.name}"
-    return paths
-
-
-def config_from_flat(defaults: dict, kwargs: dict) -> RunConfig:
-    """Build a RunConfig from flat keyword arguments (the TRL-style Python API).
-
-    ``learning_rate=1e-5`` goes to ``train.learning_rate``; section names (``data={...}``),
-    ``output_dir``, ``loss`` and dotted keys (``"data.max_length": 256``) work as well; any
-    other name is taken as a parameter of the (single) loss, e.g. ``beta=0.1``.
-    """
-    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
-    kwargs = {k: (to_dict(v) if is_dataclass(v) or isinstance(v, list) else v) for k, v in kwargs.items()}
-    paths = flat_key_paths()
-    loss_params: dict[str, Any] = {}
-    for key, value in kwargs.items():
-        if key == "bf16":
-            value = "bf16" if value else "no"
-        target = FLAT_ALIASES.get(key) or paths.get(key)
-        if key in SECTIONS and isinstance(data.get(key), dict) and isinstance(value, dict):
-            data[key] = {**data[key], **value}
-        elif key in ("output_dir", "loss") or key in SECTIONS:
-            data[key] = value
-        elif "." in key:
-            apply_override_value(data, key, value)
-        elif target:
-            apply_override_value(data, target, value)
-        else:
-            loss_params[key] = value
-    if loss_params:
-        terms = data.get("loss", "dpo")
-        if isinstance(terms, list) and len(terms) != 1:
-            raise ConfigError(f"loss parameters {sorted(loss_params)} given flat, but the objective "
-                              f"has {len(terms)} losses; pass loss=[{{...}}, ...] instead")
-        term = terms[0] if isinstance(terms, list) else terms
-        term = {"name": term} if isinstance(term, str) else to_dict(term) if isinstance(term, LossTerm) else dict(term)
-        spec = get_spec(term["name"])
-        valid = {f.name for f in fields(spec.params)}
-        for name in loss_params:
-            if name not in valid:
-                raise ConfigError(unknown(f"argument (not a config key nor a parameter of loss "
-                                          f"'{spec.name}')", name, set(paths) | valid | {"output_dir"}))
-        term.update(loss_params)
-        data["loss"] = term
-    return config_from_dict(data)
-
-
-def apply_override_value(data: dict, dotted: str, value: Any) -> None:
-    """Like apply_override, for an already-parsed value."""
-    parts = dotted.split(".")
-    if parts[0] == "loss":
-        _override_loss(data, parts[1:], value, dotted)
-        return
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
 
 
 def describe_keys() -> list[tuple[str, str, Any, str]]:

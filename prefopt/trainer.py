@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from prefopt.config import RunConfig, config_from_flat, parse_loss, save_config, to_dict
+from prefopt.config import RunConfig, parse_loss, save_config, to_dict
+from prefopt.config_flat import config_from_flat
 from prefopt.data.cache import cached_prepare
 from prefopt.data.collate import Collator
 from prefopt.data.pipeline import Dataset, prepare_datasets

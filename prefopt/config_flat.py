@@ -1,0 +1,100 @@
+"""TRL-style flat names: ``DPOConfig(learning_rate=1e-5, beta=0.1)`` in, the nested RunConfig
+out, and the same names read back (``args.learning_rate``, prefopt.config.RunConfig.__getattr__).
+
+A flat name is a model/data/train/save field's bare name (unique by design), an alias of
+``FLAT_ALIASES`` (TRL's own names), a dotted key, a section, or else a parameter of the single loss.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import fields, is_dataclass
+from typing import Any
+
+from prefopt.config import SECTIONS, LossTerm, RunConfig, _override_loss, config_from_dict, to_dict
+from prefopt.errors import ConfigError, unknown
+from prefopt.losses import get_spec
+
+# Flat names for the Python API beyond the model/data/train field names (which are unique).
+FLAT_ALIASES = {"loss_type": "loss.name", "ref_model": "reference.name_or_path",
+                "ref_dtype": "reference.dtype", "reference_strategy": "reference.strategy",
+                "bf16": "train.mixed_precision", "model_name_or_path": "model.name_or_path",
+                "ref_model_sync_steps": "reference.sync_steps", "ref_model_mixup_alpha": "reference.sync_alpha",
+                "dataset_num_proc": "data.num_proc"}
+FLAT_SECTIONS = ("model", "data", "train", "save")
+# data.train / data.eval are the trainers' train_dataset / eval_dataset arguments.
+FLAT_EXCLUDED = {"data.train", "data.eval"}
+
+
+
+@functools.cache
+def flat_key_paths() -> dict[str, str]:
+    """Every model/data/train field by its bare name -> 'section.name' (unique by design)."""
+    paths: dict[str, str] = {}
+    for section in FLAT_SECTIONS:
+        for f in fields(SECTIONS[section]):
+            if f"{section}.{f.name}" in FLAT_EXCLUDED:
+                continue
+            if f.name in paths:
+                raise AssertionError(f"config field name '{f.name}' is not unique")
+            paths[f.name] = f"{section}.{f.name}"
+    return paths
+
+
+def flat_target(name: str) -> str | None:
+    """The dotted key a flat name stands for (``learning_rate`` -> ``train.learning_rate``), or None."""
+    return FLAT_ALIASES.get(name) or flat_key_paths().get(name)
+
+
+def config_from_flat(defaults: dict, kwargs: dict) -> RunConfig:
+    """Build a RunConfig from flat keyword arguments (the TRL-style Python API).
+
+    ``learning_rate=1e-5`` goes to ``train.learning_rate``; section names (``data={...}``),
+    ``output_dir``, ``loss`` and dotted keys (``"data.max_length": 256``) work as well; any
+    other name is taken as a parameter of the (single) loss, e.g. ``beta=0.1``.
+    """
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
+    kwargs = {k: (to_dict(v) if is_dataclass(v) or isinstance(v, list) else v) for k, v in kwargs.items()}
+    paths = flat_key_paths()
+    loss_params: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key == "bf16":
+            value = "bf16" if value else "no"
+        target = FLAT_ALIASES.get(key) or paths.get(key)
+        if key in SECTIONS and isinstance(data.get(key), dict) and isinstance(value, dict):
+            data[key] = {**data[key], **value}
+        elif key in ("output_dir", "loss") or key in SECTIONS:
+            data[key] = value
+        elif "." in key:
+            apply_override_value(data, key, value)
+        elif target:
+            apply_override_value(data, target, value)
+        else:
+            loss_params[key] = value
+    if loss_params:
+        terms = data.get("loss", "dpo")
+        if isinstance(terms, list) and len(terms) != 1:
+            raise ConfigError(f"loss parameters {sorted(loss_params)} given flat, but the objective "
+                              f"has {len(terms)} losses; pass loss=[{{...}}, ...] instead")
+        term = terms[0] if isinstance(terms, list) else terms
+        term = {"name": term} if isinstance(term, str) else to_dict(term) if isinstance(term, LossTerm) else dict(term)
+        spec = get_spec(term["name"])
+        valid = {f.name for f in fields(spec.params)}
+        for name in loss_params:
+            if name not in valid:
+                raise ConfigError(unknown(f"argument (not a config key nor a parameter of loss "
+                                          f"'{spec.name}')", name, set(paths) | valid | {"output_dir"}))
+        term.update(loss_params)
+        data["loss"] = term
+    return config_from_dict(data)
+
+
+def apply_override_value(data: dict, dotted: str, value: Any) -> None:
+    """Like apply_override, for an already-parsed value."""
+    parts = dotted.split(".")
+    if parts[0] == "loss":
+        _override_loss(data, parts[1:], value, dotted)
+        return
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
