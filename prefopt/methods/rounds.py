@@ -21,6 +21,7 @@ from pathlib import Path
 
 from prefopt.config import RunConfig, save_config
 from prefopt.errors import PrefoptError
+from prefopt.generate import is_main_process
 
 log = logging.getLogger("prefopt")
 
@@ -44,8 +45,6 @@ class Rounds:
         self.history: list[dict] = []
         self.started = time.time()
         self.out.mkdir(parents=True, exist_ok=True)
-        from prefopt.generate import is_main_process
-
         if is_main_process():
             save_config(config, self.out / "config.yaml")
 
@@ -98,8 +97,6 @@ class Rounds:
         self.history.append({"round": t, **values})
         summary = {"method": self.method, "rounds": self.history, "final_model": self.model_path,
                    "seconds": round(time.time() - self.started, 1)}
-        from prefopt.generate import is_main_process
-
         if is_main_process():
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
@@ -135,8 +132,6 @@ def reference_fingerprint(trainer) -> str | None:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    from prefopt.generate import is_main_process
-
     if not is_main_process():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
