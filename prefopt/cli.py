@@ -115,10 +115,10 @@ def cmd_train(ns) -> int:
     defaults = {"loss": "sft", "train": {"learning_rate": 2e-5}} if ns.verb == "sft" else {"loss": "dpo"}
     config = _config(ns, defaults)
     trainer = Trainer.from_config(config)
-    final_eval = trainer.train()
+    trainer.train()
     print(f"saved {Path(config.output_dir) / 'final'}")
-    if final_eval:
-        print(json.dumps(final_eval, indent=2))
+    if trainer.final_eval:
+        print(json.dumps(trainer.final_eval, indent=2))
     return 0
 
 
@@ -148,7 +148,7 @@ def cmd_eval(ns) -> int:
     else:
         config.data.train, config.data.eval = None, source
     trainer = Trainer.from_config(config)
-    values = trainer.evaluate()
+    values = trainer.evaluate(metric_key_prefix="eval/")  # the names of metrics.jsonl
     out = Path(config.output_dir) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"model": config.model.name_or_path, "reference": config.reference.name_or_path,

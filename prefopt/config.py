@@ -140,7 +140,10 @@ class TrainConfig:
     lr_scheduler_type: str = option(
         "linear", "Schedule after warmup (transformers.get_scheduler names).",
         choices=("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
-                 "polynomial", "inverse_sqrt"))
+                 "polynomial", "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay"))
+    lr_scheduler_kwargs: dict = option(factory=dict, help="Extra arguments of the schedule (transformers' "
+                                       "scheduler_specific_kwargs), e.g. {min_lr_rate: 0.1} for cosine_with_min_lr.")
     warmup_ratio: float = option(0.0, "Warmup as a fraction of total optimizer steps.")
     warmup_steps: int = option(0, "Warmup steps; overrides warmup_ratio when > 0.")
     max_grad_norm: float | None = option(1.0, "Clip the global gradient norm; None disables.")
@@ -155,8 +158,15 @@ class TrainConfig:
                 "measurement (README, 'Precision').", choices=("auto", "no", "bf16", "fp16"))
     seed: int = option(42, "Seed for initialisation, shuffling and dropout.")
     logging_steps: int = option(10, "Log training metrics every N optimizer steps.")
+    logging_first_step: bool = option(False, "Also log the first step.")
+    eval_strategy: str = option("steps", "When to evaluate during training (with eval data): 'steps' every "
+                                "eval_steps steps, 'epoch' at each epoch's end; with either, once more at the end "
+                                "unless the last step just did. 'no': never.", choices=("steps", "epoch", "no"))
     eval_steps: int = option(0, "Evaluate every N steps; 0: only at the end (when eval data exists).")
     eval_on_start: bool = option(False, "Evaluate once before the first step.")
+    save_strategy: str = option("steps", "When to save a resumable checkpoint: 'steps' every save_steps steps, "
+                                "'epoch' at each epoch's end, 'no' never (final/ is written in every case).",
+                                choices=("steps", "epoch", "no"))
     save_steps: int = option(0, "Save a resumable checkpoint every N steps; 0: only the final model.")
     save_total_limit: int | None = option(None, "Keep only the newest N checkpoints.")
     resume_from: str | None = option(None, "A checkpoint directory, or 'latest' for the newest sound one in "
@@ -173,6 +183,7 @@ class TrainConfig:
                                                 "'none' for none. Logs go under OUTPUT_DIR/logs; metrics.jsonl "
                                                 "is always written. With no network: W&B logs offline when no API "
                                                 "key is known, MLflow to a store under logs/.")
+    run_name: str | None = option(None, "Name of the run in the trackers; None: the output_dir's name.")
     report_html: bool = option(True, "End the run by writing OUTPUT_DIR/report.html (plots, metrics, data "
                                      "report, samples); `prefopt report OUTPUT_DIR` rewrites it.")
 
@@ -203,6 +214,12 @@ class SaveConfig:
     merge_lora: bool = option(
         False, "With LoRA, save the final model with the adapters merged into the base weights (loads with "
                "AutoModelForCausalLM); false saves the adapter (loads with PeftModel.from_pretrained).")
+    push_to_hub: bool = option(False, "At the end of training, upload final/ (with its model card) to the Hugging "
+                                      "Face Hub repository save.hub_model_id (the token: HF_TOKEN or `hf auth login`).")
+    hub_model_id: str | None = option(None, "The Hub repository ('org/name'); None: the output_dir's name under "
+                                            "your account.")
+    hub_private_repo: bool | None = option(None, "Create the repository private; None: the Hub's default.")
+    hub_revision: str | None = option(None, "The branch pushed to; None: main.")
 
 
 @dataclass

@@ -13,13 +13,13 @@ from typing import Any
 from prefopt.config import SECTIONS, LossTerm, RunConfig, _override_loss, config_from_dict, to_dict
 from prefopt.errors import ConfigError, unknown
 from prefopt.losses import get_spec
+from prefopt.losses.modifiers import MODIFIERS
 
 # Flat names for the Python API beyond the model/data/train field names (which are unique).
+# (TRL's config fields are translated before they get here: prefopt.trl_compat.)
 FLAT_ALIASES = {"loss_type": "loss.name", "ref_model": "reference.name_or_path",
                 "ref_dtype": "reference.dtype", "reference_strategy": "reference.strategy",
-                "bf16": "train.mixed_precision", "model_name_or_path": "model.name_or_path",
-                "ref_model_sync_steps": "reference.sync_steps", "ref_model_mixup_alpha": "reference.sync_alpha",
-                "dataset_num_proc": "data.num_proc"}
+                "model_name_or_path": "model.name_or_path"}
 FLAT_SECTIONS = ("model", "data", "train", "save")
 # data.train / data.eval are the trainers' train_dataset / eval_dataset arguments.
 FLAT_EXCLUDED = {"data.train", "data.eval"}
@@ -57,8 +57,6 @@ def config_from_flat(defaults: dict, kwargs: dict) -> RunConfig:
     paths = flat_key_paths()
     loss_params: dict[str, Any] = {}
     for key, value in kwargs.items():
-        if key == "bf16":
-            value = "bf16" if value else "no"
         target = FLAT_ALIASES.get(key) or paths.get(key)
         if key in SECTIONS and isinstance(data.get(key), dict) and isinstance(value, dict):
             data[key] = {**data[key], **value}
@@ -78,11 +76,14 @@ def config_from_flat(defaults: dict, kwargs: dict) -> RunConfig:
         term = terms[0] if isinstance(terms, list) else terms
         term = {"name": term} if isinstance(term, str) else to_dict(term) if isinstance(term, LossTerm) else dict(term)
         spec = get_spec(term["name"])
-        valid = {f.name for f in fields(spec.params)}
+        valid = {f.name for f in fields(spec.params)} | (set(MODIFIERS) if spec.data == "paired" else set())
         for name in loss_params:
             if name not in valid:
-                raise ConfigError(unknown(f"argument (not a config key nor a parameter of loss "
-                                          f"'{spec.name}')", name, set(paths) | valid | {"output_dir"}))
+                from prefopt.trl_compat import FIELDS, LOSS_PARAMS
+
+                raise ConfigError(unknown(f"argument (not a config key, a TRL field nor a parameter of loss "
+                                          f"'{spec.name}')", name,
+                                          set(paths) | valid | {"output_dir"} | set(FIELDS) | set(LOSS_PARAMS)))
         term.update(loss_params)
         data["loss"] = term
     return config_from_dict(data)

@@ -21,15 +21,16 @@ import copy
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from prefopt.callbacks import Callbacks
 from prefopt.config import RunConfig, parse_loss, save_config, to_dict
-from prefopt.config_flat import config_from_flat
+from prefopt.configs import CPOConfig, DPOConfig, KTOConfig, ORPOConfig, RewardConfig, SFTConfig
 from prefopt.data.cache import cached_prepare
 from prefopt.data.collate import Collator
 from prefopt.data.pipeline import Dataset, prepare_datasets
@@ -46,6 +47,7 @@ from prefopt.train.trackers import flat_config, logging_dir, resolve_trackers, t
 from prefopt.reference import ReferenceContext, build_reference
 from prefopt.scoring import Plan, Probe, architecture_key, plan_scoring, reuse_plan
 from prefopt.train import batches, loop
+from prefopt.train.metrics import prefixed
 from prefopt.train.checkpoint import claim_output_dir, save_final
 from prefopt.train.distributed import check_process_group, configure_deepspeed
 
@@ -53,15 +55,26 @@ log = logging.getLogger("prefopt")
 
 
 class Trainer:
-    """Train any objective from the registry. Subclasses only change defaults."""
+    """Train any objective from the registry. Subclasses only change defaults.
+
+    The positional order is TRL's DPOTrainer's: (model, ref_model, args, data_collator,
+    train_dataset, eval_dataset, processing_class, compute_metrics, callbacks, optimizers,
+    quantization_config, peft_config)."""
     default_loss: str = "dpo"
     model_kind: str = "causal"  # "reward": a sequence classifier with one output (RewardTrainer)
+    config_class: type = DPOConfig
 
-    def __init__(self, model: Any = None, ref_model: Any = None, *, args: RunConfig | None = None,
-                 train_dataset: Any = None, eval_dataset: Any = None, tokenizer: Any = None,
-                 processing_class: Any = None, peft_config: Any = None, loss: Any = None,
-                 extra_losses: dict[str, Callable] | None = None, **loss_params):
-        config = copy.deepcopy(args) if args is not None else config_from_flat({"loss": self.default_loss}, {})
+    def __init__(self, model: Any = None, ref_model: Any = None, args: RunConfig | None = None,
+                 data_collator: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
+                 processing_class: Any = None, compute_metrics: Any = None, callbacks: list | None = None,
+                 optimizers: tuple = (None, None), quantization_config: Any = None, peft_config: Any = None, *,
+                 tokenizer: Any = None, loss: Any = None, extra_losses: dict[str, Callable] | None = None,
+                 **loss_params):
+        refuse_trl_arguments(data_collator=data_collator, compute_metrics=compute_metrics, **loss_params)
+        config = copy.deepcopy(args) if args is not None else self.config_class()
+        if not isinstance(config, RunConfig):
+            raise ConfigError(f"args: expected a prefopt config (DPOConfig(...), load_config(...)), got "
+                              f"{type(config).__name__}; build it with prefopt's DPOConfig and the same arguments")
         if loss is not None or loss_params:
             terms = to_dict(config.loss) if loss is None else loss
             if loss_params:  # beta=..., label_smoothing=...: parameters of the one loss
@@ -75,12 +88,15 @@ class Trainer:
         if ref_model is not None and ref_model is model and not isinstance(model, (str, Path)):
             raise ConfigError("ref_model is the policy itself: it would be frozen and become its own "
                               "reference; pass ref_model=None for a frozen copy of the initial policy")
+        if quantization_config is not None:
+            config.model.load_in_4bit = four_bit(quantization_config)
         if peft_config is not None:  # TRL's argument: a peft.LoraConfig (or a mapping of its fields)
             from prefopt.lora import lora_config, lora_dict
             peft_config = lora_config(peft_config)
             config.model.lora = lora_dict(peft_config)
+        self._optimizers = check_optimizers(optimizers, model, peft_config is not None or config.model.lora)
         self._peft_config = peft_config
-        self.config = config
+        self.config = self.args = config
         if any(get_spec(t.name).scores == "reward" for t in config.loss):
             self.model_kind = "reward"  # a reward-model loss trains a sequence classifier, whatever the class
         self._model_arg = model
@@ -90,19 +106,36 @@ class Trainer:
         self._tokenizer_arg = tokenizer if tokenizer is not None else processing_class
         self._extra_losses = extra_losses
         self.job: loop.Job | None = None
-        self.state = None
+        self.train_state = None  # prefopt.train.checkpoint.TrainState after train()
+        self.final_eval: dict = {}  # the last eval row of train() (eval/ names, as in metrics.jsonl)
+        self.events = Callbacks(callbacks, config)
         self._plans: dict = {}  # scoring plans by model architecture (prefopt.scoring)
+
+    @property
+    def state(self):
+        """transformers' TrainerState: global_step, epoch, log_history (TRL's names; eval rows ``eval_*``)."""
+        return self.events.state
+
+    def add_callback(self, callback) -> None:
+        self.events.callbacks.append(callback() if isinstance(callback, type) else callback)
 
     @classmethod
     def from_config(cls, config: RunConfig) -> "Trainer":
         return cls(args=config)
 
     # ------------------------------------------------------------------ public API
-    def train(self) -> dict:
-        """Train once; returns the last logged eval metrics (empty without eval data)."""
-        if self.state is not None:
+    def train(self, resume_from_checkpoint: str | bool | None = None):
+        """Train once; returns transformers' ``TrainOutput(global_step, training_loss, metrics)``
+        (``metrics``: train_runtime, train_samples_per_second, train_steps_per_second, train_loss,
+        epoch, and the last evaluation as ``eval_*``). ``resume_from_checkpoint``: a checkpoint
+        directory, or True for the latest (train.resume_from)."""
+        from transformers.trainer_utils import TrainOutput
+
+        if self.train_state is not None:
             raise ConfigError("this trainer has already trained; build a new trainer to train again "
                               "(train.resume_from continues from a checkpoint)")
+        if resume_from_checkpoint:
+            self.config.train.resume_from = "latest" if resume_from_checkpoint is True else str(resume_from_checkpoint)
         job = self.setup()
         if job.train_loader is None:
             raise ConfigError("no training data: pass train_dataset or set data.train")
@@ -115,31 +148,43 @@ class Trainer:
                      getattr(job.objective.reference, "description", job.objective.reference.name),
                      job.total_steps, job.steps_per_epoch)
         if self._trackers:
-            job.accelerator.init_trackers(job.output_dir.name or "prefopt", config=flat_config(to_dict(job.config)),
+            job.accelerator.init_trackers(job.config.train.run_name or job.output_dir.name or "prefopt",
+                                          config=flat_config(to_dict(job.config)),
                                           init_kwargs=tracker_init_kwargs(self._trackers, job.output_dir))
+        started = time.perf_counter()
         try:
-            self.state, last_eval = loop.train(job)
+            self.train_state, self.final_eval = loop.train(job)
         finally:
             self._restore_attention()
             if self._trackers:
                 job.accelerator.end_training()
+        output = train_output(self.state, self.train_state, time.perf_counter() - started,
+                              job.config.train.per_device_train_batch_size * job.config.train.gradient_accumulation_steps
+                              * job.accelerator.num_processes)
         if job.accelerator.is_main_process:
             report_at_end(job.output_dir, job.config.train.report_html)
-        return last_eval
+            if job.config.save.push_to_hub:
+                self.push_to_hub()
+        return TrainOutput(*output)
 
-    def evaluate(self, on: str = "eval") -> dict:
-        """Objective metrics of the current model (keys prefixed ``eval/``).
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list | None = None, metric_key_prefix: str = "eval",
+                 *, on: str | None = None) -> dict:
+        """Objective metrics of the current model, named as transformers' Trainer names them
+        (``eval_loss``, ``eval_rewards/accuracies``...; metrics.jsonl writes ``eval/loss``).
 
-        ``on="eval"`` uses the eval data; ``on="train"`` the training examples, in order,
-        with the eval batch size (e.g. to report reward accuracy on the training pairs).
-        Every example counts once, on any number of processes.
-        """
+        On the eval data by default; ``eval_dataset`` (any data form) evaluates other data;
+        ``on="train"`` the training examples, in order, with the eval batch size (e.g. the reward
+        accuracy on the training pairs). Every example counts once, on any number of processes.
+        ``metric_key_prefix="eval/"`` gives metrics.jsonl's names. The result is logged to
+        ``state.log_history`` and the callbacks' on_log / on_evaluate."""
         job = self.setup()
-        if on == "train":
+        if eval_dataset is not None:
+            loader = self._eval_loader(self._encode_eval(eval_dataset))
+        elif on == "train":
             if self._train_set is None:
                 raise ConfigError("evaluate(on='train') needs training data")
             loader = self._eval_loader(self._train_set)
-        elif on == "eval":
+        elif on in (None, "eval"):
             loader = job.eval_loader
             if loader is None:
                 raise ConfigError("evaluate() needs eval data: eval_dataset, data.eval or data.eval_split_size")
@@ -149,7 +194,23 @@ class Trainer:
             values = loop.evaluate(job.accelerator, job.model, job.objective, loader)
         finally:
             self._restore_attention()
-        return {f"eval/{k}": v for k, v in values.items()}
+        values = {k: v for k, v in values.items() if k not in (ignore_keys or ())}
+        step = self.train_state.step if self.train_state is not None else 0
+        self.events.log(job, step, prefixed("eval/", values))
+        self.events.evaluated(job, step, prefixed("eval/", values))
+        joint = "" if metric_key_prefix.endswith("/") else "_"  # "eval/": the names of metrics.jsonl
+        return {f"{metric_key_prefix}{joint}{k}": v for k, v in values.items()}
+
+    def _encode_eval(self, source: Any) -> Dataset:
+        """Read and encode data given to evaluate(eval_dataset=...) as the eval data is."""
+        job = self.job
+        _, data = prepare_datasets(self.config.data, job.tokenizer, job.objective.kind, train_source=None,
+                                   eval_source=source, seed=self.config.train.seed,
+                                   required_columns=job.objective.columns,
+                                   optional_columns=job.objective.optional_columns,
+                                   record_checks=job.objective.record_checks)
+        data.examples = expand_roles(data.examples, job.objective.roles)
+        return data
 
     def _restore_attention(self) -> None:
         """Give the user's models back their own attention implementation (prefopt's split SDPA is
@@ -158,11 +219,30 @@ class Trainer:
             if model is not None and attn_implementation(unwrap_model(model)) == SPLIT_SDPA:
                 set_attention(unwrap_model(model), "sdpa")
 
-    def save_model(self, path: str | Path | None = None) -> Path:
+    def save_model(self, output_dir: str | Path | None = None, _internal_call: bool = False) -> Path:
         """Save model + tokenizer in HF format (default OUTPUT_DIR/final), from every process's
         shards under FSDP/ZeRO-3, written once."""
         job = self.setup()
-        return save_final(job.accelerator, job.model, job.tokenizer, job.config, job.output_dir, path)
+        return save_final(job.accelerator, job.model, job.tokenizer, job.config, job.output_dir, output_dir)
+
+    def push_to_hub(self, repo_id: str | None = None, commit_message: str = "End of training", **kwargs) -> str:
+        """Upload final/ (saved first if it is not there yet) to the Hub repository ``repo_id``
+        (default save.hub_model_id, else the output_dir's name); returns the commit's URL or the
+        folder. A local directory as repo_id (a path that exists, or one starting with ``/``,
+        ``./`` or ``file://``) receives a copy instead: the same code path, testable offline.
+        TRL's other keywords (model_name, dataset_name, tags...) go into nothing but the log."""
+        from prefopt.hub import push_folder
+
+        job = self.setup()
+        folder = job.output_dir / "final"
+        if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+            folder = self.save_model()
+        save = job.config.save
+        target = repo_id or save.hub_model_id or job.output_dir.name
+        if not job.accelerator.is_main_process:
+            return target
+        return push_folder(folder, target, private=save.hub_private_repo, revision=save.hub_revision,
+                           commit_message=commit_message)
 
     @property
     def model(self):
@@ -223,8 +303,9 @@ class Trainer:
             if train_loader is not None else 1
         total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.num_train_epochs * steps_per_epoch))
 
-        optimizer = self._optimizer(model)
-        scheduler = self._scheduler(optimizer, total_steps)
+        optimizer, scheduler = self._optimizers
+        optimizer = optimizer or self._optimizer(model)
+        scheduler = scheduler or self._scheduler(optimizer, total_steps)
         check_process_group(accelerator)
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
             configure_deepspeed(accelerator, tcfg)
@@ -252,7 +333,7 @@ class Trainer:
         hooks = [objective.reference.after_optimizer_step] if hasattr(objective.reference, "after_optimizer_step") \
             else []
         self.job = loop.Job(cfg, accelerator, model, tokenizer, objective, optimizer, scheduler,
-                            train_loader, eval_loader, output_dir, total_steps, steps_per_epoch, hooks)
+                            train_loader, eval_loader, output_dir, total_steps, steps_per_epoch, hooks, self.events)
         return self.job
 
     def _datasets(self, accelerator, tokenizer, objective: Objective, output_dir: Path):
@@ -383,7 +464,7 @@ class Trainer:
         t = self.config.train
         warmup = t.warmup_steps if t.warmup_steps > 0 else int(math.ceil(t.warmup_ratio * total_steps))
         return get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                             num_training_steps=total_steps)
+                             num_training_steps=total_steps, scheduler_specific_kwargs=t.lr_scheduler_kwargs or None)
 
     def _report_data(self, accelerator, output_dir: Path, *reports: DataReport) -> None:
         if accelerator.is_main_process:
@@ -406,19 +487,106 @@ def resolve_precision(mixed_precision: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+def refuse_trl_arguments(data_collator=None, compute_metrics=None, **loss_params) -> None:
+    """TRL trainer arguments prefopt has no use for: refused with what it does instead."""
+    if data_collator is not None:
+        raise ConfigError("data_collator: prefopt forms its batches itself from the tokenised examples (padded, "
+                          "packed or prompt-shared layouts, data.layout), so a collator has nothing to act on; drop "
+                          "it (padding to a multiple: pad_to_multiple_of; packing: padding_free=True)")
+    if compute_metrics is not None:
+        raise ConfigError("compute_metrics: TRL passes it the full-vocabulary logits (deprecated in TRL 1.16, to be "
+                          "removed in 2.0), which prefopt never builds; evaluate() reports the loss, "
+                          "rewards/chosen|rejected|margins|accuracies and the log-probs, and any metric of the model "
+                          "can be computed on trainer.model after training")
+    from prefopt.trl_compat import is_trl_field
+
+    misplaced = sorted(k for k in loss_params if is_trl_field(k) and k not in ("beta", "label_smoothing"))
+    if misplaced:
+        raise ConfigError(f"{', '.join(misplaced)}: config fields, given to the trainer; pass them in the "
+                          f"config: args=DPOConfig({misplaced[0]}=...)")
+
+
+def four_bit(quantization_config) -> bool:
+    """TRL's quantization_config: a 4-bit bitsandbytes config is prefopt's QLoRA (model.load_in_4bit,
+    NF4 with bfloat16 compute); anything else is refused."""
+    get = quantization_config.get if isinstance(quantization_config, dict) else \
+        lambda k, d=None: getattr(quantization_config, k, d)
+    if not get("load_in_4bit"):
+        raise ConfigError("quantization_config: prefopt loads 4-bit NF4 bases for QLoRA (load_in_4bit=True); "
+                          "8-bit and other quantizations are not supported")
+    quant_type = get("bnb_4bit_quant_type", "nf4")
+    if quant_type != "nf4":
+        raise ConfigError(f"quantization_config: bnb_4bit_quant_type={quant_type!r}; prefopt's QLoRA uses nf4")
+    return True
+
+
+def check_optimizers(optimizers, model, lora) -> tuple:
+    """TRL's ``optimizers=(optimizer, scheduler)``: used as given (the optimizer over the model
+    passed in); (None, None) builds prefopt's AdamW and schedule."""
+    optimizer, scheduler = tuple(optimizers) if optimizers is not None else (None, None)
+    if optimizer is None and scheduler is not None:
+        raise ConfigError("optimizers=(None, scheduler): a scheduler needs its optimizer; pass both")
+    if optimizer is not None and (not isinstance(model, torch.nn.Module) or lora):
+        raise ConfigError("optimizers=(optimizer, ...): the optimizer must be built over the model object passed "
+                          "as model= (with LoRA, over the PeftModel), before the trainer")
+    return optimizer, scheduler
+
+
+def train_output(state, train_state, seconds: float, examples_per_step: int) -> tuple:
+    """(global_step, training_loss, metrics) as transformers' Trainer returns them; the final row
+    is appended to log_history as there."""
+    rows = [r for r in state.log_history if "loss" in r]
+    done = [(r["step"] - prev, r["loss"]) for prev, r in zip([0] + [r["step"] for r in rows], rows)]
+    steps = sum(n for n, _ in done)
+    training_loss = sum(n * loss for n, loss in done) / steps if steps else float("nan")
+    metrics = {"train_runtime": round(seconds, 4),
+               "train_samples_per_second": round(train_state.step * examples_per_step / max(seconds, 1e-9), 3),
+               "train_steps_per_second": round(train_state.step / max(seconds, 1e-9), 3),
+               "total_flos": 0.0, "train_loss": training_loss, "epoch": state.epoch}
+    state.log_history.append({**metrics, "step": train_state.step})
+    last_eval = next((r for r in reversed(state.log_history) if any(k.startswith("eval_") for k in r)), {})
+    metrics.update({k: v for k, v in last_eval.items() if k.startswith("eval_")})
+    return train_state.step, training_loss, metrics
+
+
 class DPOTrainer(Trainer):
     """Preference optimisation; the loss defaults to ``dpo`` (any registered loss works)."""
     default_loss = "dpo"
 
 
-class RewardTrainer(Trainer):
+class KTOTrainer(Trainer):
+    """KTO on unpaired data (``{prompt, completion, label}``); TRL's KTOTrainer arguments."""
+    default_loss = "kto"
+    config_class = KTOConfig
+
+
+class _NoReference(Trainer):
+    """TRL's trainers without ref_model: (model, args, data_collator, train_dataset, eval_dataset,
+    processing_class, ...) in TRL's order, keywords after the first six."""
+
+    def __init__(self, model: Any = None, args: RunConfig | None = None, data_collator: Any = None,
+                 train_dataset: Any = None, eval_dataset: Any = None, processing_class: Any = None, **kwargs):
+        super().__init__(model, None, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
+
+
+class CPOTrainer(_NoReference):
+    """CPO (no reference); CPOConfig(loss_type='simpo') is SimPO, as in TRL."""
+    default_loss = "cpo"
+    config_class = CPOConfig
+
+
+class ORPOTrainer(_NoReference):
+    """ORPO (no reference); beta is ORPO's λ."""
+    default_loss = "orpo"
+    config_class = ORPOConfig
+
+
+class RewardTrainer(_NoReference):
     """A Bradley–Terry reward model (``prefopt rm``): AutoModelForSequenceClassification with one
     output, trained on preference pairs; the reward of (x, y) is read at y's last token."""
     default_loss = "bradley_terry"
     model_kind = "reward"
-
-    def __init__(self, model: Any = None, *, args: RunConfig | None = None, **kwargs):
-        super().__init__(model, None, args=args if args is not None else RewardConfig(), **kwargs)
+    config_class = RewardConfig
 
     def calibration(self, on: str = "eval") -> dict:
         """Pairwise accuracy and the calibration table (prefopt.rewards.calibration) on the eval
@@ -438,35 +606,7 @@ class RewardTrainer(Trainer):
         return calibration(chosen, rejected)
 
 
-class SFTTrainer(Trainer):
+class SFTTrainer(_NoReference):
     """Supervised fine-tuning on the chosen / desirable / target completions."""
     default_loss = "sft"
-
-    def __init__(self, model: Any = None, *, args: RunConfig | None = None, **kwargs):
-        super().__init__(model, None, args=args if args is not None else SFTConfig(), **kwargs)
-
-
-def _flat_config(defaults: dict, kwargs: dict, target) -> None:
-    built = config_from_flat(defaults, kwargs)
-    for f in fields(RunConfig):
-        setattr(target, f.name, getattr(built, f.name))
-
-
-class DPOConfig(RunConfig):
-    """A RunConfig from flat TRL-style keywords: ``DPOConfig(output_dir="out", learning_rate=5e-7,
-    per_device_train_batch_size=8, max_length=512, beta=0.1)``. Section names (``data={...}``) and
-    dotted keys (``**{"data.max_length": 512}``) work too; the loss defaults to ``dpo``."""
-    defaults = {"loss": "dpo"}
-
-    def __init__(self, **kwargs):
-        _flat_config(self.defaults, kwargs, self)
-
-
-class SFTConfig(DPOConfig):
-    """Like DPOConfig, with the ``sft`` loss and an SFT learning rate (2e-5) by default."""
-    defaults = {"loss": "sft", "train": {"learning_rate": 2e-5}}
-
-
-class RewardConfig(DPOConfig):
-    """Like DPOConfig, with the ``bradley_terry`` loss and a reward-model learning rate (1e-5)."""
-    defaults = {"loss": "bradley_terry", "train": {"learning_rate": 1e-5}}
+    config_class = SFTConfig

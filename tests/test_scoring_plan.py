@@ -99,7 +99,7 @@ def test_users_model_gets_its_attention_back_and_split_sdpa_fails_closed(tiny_mo
                    args=DPOConfig(output_dir=str(tmp_path), **SHORT))
     t.train()
     assert t.job.objective.scoring.attn == "prefopt_sdpa" and model.config._attn_implementation == "sdpa"
-    assert t.evaluate(on="train")["eval/loss"] > 0 and model.config._attn_implementation == "sdpa"
+    assert t.evaluate(on="train")["eval_loss"] > 0 and model.config._attn_implementation == "sdpa"
     # a packed batch's placeholder mask reaching the kernel without its units: an error, never
     # attention across the whole row
     q = torch.zeros(1, 2, 5, 4)

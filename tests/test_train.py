@@ -27,14 +27,14 @@ def test_dpo_loss_is_ln2_at_step_0_and_reward_accuracy_rises(tiny_model_dir, dem
     trainer = dpo(tiny_model_dir, demo_records[:16], tmp_path, learning_rate=5e-3, max_steps=12,
                   per_device_train_batch_size=8, beta=0.1)
     before = trainer.evaluate(on="train")
-    assert before["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert before["eval/rewards/margins"] == 0.0
+    assert before["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert before["eval_rewards/margins"] == 0.0
     trainer.train()
     rows = metrics(tmp_path)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # first forward: policy == reference
     after = trainer.evaluate(on="train")
-    assert after["eval/rewards/accuracies"] >= 0.9 and after["eval/rewards/margins"] > 0
-    assert after["eval/loss"] < 0.5
+    assert after["eval_rewards/accuracies"] >= 0.9 and after["eval_rewards/margins"] > 0
+    assert after["eval_loss"] < 0.5
 
 
 def test_output_layout_and_metric_names(tiny_model_dir, demo_records, tmp_path):
@@ -124,7 +124,7 @@ def test_reference_is_frozen_and_evaluation_never_uses_the_trained_policy(tiny_m
     for name, value in ref.state_dict().items():
         assert torch.equal(value, initial[name]), name
     result = trainer.evaluate(on="train")
-    assert result["eval/rewards/margins"] != 0.0  # against the policy itself it would be exactly 0
+    assert result["eval_rewards/margins"] != 0.0  # against the policy itself it would be exactly 0
 
 
 def test_python_api_accepts_model_objects_and_hf_datasets(tiny_model_dir, demo_records, tmp_path):
@@ -137,7 +137,8 @@ def test_python_api_accepts_model_objects_and_hf_datasets(tiny_model_dir, demo_r
     trainer = DPOTrainer(model, None, beta=0.2, train_dataset=ds, eval_dataset=ds, tokenizer=tok,
                          args=DPOConfig(output_dir=str(tmp_path), max_steps=2, **SHORT))
     result = trainer.train()
-    assert trainer.config.loss[0].params["beta"] == 0.2 and "eval/loss" in result
+    assert trainer.config.loss[0].params["beta"] == 0.2 and "eval_loss" in result.metrics
+    assert result.global_step == 2 and result.metrics["eval_loss"] == trainer.final_eval["eval/loss"]
     assert trainer.model is model  # trained in place
     assert (tmp_path / "final" / "model.safetensors").is_file()
 

@@ -46,7 +46,7 @@ def test_train_runs_once_and_needs_training_data(tiny_model_dir, demo_records, t
         t.train()
     only_eval = DPOTrainer(str(tiny_model_dir), None, eval_dataset=demo_records[:4],
                            args=DPOConfig(output_dir=str(tmp_path / "e"), **SHORT))
-    assert "eval/loss" in only_eval.evaluate()
+    assert "eval_loss" in only_eval.evaluate()
     with pytest.raises(ConfigError, match="no training data"):
         only_eval.train()
 
@@ -72,7 +72,7 @@ def test_resuming_a_finished_run_trains_nothing_more(tiny_model_dir, demo_record
     before = (tmp_path / "final" / "model.safetensors").read_bytes()
     t = make(tiny_model_dir, demo_records[:4], tmp_path, resume_from="latest", **common)
     t.train()
-    assert t.state.step == 2 and steps(tmp_path) == [1, 2]
+    assert t.train_state.step == t.state.global_step == 2 and steps(tmp_path) == [1, 2]
     assert (tmp_path / "final" / "model.safetensors").read_bytes() == before
 
 

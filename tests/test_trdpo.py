@@ -35,7 +35,7 @@ def reference_state(t) -> dict:
 @pytest.mark.parametrize("every, alpha", [(1, 1.0), (2, 0.5)])
 def test_reference_after_training_follows_the_formula(tiny_model_dir, demo_records, tmp_path, every, alpha):
     initial = load_file(tiny_model_dir / "model.safetensors")
-    t = trainer(tiny_model_dir, demo_records[:8], tmp_path / "run", max_steps=2, ref_model_sync_steps=every,
+    t = trainer(tiny_model_dir, demo_records[:8], tmp_path / "run", max_steps=2, sync_ref_model=True, ref_model_sync_steps=every,
                 ref_model_mixup_alpha=alpha)
     t.train()
     policy = load_file(tmp_path / "run" / "final" / "model.safetensors")
@@ -50,7 +50,7 @@ def test_reference_after_training_follows_the_formula(tiny_model_dir, demo_recor
 
 
 def test_resume_restores_the_moving_reference(tiny_model_dir, demo_records, tmp_path):
-    common = dict(max_steps=4, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5)
+    common = dict(max_steps=4, sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5)
     full = trainer(tiny_model_dir, demo_records[:8], tmp_path / "full", save_steps=2, **common)
     full.train()
     resumed = trainer(tiny_model_dir, demo_records[:8], tmp_path / "resumed",
@@ -70,4 +70,4 @@ def test_resume_restores_the_moving_reference(tiny_model_dir, demo_records, tmp_
 ])
 def test_what_cannot_move_is_refused(tiny_model_dir, demo_records, tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
-        trainer(tiny_model_dir, demo_records[:4], tmp_path / "x", max_steps=1, ref_model_sync_steps=1, **extra).train()
+        trainer(tiny_model_dir, demo_records[:4], tmp_path / "x", max_steps=1, sync_ref_model=True, ref_model_sync_steps=1, **extra).train()

@@ -67,7 +67,8 @@ def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False) -> bool:
             f"model.name_or_path={model}", f"reference.name_or_path={sft_model}",
             f"output_dir={out / 'eval'}"])
         trainer = Trainer.from_config(cfg)
-        results[label] = {"train": trainer.evaluate(on="train"), "held-out": trainer.evaluate(on="eval")}
+        results[label] = {"train": trainer.evaluate(on="train", metric_key_prefix="eval/"),
+                          "held-out": trainer.evaluate(on="eval", metric_key_prefix="eval/")}
     after = results["after (DPO)"]["train"]
     ok = after["eval/rewards/accuracies"] >= 0.9 and after["eval/rewards/margins"] > 0
     seconds = time.perf_counter() - started

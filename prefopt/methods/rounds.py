@@ -84,7 +84,8 @@ class Rounds:
         log.info("%s round %d: %d pairs, from %s, reference %s", self.method, t, len(pairs), self.model_path,
                  reference or "a frozen copy of the round's starting model")
         trainer = Trainer(args=cfg, train_dataset=pairs, eval_dataset=eval_pairs or None)
-        metrics = trainer.train()
+        trainer.train()
+        metrics = trainer.final_eval
         start = self.model_path
         self.model_path = str(folder / "final")
         self.record(t, {**(info or {}), "pairs": pairs if isinstance(pairs, str) else len(pairs),

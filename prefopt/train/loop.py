@@ -35,6 +35,7 @@ from prefopt.train.checkpoint import (TrainState, fault_point, load_checkpoint, 
                                       resume_differences, save_checkpoint, save_final,
                                       set_aside_later_checkpoints)
 from prefopt.train.distributed import deepspeed_backward
+from prefopt.train.events import Events
 from prefopt.train.metrics import MetricAccumulator, MetricsWriter, prefixed
 
 log = logging.getLogger("prefopt")
@@ -57,6 +58,7 @@ class Job:
     steps_per_epoch: int
     # called with the step number after every optimizer step (e.g. a reference that follows the policy)
     step_hooks: list = field(default_factory=list)
+    events: Events = field(default_factory=Events)  # listeners: trainer.state, TRL-style callbacks
 
 
 class NonFiniteLossError(PrefoptError):
@@ -144,8 +146,11 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
     # A resumed run keeps the metrics of the steps up to its checkpoint, not those logged after it.
     writer = MetricsWriter(job.output_dir / "metrics.jsonl", acc.is_main_process, keep_until=state.step,
                            log_fn=acc.log if acc.trackers else None)
+    events = job.events
+    events.train_begin(job, state)
     last_eval: dict = {}
-    if cfg.eval_on_start and state.step == 0 and job.eval_loader is not None:
+    evaluating = job.eval_loader is not None and cfg.eval_strategy != "no"
+    if cfg.eval_on_start and state.step == 0 and evaluating:
         last_eval = _log_eval(job, writer, state.step)
     window_metrics, tokens, train_seconds = MetricAccumulator(), 0, 0.0
     # A bar on a terminal; in a log file (CI, nohup) one compact line per logging step instead.
@@ -154,6 +159,7 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
     bar = tqdm(total=job.total_steps, initial=state.step, desc="train", dynamic_ncols=True,
                disable=not interactive)
     in_a_row, run_started, first_step = 0, time.perf_counter(), state.step
+    evaluated_now = False
     for window in _windows(job, state) if state.step < job.total_steps else ():
         started = time.perf_counter()
         read, outcome = optimizer_step(job, window, window_metrics)
@@ -170,7 +176,11 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
             hook(state.step)
         fault_point("step", state.step)
         bar.update(1)
-        if state.step % cfg.logging_steps == 0 or state.step == job.total_steps:
+        events.step_end(job, state)
+        stop, save_now, evaluate_now = events.take()
+        epoch_end = state.step % job.steps_per_epoch == 0
+        if state.step % cfg.logging_steps == 0 or state.step == job.total_steps or stop \
+                or (cfg.logging_first_step and state.step == 1):
             tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), reduction="sum"))
             state.num_tokens += tokens
             means = window_metrics.means(acc)  # empty when every step of the window was skipped
@@ -180,6 +190,7 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
                           tokens_per_second=tokens / max(train_seconds, 1e-9), num_tokens=state.num_tokens,
                           skipped_steps=state.skipped_steps)
             writer.write(state.step, logged)
+            events.log(job, state.step, logged)
             headline = {k: f"{logged[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in logged}
             if interactive:
                 bar.set_postfix(headline)
@@ -192,12 +203,14 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
                          logged.get("batch_fill", math.nan), _clock(eta))
             window_metrics.reset()
             tokens, train_seconds = 0, 0.0
-        if job.eval_loader is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
+        evaluated_now = evaluating and (evaluate_now or _due(cfg.eval_strategy, cfg.eval_steps, state.step, epoch_end))
+        if evaluated_now:
             last_eval = _log_eval(job, writer, state.step)
         saved = None
-        if cfg.save_steps and state.step % cfg.save_steps == 0:
+        if save_now or _due(cfg.save_strategy, cfg.save_steps, state.step, epoch_end):
             saved = save_checkpoint(acc, job.model, job.tokenizer, state, job.config, job.output_dir, cfg.save_total_limit,
-                            _loss_state(job))
+                                    _loss_state(job))
+            events.saved(job, state.step, saved)
         if in_a_row >= cfg.max_consecutive_skips:
             path = saved or save_checkpoint(acc, job.model, job.tokenizer, state, job.config, job.output_dir, None,
                                             _loss_state(job))
@@ -214,13 +227,20 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
             raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} at step {state.step} of "
                                       f"{job.total_steps}: checkpoint saved in {path}; continue with "
                                       f"train.resume_from=latest")
-        if state.step >= job.total_steps:
+        if state.step >= job.total_steps or stop:  # stop: a callback's control.should_training_stop
             break
     bar.close()
-    if job.eval_loader is not None and not (cfg.eval_steps and state.step % cfg.eval_steps == 0):
+    if evaluating and not evaluated_now:  # the end's evaluation, unless the last step had one
         last_eval = _log_eval(job, writer, state.step)
     save_final(acc, job.model, job.tokenizer, job.config, job.output_dir)
+    events.train_end(job, state)
     return state, last_eval
+
+
+def _due(strategy: str, every: int, step: int, epoch_end: bool) -> bool:
+    """Evaluate / checkpoint now? ``steps``: every N steps (0: never during training);
+    ``epoch``: at each epoch's end; ``no``: never."""
+    return (strategy == "steps" and bool(every) and step % every == 0) or (strategy == "epoch" and epoch_end)
 
 
 def _loss_state(job: Job) -> dict | None:
@@ -345,6 +365,8 @@ def _log_eval(job: Job, writer: MetricsWriter, step: int) -> dict:
         log.info("evaluating at step %d (%d batches per process)...", step, len(job.eval_loader))
     values = prefixed("eval/", evaluate(job.accelerator, job.model, job.objective, job.eval_loader))
     writer.write(step, values)
+    job.events.log(job, step, values)
+    job.events.evaluated(job, step, values)
     if show:
         headline = [f"{k[5:]} {values[k]:.4g}" for k in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
                     if k in values]
