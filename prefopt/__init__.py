@@ -14,12 +14,14 @@ import logging as _logging
 from prefopt import losses
 from prefopt.config import RunConfig, load_config
 from prefopt.errors import ConfigError, DataError, PrefoptError
-from prefopt.trainer import (DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer,
+from prefopt.configs import CPOConfig, DPOConfig, KTOConfig, ORPOConfig, RewardConfig, SFTConfig
+from prefopt.trainer import (CPOTrainer, DPOTrainer, KTOTrainer, ORPOTrainer, RewardTrainer, SFTTrainer,
                              Trainer)
 
 __version__ = "0.1.0"
-__all__ = ["DPOConfig", "DPOTrainer", "RewardConfig", "RewardTrainer", "SFTConfig", "SFTTrainer", "Trainer", "RunConfig", "load_config",
-           "losses", "ConfigError", "DataError", "PrefoptError"]
+__all__ = ["DPOConfig", "DPOTrainer", "KTOConfig", "KTOTrainer", "CPOConfig", "CPOTrainer", "ORPOConfig",
+           "ORPOTrainer", "RewardConfig", "RewardTrainer", "SFTConfig", "SFTTrainer", "Trainer", "RunConfig",
+           "load_config", "losses", "ConfigError", "DataError", "PrefoptError"]
 
 _log = _logging.getLogger("prefopt")
 if not _log.handlers:  # data counts and run summaries are part of the output, like transformers' logs
