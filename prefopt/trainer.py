@@ -18,6 +18,7 @@ same code. The config passed in is copied, never modified.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
@@ -224,6 +225,38 @@ class Trainer:
         shards under FSDP/ZeRO-3, written once."""
         job = self.setup()
         return save_final(job.accelerator, job.model, job.tokenizer, job.config, job.output_dir, output_dir)
+
+    def log_metrics(self, split: str, metrics: dict) -> None:
+        """Print ``metrics`` (transformers' Trainer.log_metrics), main process only."""
+        if self.setup().accelerator.is_main_process:
+            width = max(map(len, metrics), default=0)
+            print(f"***** {split} metrics *****")
+            for key in sorted(metrics):
+                print(f"  {key:<{width}} = {metrics[key]:.6g}" if isinstance(metrics[key], float)
+                      else f"  {key:<{width}} = {metrics[key]}")
+
+    def save_metrics(self, split: str, metrics: dict) -> Path:
+        """OUTPUT_DIR/{split}_results.json, merged into all_results.json (transformers' files)."""
+        job = self.setup()
+        path = job.output_dir / f"{split}_results.json"
+        if job.accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(metrics, indent=2))
+            every = job.output_dir / "all_results.json"
+            merged = {**(json.loads(every.read_text()) if every.is_file() else {}), **metrics}
+            every.write_text(json.dumps(merged, indent=2))
+        return path
+
+    def save_state(self) -> Path:
+        """OUTPUT_DIR/trainer_state.json: transformers' TrainerState (global_step, log_history...)."""
+        job = self.setup()
+        path = job.output_dir / "trainer_state.json"
+        if job.accelerator.is_main_process:
+            self.state.save_to_json(str(path))
+        return path
+
+    def is_world_process_zero(self) -> bool:
+        return self.setup().accelerator.is_main_process
 
     def push_to_hub(self, repo_id: str | None = None, commit_message: str = "End of training", **kwargs) -> str:
         """Upload final/ (saved first if it is not there yet) to the Hub repository ``repo_id``

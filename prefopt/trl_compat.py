@@ -217,7 +217,7 @@ FIELDS: dict[str, Rule] = {
     "logging_nan_inf_filter": I(True, "a non-finite step is skipped and counted (skipped_steps), never averaged"),
     "include_num_input_tokens_seen": I("no", "num_tokens and tokens_per_second are always logged"),
     "disable_tqdm": C(None, lambda v: {} if v is None else {"progress_bar": not v}),
-    "report_to": M("none", "report_to"),
+    "report_to": M("none", "report_to", lambda v: {"report_to": [] if v in (None, "none") else v}),
     "run_name": M(None, "run_name"),
     "project": I("huggingface", "the W&B project comes from WANDB_PROJECT, the run's name from run_name"),
     "trackio_space_id": R(None, "Trackio runs through accelerate with its own defaults"),
@@ -340,6 +340,7 @@ LOSS_PARAMS = {"beta": "beta", "label_smoothing": "label_smoothing", "f_divergen
 LOSS_DEFAULTS = {"beta": 0.1, "label_smoothing": 0.0, "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5,
                  "discopop_tau": 0.05, "ld_alpha": None, "use_weighting": False, "cpo_alpha": 1.0, "simpo_gamma": 0.5,
                  "desirable_weight": 1.0, "undesirable_weight": 1.0, "center_rewards_coefficient": None}
+F_DIVERGENCES = {"js_divergence": "js", "alpha_divergence": "alpha"}  # TRL's values -> prefopt's
 LOSS_TYPES = {"cpo": {"sigmoid": "cpo", "simpo": "simpo"}, "kto": {"kto": "kto"}}
 NOT_YET = {"cpo": {"hinge": "CPO's hinge variant", "ipo": "CPO's IPO variant", "alphapo": "AlphaPO"},
            "kto": {"apo_zero_unpaired": "APO-zero for unpaired data"}}
@@ -427,7 +428,8 @@ def _sync(kwargs: dict) -> dict:
 def _losses(kwargs: dict, kind: str, default_loss: str, given: bool) -> dict:
     """loss_type (a name or a list), loss_weights, rpo_alpha and the loss parameters. Without
     loss_type or rpo_alpha the parameters pass on as flat loss parameters of the single loss."""
-    params = {LOSS_PARAMS[k]: v for k, v in kwargs.items() if k in LOSS_PARAMS}
+    params = {LOSS_PARAMS[k]: F_DIVERGENCES.get(v, v) if k == "f_divergence_type" else v
+              for k, v in kwargs.items() if k in LOSS_PARAMS}
     params = {k: v for k, v in params.items() if not (k == "ld_alpha" and v is None) and not (k == "wpo" and not v)}
     if kwargs.get("alpha"):  # CPOConfig's AlphaPO
         raise ConfigError("alpha (AlphaPO) is not in prefopt yet")
@@ -483,14 +485,51 @@ def _distribute(params: dict, terms: list[dict], defaults: dict) -> None:
             term[key] = value
 
 
+# What the converted fields become, for the README's table.
+DOCS = {
+    "warmup_steps": "`train.warmup_steps`; a float below 1 is `train.warmup_ratio` (transformers 5)",
+    "optim": "adamw_torch, adamw_torch_fused, adamw_hf: prefopt's AdamW; others refused",
+    "gradient_checkpointing_kwargs": "none or {use_reentrant: False} (prefopt's); others refused",
+    "activation_checkpointing_kwargs": "none or {use_reentrant: False} (prefopt's); others refused",
+    "logging_strategy": "steps; epoch and no refused",
+    "logging_steps": "`train.logging_steps`; a fraction refused",
+    "eval_steps": "`train.eval_steps`; a fraction refused",
+    "save_steps": "`train.save_steps`; a fraction refused",
+    "disable_tqdm": "`train.progress_bar` = not disable_tqdm",
+    "report_to": "`train.report_to` ('none': none)",
+    "eval_strategy": "`train.eval_strategy` (steps, epoch, no); steps without eval_steps: every logging_steps",
+    "evaluation_strategy": "as eval_strategy (older name)",
+    "save_strategy": "`train.save_strategy` (steps, epoch, no); steps without save_steps: 500",
+    "resume_from_checkpoint": "`train.resume_from` (True: latest)",
+    "hub_strategy": "end, every_save: final/ is pushed at the end of training; others refused",
+    "train_sampling_strategy": "random; group_by_length: `data.group_by_length`; others refused",
+    "model_init_kwargs": "dtype / torch_dtype: `model.dtype`; attn_implementation, trust_remote_code: `model.*`; "
+                         "other keys refused",
+    "max_length": "`data.max_length` (None refused)",
+    "padding_free": "True: `data.layout: packed`",
+    "packing": "True: `data.layout: packed`",
+    "pad_to_multiple_of": "`data.pad_to_multiple_of` ('auto': none)",
+    "precompute_ref_log_probs": "True: `reference.strategy: precomputed`",
+    "reference_free": "True: `reference.strategy: none`",
+    "dataset_text_field": "`data.columns: {text: FIELD}`",
+    "completion_only_loss": "None, True: prefopt scores the completion; False refused",
+    "chat_template_path": "`model.chat_template` (the file's template)",
+    "bf16": "True: `train.mixed_precision: bf16`; False: `no` (not passed: `auto`, bf16 on a CUDA GPU that has it)",
+    "fp16": "True: `train.mixed_precision: fp16`",
+    "truncation_mode": "`data.prompt_truncation`: which end of a long prompt is kept",
+}
+
+
 def table_rows() -> list[tuple[str, str, str]]:
     """(TRL field, TRL default, what prefopt does): the README's table."""
+    from prefopt.config_flat import flat_target
+
     rows = []
     for name, rule in FIELDS.items():
-        if rule.to:
-            what = f"`{rule.to}`"
-        elif rule.convert is not None:
-            what = "maps (see below)"
+        if name in DOCS:
+            what = DOCS[name]
+        elif rule.to:
+            what = f"`{flat_target(rule.to) or rule.to}`"
         elif rule.refuse:
             what = f"refused unless default: {rule.refuse}"
         else:
