@@ -1,4 +1,4 @@
-"""The command line: ``prefopt <verb> [CONFIG.yaml] [key.sub=value ...]``.
+"""The command line: ``prefopt <verb> [CONFIG.yaml | --config CONFIG.yaml] [key.sub=value ...]``.
 
 Verbs:
   sft      supervised fine-tuning (loss defaults to sft)
@@ -18,7 +18,8 @@ Verbs:
   keys     every config key with its type, default and help
   formats  the data formats and how they are detected
 
-Errors caused by input (config, data) print one clear message and exit with status 2.
+Errors caused by input (config, data) print one clear message and exit with status 2; the
+exit statuses are listed in EPILOG (`prefopt --help`).
 """
 from __future__ import annotations
 
@@ -30,12 +31,42 @@ from pathlib import Path
 
 from prefopt.errors import PrefoptError
 
+# The verbs that take a config and overrides.
+RUN_VERBS = ("sft", "dpo", "rm", "eval", "generate", "spin", "iterative", "stepwise")
+
+EPILOG = """\
+config and overrides (sft, dpo, rm, eval, generate, spin, iterative, stepwise):
+  prefopt dpo CONFIG.yaml train.learning_rate=1e-5 loss.beta=0.2
+  prefopt dpo --config CONFIG.yaml --learning_rate 1e-5 --beta=0.2 --train.max_steps 3
+  The config file is optional. Overrides are YAML values, written key=value, --key=value or
+  --key value (a bare --key is key=true). A flat TRL name goes to its key: learning_rate to
+  train.learning_rate, beta to loss.beta (a parameter of the single loss). `prefopt keys`
+  lists every key.
+
+exit status:
+  0    success
+  1    the run failed: its loss stayed non-finite (a checkpoint is saved), the demo's
+       check failed, or an unexpected error (a bug: the traceback is printed)
+  2    usage, config or data error (one message naming the key, file:line or record)
+  130  interrupted by SIGINT (Ctrl-C); a training run saves a checkpoint first
+       (continue with train.resume_from=latest)
+  143  stopped by SIGTERM, likewise (any signal N: 128 + N)
+  141  stdout closed by its reader (`prefopt losses | head`), quietly
+"""
+
+
+class UsageError(Exception):
+    """A command line that cannot be read (exit status 2, with the verb's usage)."""
+
 
 def main(argv: list[str] | None = None) -> int:
+    from prefopt import __version__
+
     parser = argparse.ArgumentParser(prog="prefopt", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:19]))
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"prefopt {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    run_parsers = {}
     for verb, text in (("sft", "supervised fine-tuning"), ("dpo", "preference optimisation"),
                        ("rm", "train a reward model"),
                        ("eval", "evaluate a model against a reference (no training)"),
@@ -43,9 +74,12 @@ def main(argv: list[str] | None = None) -> int:
                        ("spin", "SPIN: self-play fine-tuning rounds"),
                        ("iterative", "iterative / self-rewarding DPO rounds"),
                        ("stepwise", "sDPO: stepwise DPO over ordered chunks")):
-        p = verbs.add_parser(verb, help=text)
-        p.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",
-                       help="an optional YAML config, then dotted overrides such as train.learning_rate=1e-5")
+        p = run_parsers[verb] = verbs.add_parser(verb, help=text, epilog=EPILOG,
+                                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", metavar="CONFIG.yaml", help="the YAML config (or give it first, without --config)")
+        p.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value | --key value",
+                       help="an optional YAML config, then overrides such as train.learning_rate=1e-5, "
+                            "--train.max_steps=3 or a flat TRL name: --learning_rate 1e-5")
     experiment = verbs.add_parser("experiment", help="run a built-in experiment (sentiment)")
     experiment.add_argument("name", choices=["sentiment"])
     experiment.add_argument("--output-dir", default="runs/sentiment")
@@ -61,13 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     losses.add_argument("--markdown", action="store_true", help="the README's table of losses")
     verbs.add_parser("keys", help="list every config key")
     verbs.add_parser("formats", help="list the data formats")
-    ns, extra = parser.parse_known_args(argv)
-    overrides = dashed_overrides(extra)
-    if overrides is None or (overrides and not hasattr(ns, "args")):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if overrides:
-        ns.args = list(ns.args) + overrides
-    from prefopt.train.loop import Interrupted
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in RUN_VERBS and not {"-h", "--help"} & set(argv[1:]):
+        # argparse would split `--learning_rate 1e-5 X.yaml` wrongly: the run verbs read their own arguments
+        ns = argparse.Namespace(verb=argv[0])
+        try:
+            ns.config, ns.args = run_arguments(argv[1:])
+        except UsageError as e:
+            run_parsers[ns.verb].error(str(e))
+    else:
+        ns = parser.parse_args(argv)
+    from prefopt.train.loop import Interrupted, NonFiniteLossError
 
     try:
         return VERBS[ns.verb](ns)
@@ -77,36 +115,58 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:  # a checkpoint was saved: exit as a process stopped by that signal would
         print(f"prefopt {ns.verb}: {e}", file=sys.stderr)
         return 128 + e.signum
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading, tokenising): nothing to save
+        print(f"prefopt {ns.verb}: interrupted", file=sys.stderr)
+        return 130
+    except NonFiniteLossError as e:  # the run failed, not its input
+        print(f"prefopt {ns.verb}: error: {e}", file=sys.stderr)
+        return 1
     except PrefoptError as e:
         print(f"prefopt {ns.verb}: error: {e}", file=sys.stderr)
         return 2
 
 
-def dashed_overrides(extra: list[str]) -> list[str] | None:
-    """``--train.max_steps=3`` and ``--train.max_steps 3`` as the override train.max_steps=3
-    (None when something else is left over)."""
-    out, i = [], 0
-    while i < len(extra):
-        arg = extra[i]
-        if not arg.startswith("--") or len(arg) < 3:
-            return None
-        if "=" in arg:
-            out.append(arg[2:])
-            i += 1
-        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
-            out.append(f"{arg[2:]}={extra[i + 1]}")
-            i += 2
+def run_arguments(tokens: list[str]) -> tuple[str | None, list[str]]:
+    """(config file, overrides) of a run verb: the config given first (or anywhere) without
+    ``=``, or as ``--config X`` / ``--config=X``; overrides as ``key=value``, ``--key=value``,
+    ``--key value`` (a value may start with one dash: ``--max_steps -1``) or a bare ``--key``
+    (``key=true``, as TRL's parser reads a flag)."""
+    config, positional, overrides, i = None, None, [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        if token.startswith("--") and len(token) > 2:
+            name, eq, value = token[2:].partition("=")
+            if not eq:
+                if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                    value, i = tokens[i + 1], i + 1
+                elif name == "config":
+                    raise UsageError("--config needs a file: --config CONFIG.yaml")
+                else:
+                    value = "true"
+            if name == "config":
+                if config is not None:
+                    raise UsageError(f"--config given twice: '{config}' and '{value}'")
+                config = value
+            else:
+                overrides.append(f"{name}={value}")
+        elif "=" in token:
+            overrides.append(token)
+        elif token.startswith("-"):
+            raise UsageError(f"unrecognized argument '{token}' (overrides are key=value or --key value)")
+        elif positional is None:
+            positional = token
         else:
-            return None
-    return out
+            raise UsageError(f"two config files, '{positional}' and '{token}' (overrides are key=value)")
+        i += 1
+    if config is not None and positional is not None:
+        raise UsageError(f"the config is given twice: '{positional}' and --config '{config}'; give one")
+    return config if config is not None else positional, overrides
 
 
 def _config(ns, defaults: dict):
     from prefopt.config import load_config
 
-    args = list(ns.args)
-    path = args.pop(0) if args and "=" not in args[0] else None
-    return load_config(path, args, defaults=defaults)
+    return load_config(ns.config, ns.args, defaults=defaults)
 
 
 def cmd_train(ns) -> int:

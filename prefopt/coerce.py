@@ -28,7 +28,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if value is None or (isinstance(value, str) and value.lower() in null_words):
         if optional:
             return None
-        raise ConfigError(f"{key}: may not be null")
+        raise ConfigError(f"{key}: may not be null", key=key)
     origin = typing.get_origin(inner) or inner
     try:
         if origin is bool:
@@ -61,5 +61,5 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return list(value)
     except (TypeError, ValueError):
         name = getattr(inner, "__name__", str(inner))
-        raise ConfigError(f"{key}: expected {name}, got {value!r}") from None
+        raise ConfigError(f"{key}: expected {name}, got {value!r}", key=key) from None
     return value

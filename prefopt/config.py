@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 
 from prefopt.coerce import coerce
-from prefopt.errors import ConfigError, did_you_mean, unknown
+from prefopt.config_source import blame, deep_merge, read_yaml_located
+from prefopt.errors import ConfigError, did_you_mean
 from prefopt.losses import get_spec
 from prefopt.losses.modifiers import MODIFIERS
 
@@ -345,17 +346,18 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
 
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}", prefix.rstrip(".") or None)
     hints = typing.get_type_hints(cls)
     by_name = {f.name: f for f in fields(cls)}
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
         if key not in by_name:
-            raise ConfigError(unknown("config key", path, [f"{prefix}{n}" for n in by_name]))
+            raise ConfigError(f"unknown config key '{path}'{did_you_mean(path, [f'{prefix}{n}' for n in by_name])}; "
+                              f"`prefopt keys` lists them all", path)
         f = by_name[key]
         if key == "loss" and cls is RunConfig:
-            kwargs[key] = parse_loss(value)
+            kwargs[key] = parse_loss(value)  # its errors carry the key of the loss term at fault
         elif is_dataclass(hints[key]):
             kwargs[key] = _build(hints[key], value or {}, f"{path}.")
         else:
@@ -363,7 +365,7 @@ def _build(cls, data: dict, prefix: str):
             choices = f.metadata.get("choices")
             if choices and kwargs[key] not in choices:
                 raise ConfigError(f"{path}: '{kwargs[key]}' is not one of {list(choices)}"
-                                  f"{did_you_mean(kwargs[key], [c for c in choices if c])}")
+                                  f"{did_you_mean(kwargs[key], [c for c in choices if c])}", path)
     return cls(**kwargs)
 
 
@@ -371,34 +373,43 @@ def parse_loss(value: Any) -> list[LossTerm]:
     """`loss` may be a name, a mapping with `name` and parameters, or a list of those."""
     items = value if isinstance(value, list) else [value]
     if not items:
-        raise ConfigError("loss: the objective needs at least one loss")
+        raise ConfigError("loss: the objective needs at least one loss", "loss")
     terms = []
     for i, item in enumerate(items):
         where = f"loss[{i}]" if isinstance(value, list) else "loss"
-        if isinstance(item, LossTerm):
-            item = to_dict(item)
-        if isinstance(item, str):
-            item = {"name": item}
-        if not isinstance(item, dict) or "name" not in item:
-            raise ConfigError(f"{where}: expected a loss name or a mapping with 'name', got {item!r}")
-        item = dict(item)
-        name = str(item.pop("name"))
-        weight = coerce(item.pop("weight", 1.0), float, f"{where}.weight")
-        modifiers = {key: spec.parse(item.pop(key), where) for key, spec in MODIFIERS.items() if key in item}
-        modifiers = {key: value for key, value in modifiers.items() if MODIFIERS[key].active(value)}
-        params = dict(item.pop("params", {}) or {})
-        params.update(item)
         try:
-            spec = get_spec(name)
-        except KeyError as e:
-            raise ConfigError(f"{where}.name: {e.args[0]}") from None
-        if modifiers and spec.data != "paired":
-            raise ConfigError(f"{where}: {', '.join(modifiers)} apply to paired losses; '{spec.name}' is "
-                              f"{spec.data}")
-        term = LossTerm(name=spec.name, weight=weight, params=params, modifiers=modifiers)
-        term.params = dataclasses.asdict(term.resolved_params())  # validate now, store resolved
-        terms.append(term)
+            terms.append(_parse_term(item, where))
+        except ConfigError as e:
+            if not (e.key or "").startswith(where):
+                e.key = where  # the term at fault (a message about a parameter names it)
+            raise
     return terms
+
+
+def _parse_term(item: Any, where: str) -> LossTerm:
+    if isinstance(item, LossTerm):
+        item = to_dict(item)
+    if isinstance(item, str):
+        item = {"name": item}
+    if not isinstance(item, dict) or "name" not in item:
+        raise ConfigError(f"{where}: expected a loss name or a mapping with 'name', got {item!r}")
+    item = dict(item)
+    name = str(item.pop("name"))
+    weight = coerce(item.pop("weight", 1.0), float, f"{where}.weight")
+    modifiers = {key: spec.parse(item.pop(key), where) for key, spec in MODIFIERS.items() if key in item}
+    modifiers = {key: value for key, value in modifiers.items() if MODIFIERS[key].active(value)}
+    params = dict(item.pop("params", {}) or {})
+    params.update(item)
+    try:
+        spec = get_spec(name)
+    except KeyError as e:
+        raise ConfigError(f"{where}.name: {e.args[0]}") from None
+    if modifiers and spec.data != "paired":
+        raise ConfigError(f"{where}: {', '.join(modifiers)} apply to paired losses; '{spec.name}' is "
+                          f"{spec.data}")
+    term = LossTerm(name=spec.name, weight=weight, params=params, modifiers=modifiers)
+    term.params = dataclasses.asdict(term.resolved_params())  # validate now, store resolved
+    return term
 
 
 def config_from_dict(data: dict | None, cls=RunConfig) -> RunConfig:
@@ -468,52 +479,42 @@ def _override_loss(data: dict, parts: list[str], value: Any, key: str) -> None:
     data["loss"] = terms if isinstance(current, list) else terms[0]
 
 
-def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+def read_yaml(path: Path) -> dict:
     """A YAML config as a dict; ``base: other.yaml`` (relative to this file) is read first and
     this file's keys are merged over it (mappings merge key by key; lists and values replace)."""
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    if path.resolve() in seen:
-        raise ConfigError(f"{path}: 'base' chain loops back to itself")
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    base = loaded.pop("base", None)
-    if base is None:
-        return loaded
-    return deep_merge(read_yaml(path.parent / str(base), seen + (path.resolve(),)), loaded)
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            and key != "loss" else value
-    return out
+    return read_yaml_located(path)[0]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (),
                 defaults: dict | None = None) -> RunConfig:
-    """Read a YAML config (and its ``base`` chain), apply dotted overrides, validate everything."""
+    """Read a YAML config (and its ``base`` chain), apply overrides, validate everything.
+
+    An override is ``dotted.key=value`` or a flat TRL-style name (``learning_rate=1e-5``, a
+    parameter of the single loss such as ``beta=0.2``), routed by
+    prefopt.config_flat.route_flat_override. An error names the file and line, or the
+    override, that set the key at fault."""
+    from prefopt.config_flat import route_flat_override
+
     data: dict = dict(defaults or {})
+    lines: dict = {}
     if path is not None:
-        path = Path(path)
-        data = deep_merge(data, read_yaml(path))  # a file's train: section keeps the verb's other defaults
+        loaded, lines = read_yaml_located(Path(path))
+        data = deep_merge(data, loaded)  # a file's train: section keeps the verb's other defaults
+    given: dict[str, str] = {}  # dotted key -> the override that set it
     for assignment in overrides:
-        check_override_key(assignment)  # a typo in an override is the override's, not the file's
-        apply_override(data, assignment)
+        for routed in route_flat_override(assignment, data):
+            check_override_key(routed, assignment)  # a typo in an override is the override's, not the file's
+            apply_override(data, routed)
+            given[routed.split("=", 1)[0].strip()] = assignment
     try:
         return config_from_dict(data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        raise blame(e, path, lines, given) from None
 
 
-def check_override_key(assignment: str) -> None:
-    """An unknown key in a command-line override: named as the override, with the closest
-    valid key (a flat TRL-style name such as learning_rate points to train.learning_rate)."""
+def check_override_key(assignment: str, given: str | None = None) -> None:
+    """An unknown dotted key in a command-line override (``given``, as typed, before a flat name
+    was routed): named as the override, with the closest valid key."""
     key = assignment.split("=", 1)[0].strip()
     parts = key.split(".")
     if "=" not in assignment or parts[0] in ("loss", "output_dir", "base"):
@@ -524,11 +525,8 @@ def check_override_key(assignment: str) -> None:
         if parts[1] in field_types and (len(parts) == 2 or "dict" in str(field_types[parts[1]])):
             return
     valid = [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in fields(cls)] + ["output_dir", "loss"]
-    from prefopt.config_flat import flat_target
-
-    flat = flat_target(key)
-    hint = f" (did you mean '{flat}'?)" if flat else did_you_mean(key, valid)
-    raise ConfigError(f"override '{assignment}': unknown config key '{key}'{hint}; `prefopt keys` lists them all")
+    raise ConfigError(f"override '{given or assignment}': unknown config key '{key}'{did_you_mean(key, valid)}; "
+                      f"`prefopt keys` lists them all")
 
 
 def describe_keys() -> list[tuple[str, str, Any, str]]:

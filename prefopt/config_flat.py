@@ -6,9 +6,12 @@ A flat name is a model/data/train/save field's bare name (unique by design), an 
 """
 from __future__ import annotations
 
+import difflib
 import functools
 from dataclasses import fields, is_dataclass
 from typing import Any
+
+import yaml
 
 from prefopt.config import SECTIONS, LossTerm, RunConfig, _override_loss, config_from_dict, to_dict
 from prefopt.errors import ConfigError, unknown
@@ -99,3 +102,74 @@ def apply_override_value(data: dict, dotted: str, value: Any) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
+
+
+def route_flat_override(assignment: str, data: dict) -> list[str]:
+    """A command-line override as the dotted assignments it stands for: the one place a flat
+    name is translated (``learning_rate=1e-5`` -> ``train.learning_rate=1e-5``; ``beta=0.2`` ->
+    ``loss.beta=0.2`` when it is a parameter of the single loss of ``data``, the config so far).
+    Dotted keys, sections, ``output_dir`` and ``loss`` pass unchanged (check_override_key
+    judges them). A table of TRL's own field names (one name to several keys, or none) plugs
+    in here, before the bare names. An unknown flat name is an error with the closest name."""
+    if "=" not in assignment:
+        return [assignment]  # apply_override says what an override looks like
+    key, raw = (part.strip() for part in assignment.split("=", 1))
+    if "." in key or key in SECTIONS or key in ("output_dir", "loss", "base"):
+        return [assignment]
+    target = flat_target(key)
+    if target and key != "loss_type":
+        return [f"{target}={raw}"]
+    terms = data.get("loss", "dpo")
+    terms = terms if isinstance(terms, list) else [terms]
+    names = {name: spec.name for spec in _specs(terms) for name in loss_names(spec)}
+    from prefopt.trl_compat import is_trl_field, translate
+
+    sync = {"ref_model_sync_steps": "reference.sync_steps", "ref_model_mixup_alpha": "reference.sync_alpha"}
+    if key in sync:  # on the command line, setting one means TR-DPO (sync_ref_model) is meant
+        return [f"{sync[key]}={raw}"]
+    if key == "sync_ref_model":
+        given = data.get("reference", {}) if isinstance(data.get("reference"), dict) else {}
+        return [f"reference.sync_steps={given.get('sync_steps') or 512}",
+                f"reference.sync_alpha={given.get('sync_alpha') or 0.6}"] if yaml.safe_load(raw) else []
+    if is_trl_field(key) and key not in names:  # TRL's field names (bf16=true, eval_strategy=epoch...)
+        try:
+            translated = translate({key: yaml.safe_load(raw) if raw else None}, "dpo", _specs(terms)[0].name
+                                   if _specs(terms) else "dpo")
+        except ConfigError as e:
+            raise ConfigError(f"override '{assignment}': {e}") from None
+        return [f"{flat_target(k) or k}={yaml.safe_dump(v, default_flow_style=True, width=10**6).strip()}"
+                .removesuffix("\n...") for k, v in translated.items()]
+    if key in names and len(terms) == 1:
+        return [f"loss.{key}={raw}"]
+    if key in names:
+        raise ConfigError(f"override '{assignment}': '{key}' is a parameter of loss '{names[key]}', but the "
+                          f"objective has {len(terms)} losses; address one as loss.<index>.{key}")
+    from prefopt.trl_compat import FIELDS
+
+    flat = {**{name: name for name in FIELDS}, **FLAT_ALIASES, **flat_key_paths(),
+            **{name: f"loss.{name}" for name in names}, "output_dir": "output_dir", "loss": "loss"}
+    close = difflib.get_close_matches(key, list(flat), n=1, cutoff=0.5)
+    target = f" ({flat[close[0]]})" if close and flat[close[0]] != close[0] else ""
+    hint = f" (did you mean '{close[0]}'{target}?)" if close else ""
+    raise ConfigError(f"override '{assignment}': unknown config key '{key}'{hint}; `prefopt keys` lists them all")
+
+
+def _specs(terms: list) -> list:
+    """The registry entries of the loss terms of a config being built (unknown names left out:
+    the config's own check names them)."""
+    specs = []
+    for term in terms:
+        name = term if isinstance(term, str) else term.name if isinstance(term, LossTerm) else \
+            term.get("name") if isinstance(term, dict) else None
+        try:
+            specs.append(get_spec(str(name)))
+        except KeyError:
+            pass
+    return specs
+
+
+def loss_names(spec) -> set[str]:
+    """What ``loss.<name>`` may set on a term of this loss: its parameters and the modifiers."""
+    from prefopt.losses.modifiers import MODIFIERS
+
+    return {f.name for f in fields(spec.params)} | (set(MODIFIERS) if spec.data == "paired" else set())

@@ -14,7 +14,14 @@ class PrefoptError(Exception):
 
 
 class ConfigError(PrefoptError):
-    """An unknown key, a value of the wrong type, or an inconsistent combination."""
+    """An unknown key, a value of the wrong type, or an inconsistent combination.
+
+    ``key`` is the dotted config key at fault when one is (``train.learning_rate``,
+    ``loss.0``): the CLI names the YAML file and line that set it, or the override."""
+
+    def __init__(self, message: str = "", key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 class DataError(PrefoptError):

@@ -67,7 +67,7 @@ def test_bad_config_messages(override, message):
 def test_config_file_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  learning_rat: 1\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'train.learning_rat'"):
+    with pytest.raises(ConfigError, match=r"bad.yaml:2: unknown config key 'train.learning_rat'"):
         load_config(bad)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")

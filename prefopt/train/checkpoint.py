@@ -36,6 +36,7 @@ from accelerate.utils import DistributedType
 from prefopt.config import RunConfig, save_config
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.lora import bare_name, is_peft_model, merged_copy
+from prefopt.train.model_card import write_model_card
 
 log = logging.getLogger("prefopt")
 
@@ -372,8 +373,9 @@ def _load_state(accelerator, path: Path, **kwargs) -> None:
 def save_final(accelerator, model, tokenizer, config: RunConfig, output_dir: Path,
                path: Path | str | None = None) -> Path:
     """OUTPUT_DIR/final/ (or ``path``): model + tokenizer loadable by
-    AutoModelForCausalLM.from_pretrained; the state dict is gathered from every process's
-    shards (FSDP, ZeRO-3) and written once, by the main process."""
+    AutoModelForCausalLM.from_pretrained, the resolved config and the model card (README.md);
+    the state dict is gathered from every process's shards (FSDP, ZeRO-3) and written once, by
+    the main process."""
     path = Path(path) if path is not None else output_dir / "final"
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
@@ -385,5 +387,7 @@ def save_final(accelerator, model, tokenizer, config: RunConfig, output_dir: Pat
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
         save_config(config, path / "prefopt_config.yaml")
+        adapter = is_peft_model(raw) and not config.save.merge_lora
+        write_model_card(config, output_dir, path, adapter=adapter, num_processes=accelerator.num_processes)
     accelerator.wait_for_everyone()
     return path
