@@ -116,13 +116,14 @@ def route_flat_override(assignment: str, data: dict) -> list[str]:
     key, raw = (part.strip() for part in assignment.split("=", 1))
     if "." in key or key in SECTIONS or key in ("output_dir", "loss", "base"):
         return [assignment]
+    from prefopt.trl_compat import FIELDS, is_trl_field, translate
+
     target = flat_target(key)
-    if target and key != "loss_type":
+    if target and key != "loss_type" and not (key in FIELDS and FIELDS[key].convert):
         return [f"{target}={raw}"]
     terms = data.get("loss", "dpo")
     terms = terms if isinstance(terms, list) else [terms]
     names = {name: spec.name for spec in _specs(terms) for name in loss_names(spec)}
-    from prefopt.trl_compat import is_trl_field, translate
 
     sync = {"ref_model_sync_steps": "reference.sync_steps", "ref_model_mixup_alpha": "reference.sync_alpha"}
     if key in sync:  # on the command line, setting one means TR-DPO (sync_ref_model) is meant
@@ -144,9 +145,8 @@ def route_flat_override(assignment: str, data: dict) -> list[str]:
     if key in names:
         raise ConfigError(f"override '{assignment}': '{key}' is a parameter of loss '{names[key]}', but the "
                           f"objective has {len(terms)} losses; address one as loss.<index>.{key}")
-    from prefopt.trl_compat import FIELDS
-
-    flat = {**{name: name for name in FIELDS}, **FLAT_ALIASES, **flat_key_paths(),
+    flat = {**{name: flat_target(rule.to) or rule.to if rule.to else name for name, rule in FIELDS.items()},
+            **FLAT_ALIASES, **flat_key_paths(),
             **{name: f"loss.{name}" for name in names}, "output_dir": "output_dir", "loss": "loss"}
     close = difflib.get_close_matches(key, list(flat), n=1, cutoff=0.5)
     target = f" ({flat[close[0]]})" if close and flat[close[0]] != close[0] else ""

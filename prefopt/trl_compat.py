@@ -403,7 +403,9 @@ def translate(kwargs: dict, kind: str = "dpo", default_loss: str = "dpo") -> dic
 
 
 def _precision(kwargs: dict) -> dict:
-    fp16, bf16 = kwargs.get("fp16"), kwargs.get("bf16")
+    from prefopt.coerce import coerce
+
+    fp16, bf16 = (None if kwargs.get(k) is None else coerce(kwargs[k], bool, k) for k in ("fp16", "bf16"))
     if fp16 and bf16:
         raise ConfigError("bf16=True and fp16=True: choose one mixed precision")
     if fp16:

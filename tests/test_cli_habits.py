@@ -108,6 +108,22 @@ def test_flat_trl_names_are_routed_to_their_keys(monkeypatch):
     assert [(t.name, t.params["beta"]) for t in ipo.loss] == [("ipo", 0.5)] and ipo.train.learning_rate == 1e-5
 
 
+def test_trl_field_names_on_the_command_line(monkeypatch, capsys):
+    """`trl dpo`'s flags: TRL field names go through the same table as DPOConfig's keywords."""
+    config = parsed(monkeypatch, ["configs/dpo.yaml", "--loss_type", "[sigmoid, sft]", "--eval_strategy", "epoch",
+                                  "--precompute_ref_log_probs", "--dataset_num_proc=2", "--bf16", "false",
+                                  "--sync_ref_model", "--ref_model_sync_steps", "64", "--report_to", "none",
+                                  "--gradient_checkpointing"])
+    assert [t.name for t in config.loss] == ["dpo", "sft"] and config.train.eval_strategy == "epoch"
+    assert (config.reference.strategy, config.data.num_proc, config.train.mixed_precision) == (
+        "precomputed", 2, "no")
+    assert (config.reference.sync_steps, config.reference.sync_alpha) == (64, 0.6)
+    assert config.train.report_to == [] and config.model.gradient_checkpointing is True
+    assert main(["dpo", "configs/dpo.yaml", "--use_liger_kernel"]) == 2
+    assert ("override 'use_liger_kernel=true': use_liger_kernel=True is not supported by prefopt: model.lm_head: "
+            "fused") in capsys.readouterr().err
+
+
 def test_a_flat_loss_parameter_of_a_mixed_objective_asks_for_its_index(capsys):
     assert main(["dpo", "loss=[dpo, sft]", "--beta", "0.2"]) == 2
     assert ("override 'beta=0.2': 'beta' is a parameter of loss 'dpo', but the objective has 2 losses; "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -146,7 +147,7 @@ def test_dpo_script_with_lora_eval_metrics_and_push(tiny_model_dir, tokenizer, d
     metrics = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert metrics["eval_loss"] == history[-1]["eval_loss"]
     assert (tmp_path / "out" / "adapter_config.json").is_file()  # save_model(output_dir): the adapter
-    assert (hub / "adapter_config.json").is_file() and (hub / "README.md").exists() is not None
+    assert (hub / "adapter_config.json").is_file() and "library_name: peft" in (hub / "README.md").read_text()
     assert not (tmp_path / "out" / "checkpoints").exists()  # save_strategy="no"
 
 
@@ -177,3 +178,36 @@ def test_kto_and_reward_trainers(tiny_model_dir, tokenizer, demo_records, data, 
                     TOKENIZER=tokenizer)["trainer"]
     assert rm.config.loss[0].params["center_rewards_coefficient"] == 0.01
     assert type(rm.model).__name__ == "LlamaForSequenceClassification" and rm.state.global_step == 2
+
+
+def test_push_to_hub_goes_through_huggingface_hub(tiny_model_dir, tokenizer, data, tmp_path, monkeypatch):
+    """A hub id: the repository is created (private as asked) and final/ uploaded to it."""
+    import huggingface_hub
+
+    from prefopt import DPOConfig, DPOTrainer
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls.append(("create_repo", repo_id, private, exist_ok))
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def create_branch(self, repo_id, branch, exist_ok=False):
+            calls.append(("create_branch", repo_id, branch))
+
+        def upload_folder(self, folder_path, repo_id, revision=None, commit_message=None):
+            calls.append(("upload_folder", sorted(p.name for p in Path(folder_path).iterdir()), repo_id, revision,
+                          commit_message))
+            return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/abc",
+                                              commit_message=commit_message, commit_description="", oid="abc")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    args = DPOConfig(output_dir=str(tmp_path), max_steps=1, max_length=128, max_prompt_length=64,
+                     push_to_hub=True, hub_model_id="org/tiny-dpo", hub_private_repo=True, hub_revision="v1")
+    DPOTrainer(str(tiny_model_dir), args=args, train_dataset=data[0], processing_class=tokenizer).train()
+    assert calls[0] == ("create_repo", "org/tiny-dpo", True, True)
+    assert calls[1] == ("create_branch", "org/tiny-dpo", "v1")
+    name, files, repo, revision, message = calls[2]
+    assert (name, repo, revision, message) == ("upload_folder", "org/tiny-dpo", "v1", "End of training")
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= set(files)
