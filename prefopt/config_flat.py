@@ -128,6 +128,13 @@ def route_flat_override(assignment: str, data: dict) -> list[str]:
     sync = {"ref_model_sync_steps": "reference.sync_steps", "ref_model_mixup_alpha": "reference.sync_alpha"}
     if key in sync:  # on the command line, setting one means TR-DPO (sync_ref_model) is meant
         return [f"{sync[key]}={raw}"]
+    from prefopt.trl_compat import LORA
+
+    if key in LORA:  # likewise, a LoRA flag means use_peft
+        return [f"model.lora.{LORA[key]}={raw}"]
+    if key == "use_peft":
+        model = data.get("model") if isinstance(data.get("model"), dict) else {}
+        return ["model.lora={}"] if yaml.safe_load(raw) and not model.get("lora") else []
     if key == "sync_ref_model":
         given = data.get("reference", {}) if isinstance(data.get("reference"), dict) else {}
         return [f"reference.sync_steps={given.get('sync_steps') or 512}",

@@ -328,7 +328,34 @@ FIELDS: dict[str, Rule] = {
     "dataset_kwargs": R(None, "data is read by prefopt's adapters (data.format, data.columns)"),
     "eos_token": R(None, "the tokenizer's EOS ends every completion: set it on the processing_class"),
     "chat_template_path": M(None, "chat_template", lambda v: {} if v is None else {"chat_template": _read(v)}),
+    # ---- `trl dpo`'s ModelConfig and ScriptArguments (the LoRA fields: LORA below)
+    "model_name_or_path": M(None, "model_name_or_path"),
+    "model_revision": R("main", "prefopt loads a model's default revision; download another one to a directory "
+                                "and give its path"),
+    "dtype": M("float32", "dtype"),
+    "attn_implementation": M(None, "attn_implementation"),
+    "torch_dtype": M(None, "dtype", _unless_none("dtype", lambda v: str(v).replace("torch.", ""))),
+    "load_in_4bit": M(False, "load_in_4bit"),
+    "load_in_8bit": R(False, "prefopt's QLoRA loads 4-bit NF4 bases (load_in_4bit)"),
+    "bnb_4bit_quant_type": R("nf4", "prefopt's QLoRA uses nf4"),
+    "use_bnb_nested_quant": R(False, "prefopt's QLoRA does not quantize the quantization constants"),
+    "bnb_4bit_quant_storage": R(None, "prefopt's QLoRA stores 4-bit weights as bitsandbytes does by default"),
+    "lora_task_type": R("CAUSAL_LM", "the task type follows the model: CAUSAL_LM, SEQ_CLS for a reward model"),
+    "dataset_name": M(None, "data.train", _unless_none("data.train")),
+    "dataset_train_split": M("train", "data.split", lambda v: {"data.split": v}),
+    "dataset_test_split": I("test", "eval data is data.eval (another file, folder or hub id) or a held-out share "
+                                    "of the training data (data.eval_split_size)"),
+    "dataset_config": R(None, "hub datasets are read with their default configuration"),
+    "dataset_streaming": R(False, "datasets are read into memory (not streamed)"),
+    "ignore_bias_buffers": I(False, "only DDP's bias buffers matter there; prefopt's models have none to sync"),
 }
+
+# `trl dpo`'s LoRA flags -> peft.LoraConfig fields of model.lora; they act with use_peft=True, as in TRL.
+LORA = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+        "lora_target_modules": "target_modules", "lora_modules_to_save": "modules_to_save",
+        "lora_target_parameters": "target_parameters", "use_rslora": "use_rslora", "use_dora": "use_dora"}
+LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_target_modules": None,
+                 "lora_modules_to_save": None, "lora_target_parameters": None, "use_rslora": False, "use_dora": False}
 
 # Loss fields: renamed to prefopt's parameter names (the same value), and the loss-type names of
 # the trainers whose TRL names differ from the registry's (DPO's are registry aliases).
@@ -345,7 +372,7 @@ LOSS_TYPES = {"cpo": {"sigmoid": "cpo", "simpo": "simpo"}, "kto": {"kto": "kto"}
 NOT_YET = {"cpo": {"hinge": "CPO's hinge variant", "ipo": "CPO's IPO variant", "alphapo": "AlphaPO"},
            "kto": {"apo_zero_unpaired": "APO-zero for unpaired data"}}
 JOINT = ("loss_type", "loss_weights", "rpo_alpha", "sync_ref_model", "ref_model_sync_steps", "ref_model_mixup_alpha",
-         "alpha")
+         "alpha", "use_peft", *LORA)
 
 
 def _read(path) -> str:
@@ -398,6 +425,7 @@ def translate(kwargs: dict, kind: str = "dpo", default_loss: str = "dpo") -> dic
         out["save_steps"] = 500
     out.update(_precision(kwargs))
     out.update(_sync(kwargs))
+    out.update(_lora(kwargs))
     out.update(_losses(kwargs, kind, default_loss, given="loss" in out))
     return out
 
@@ -425,6 +453,18 @@ def _sync(kwargs: dict) -> dict:
         return {}
     return {"reference.sync_steps": int(kwargs.get("ref_model_sync_steps", 512)),
             "reference.sync_alpha": float(kwargs.get("ref_model_mixup_alpha", 0.6))}
+
+
+def _lora(kwargs: dict) -> dict:
+    """use_peft with the lora_* flags -> model.lora (prefopt's defaults for what is not given)."""
+    given = {LORA[k]: v for k, v in kwargs.items() if k in LORA and v is not None}
+    if not kwargs.get("use_peft"):
+        for name in LORA:
+            if name in kwargs and not _same(kwargs[name], LORA_DEFAULTS[name]):
+                raise ConfigError(f"{name}={kwargs[name]!r} acts only with use_peft=True, as in TRL: set use_peft=True, "
+                                  "or drop it")
+        return {}
+    return {"model.lora": given}
 
 
 def _losses(kwargs: dict, kind: str, default_loss: str, given: bool) -> dict:
@@ -518,6 +558,7 @@ DOCS = {
     "chat_template_path": "`model.chat_template` (the file's template)",
     "bf16": "True: `train.mixed_precision: bf16`; False: `no` (not passed: `auto`, bf16 on a CUDA GPU that has it)",
     "fp16": "True: `train.mixed_precision: fp16`",
+    "dataset_train_split": "`data.split`",
     "truncation_mode": "`data.prompt_truncation`: which end of a long prompt is kept",
 }
 

@@ -119,6 +119,10 @@ def test_trl_field_names_on_the_command_line(monkeypatch, capsys):
         "precomputed", 2, "no")
     assert (config.reference.sync_steps, config.reference.sync_alpha) == (64, 0.6)
     assert config.train.report_to == [] and config.model.gradient_checkpointing is True
+    lora = parsed(monkeypatch, ["--model_name_or_path", "org/m", "--use_peft", "--lora_r", "8", "--lora_alpha", "16",
+                                "--dataset_name", "org/data"])
+    assert (lora.model.name_or_path, lora.model.lora, lora.data.train) == ("org/m", {"r": 8, "lora_alpha": 16},
+                                                                          "org/data")
     assert main(["dpo", "configs/dpo.yaml", "--use_liger_kernel"]) == 2
     assert ("override 'use_liger_kernel=true': use_liger_kernel=True is not supported by prefopt: model.lm_head: "
             "fused") in capsys.readouterr().err

@@ -116,7 +116,7 @@ def test_evaluation_uses_the_cached_reference(tiny_model_dir, demo_records, tmp_
     t = dpo(tiny_model_dir, demo_records[:8], tmp_path, demo_records[8:12], reference={"strategy": "precomputed"},
             max_steps=4, per_device_train_batch_size=4, learning_rate=5e-3)
     result = t.train()
-    assert result["eval/rewards/margins"] != 0.0  # against the trained policy it would be exactly 0
+    assert result.metrics["eval_rewards/margins"] != 0.0  # against the trained policy it would be exactly 0
     assert t.evaluate(on="train")["eval_rewards/margins"] != 0.0
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from prefopt import ConfigError, CPOConfig, DPOConfig, KTOConfig, RewardConfig, SFTConfig
-from prefopt.trl_compat import FIELDS, JOINT, LOSS_PARAMS, table_rows
+from prefopt.trl_compat import FIELDS, JOINT, LORA, LOSS_PARAMS, table_rows
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -25,7 +25,7 @@ def trl_fields(cls_name: str = "DPOConfig") -> dict:
 
 
 @pytest.mark.parametrize("cls_name", ["DPOConfig", "KTOConfig", "CPOConfig", "ORPOConfig", "RewardConfig",
-                                      "SFTConfig"])
+                                      "SFTConfig", "ModelConfig", "ScriptArguments"])
 def test_every_field_of_trls_configs_is_covered(cls_name):
     missing = [n for n in trl_fields(cls_name) if n not in FIELDS and n not in LOSS_PARAMS and n not in JOINT]
     assert missing == []
@@ -86,6 +86,13 @@ def test_older_trl_names_and_the_trainer_families():
     assert KTOConfig(desirable_weight=1.33).loss[0].params["desirable_weight"] == 1.33
     assert RewardConfig(center_rewards_coefficient=0.01).loss[0].params["center_rewards_coefficient"] == 0.01
     assert SFTConfig(packing=True, dataset_text_field="content").data.columns == {"text": "content"}
+    # `trl dpo`'s ModelConfig and ScriptArguments
+    m = DPOConfig(model_name_or_path="org/m", dtype="bfloat16", use_peft=True, lora_r=8, lora_alpha=16,
+                  lora_target_modules=["q_proj", "v_proj"], dataset_name="org/data", dataset_train_split="tr")
+    assert m.model.lora == {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    assert (m.model.name_or_path, m.model.dtype, m.data.train, m.data.split) == ("org/m", "bfloat16", "org/data", "tr")
+    with pytest.raises(ConfigError, match="lora_r=8 acts only with use_peft=True"):
+        DPOConfig(lora_r=8)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -132,5 +139,5 @@ def test_readme_table_lists_every_field():
     text = README.read_text()
     for name, _, _ in table_rows():
         assert f"| `{name}` |" in text, name
-    for name in LOSS_PARAMS:
+    for name in (*LOSS_PARAMS, *LORA, "use_peft"):
         assert f"`{name}`" in text, name
