@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -266,7 +265,7 @@ def generate(sampler: Sampler, generations: list[Generation], cfg: GenerateConfi
     processes each takes every num_processes-th batch and the results are gathered in order
     on every process. Batch b is seeded with seed + b, so a batch's samples depend neither on
     the batches before it nor on the number of processes."""
-    from tqdm.auto import tqdm
+    from prefopt import console
 
     check_settings(cfg)
     accelerator = accelerator or process_group()
@@ -274,10 +273,9 @@ def generate(sampler: Sampler, generations: list[Generation], cfg: GenerateConfi
                for s in range(0, len(generations), cfg.batch_size)]
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     mine = batches[rank::world]
-    show = progress and rank == 0 and sys.stderr.isatty()
     done = []
-    for b, indices in tqdm(list(zip(range(rank, len(batches), world), mine)), desc="generating", disable=not show,
-                           dynamic_ncols=True):
+    for b, indices in console.progress(list(zip(range(rank, len(batches), world), mine)), "generating", unit="batch",
+                                       enabled=progress and rank == 0):
         samples = sampler.sample([generations[i].prompt_ids for i in indices], cfg, seed + b)
         done += [(i, s) for i, s in zip(indices, samples)]
     if world > 1:

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from prefopt import console
 from prefopt.callbacks import Callbacks
 from prefopt.config import RunConfig, parse_loss, save_config, to_dict
 from prefopt.configs import CPOConfig, DPOConfig, KTOConfig, ORPOConfig, RewardConfig, SFTConfig
@@ -135,6 +136,7 @@ class Trainer:
         if self.train_state is not None:
             raise ConfigError("this trainer has already trained; build a new trainer to train again "
                               "(train.resume_from continues from a checkpoint)")
+        began = time.perf_counter()
         if resume_from_checkpoint:
             self.config.train.resume_from = "latest" if resume_from_checkpoint is True else str(resume_from_checkpoint)
         job = self.setup()
@@ -166,6 +168,8 @@ class Trainer:
             report_at_end(job.output_dir, job.config.train.report_html)
             if job.config.save.push_to_hub:
                 self.push_to_hub()
+            console.show_summary(job.output_dir, self.train_state.step, job.total_steps, time.perf_counter() - began,
+                                 self.train_state.skipped_steps, resumed=bool(job.config.train.resume_from))
         return TrainOutput(*output)
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list | None = None, metric_key_prefix: str = "eval",
@@ -314,6 +318,7 @@ class Trainer:
                                   step_scheduler_with_optimizer=False, log_with=self._trackers or None,
                                   project_dir=str(logging_dir(output_dir)))
         set_seed(tcfg.seed)
+        console.configure(progress=tcfg.progress_bar, main=accelerator.is_main_process)
 
         tokenizer = self._build_tokenizer()
         model = self._build_model()

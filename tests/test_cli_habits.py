@@ -71,9 +71,10 @@ def test_the_console_line_has_grad_norm_and_eta_and_evaluations_are_printed(tiny
     assert len(steps) == 2
     assert all(re.search(r"grad norm [0-9.e+-]+ lr .* ETA \d+:\d\d:\d\d$", m) for m in steps)
     assert steps[-1].endswith("ETA 0:00:00")
-    evals = [m for m in caplog.messages if m.startswith("eval at step")]
-    assert [m.split(":")[0] for m in evals] == ["eval at step 2", "eval at step 4"]
-    assert all(re.search(r"loss [0-9.]+, rewards/accuracies [0-9.]+, rewards/margins", m) for m in evals)
+    evals = [i for i, m in enumerate(caplog.messages) if m.startswith("eval at step")]  # a 2-line table
+    assert [caplog.messages[i].split(" (")[0] for i in evals] == ["eval at step 2", "eval at step 4"]
+    assert all(re.search(r"\): loss +rewards/accuracies +rewards/margins", caplog.messages[i]) for i in evals)
+    assert all(re.fullmatch(r" +-?[0-9.e+-]+( +-?[0-9.e+-]+)+", caplog.messages[i + 1]) for i in evals)
     assert "evaluating at step 2 (1 batches per process)..." in caplog.messages
 
 

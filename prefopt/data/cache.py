@@ -25,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from prefopt import console
 from prefopt.data.report import DataReport
 from prefopt.data.schema import Origin
 from prefopt.data.tokenize import EncodedExample
@@ -135,7 +136,8 @@ def store(folder: Path, datasets: tuple) -> None:
             if data is None:
                 continue
             with (tmp / f"{name}.examples.jsonl").open("w") as f:
-                for e in data.examples:
+                for e in console.progress(data.examples, f"writing the tokenised {name} data to the cache",
+                                          unit="example"):
                     f.write(json.dumps(_example_row(e), ensure_ascii=True, default=str) + "\n")
             (tmp / f"{name}.report.json").write_text(json.dumps(_report_dict(data.report), ensure_ascii=True,
                                                                 default=str))
@@ -160,7 +162,8 @@ def load(folder: Path) -> tuple | None:
                 out.append(None)
                 continue
             with path.open() as f:
-                examples = [_example(json.loads(line)) for line in f]
+                examples = [_example(json.loads(line)) for line in
+                            console.progress(f, f"reading the tokenised {name} data from the cache", unit="example")]
             out.append(Dataset(examples, _report(json.loads((folder / f"{name}.report.json").read_text()))))
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("data cache: %s is unreadable (%s); tokenising again", folder, e)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from os import PathLike
 from typing import Any
 
+from prefopt import console
 from prefopt.config import DataConfig
 from prefopt.data.formats import SAMPLE_SIZE, Format, cannot_detect, detect_majority, get_format, recognise
 from prefopt.data.report import DataReport, DataUnusable
@@ -284,9 +285,10 @@ def as_kind(examples: list[Example], kind: str, report: DataReport) -> list[Exam
     return out
 
 
-def encode_all(examples: list[Example], encoder: Encoder, report: DataReport) -> list[EncodedExample]:
+def encode_all(examples: list[Example], encoder: Encoder, report: DataReport,
+               show: bool = True) -> list[EncodedExample]:
     encoded = []
-    for ex in examples:
+    for ex in console.progress(examples, f"tokenising {report.name}", unit="example", enabled=show):
         try:
             encoded.append(encoder.encode(ex, report))
         except RecordProblem as problem:
@@ -296,40 +298,57 @@ def encode_all(examples: list[Example], encoder: Encoder, report: DataReport) ->
     return encoded
 
 
+CHUNKS_PER_PROCESS = 8  # tasks per worker process: the progress of the pool moves in these steps
+_worker_encoder: Encoder | None = None  # a worker's encoder, sent once when the process starts
+
+
+def _set_worker_encoder(encoder: Encoder) -> None:
+    global _worker_encoder
+    _worker_encoder = encoder
+
+
 def _encode_chunk(args) -> tuple:
     """A worker's share: its examples encoded with a report of its own (merged in order by the
     parent); a stopping error is returned, not raised, so the parent raises the earliest one."""
-    examples, encoder, report = args
+    examples, report = args
     try:
-        return encode_all(examples, encoder, report), report, None
+        return encode_all(examples, _worker_encoder, report, show=False), report, None
     except DataError as e:  # as (where, problem): DataError does not unpickle from its message alone
         return [], report, (e.where, e.problem)
 
 
 def encode_in_processes(examples: list[Example], encoder: Encoder, report: DataReport,
                         num_proc: int) -> list[EncodedExample]:
-    """encode_all over ``num_proc`` spawned processes, each a contiguous chunk: the same
-    examples in the same order, and the same counts, rejects and notes, as one process."""
+    """encode_all over ``num_proc`` spawned processes, in contiguous chunks (CHUNKS_PER_PROCESS
+    per process, for the progress line; the encoder is sent once per process): the same examples
+    in the same order, and the same counts, rejects and notes, as one process."""
     import multiprocessing
 
-    size = math.ceil(len(examples) / num_proc)
+    size = math.ceil(len(examples) / (num_proc * CHUNKS_PER_PROCESS))
     chunks = [examples[i:i + size] for i in range(0, len(examples), size)]
-    jobs = [(chunk, encoder, DataReport(report.name, report.on_error, report.format, source=report.source))
+    jobs = [(chunk, DataReport(report.name, report.on_error, report.format, source=report.source))
             for chunk in chunks]
-    with multiprocessing.get_context("spawn").Pool(len(chunks)) as pool:
-        results = pool.map(_encode_chunk, jobs)
-    encoded = []
-    for part, sub, error in results:
-        report.rejected.update(sub.rejected)
-        report.rejects.extend(sub.rejects)
-        report.counts.update(sub.counts)
-        # a "first at ..." note is kept from the earliest chunk that has one, as one process would
-        kinds = {_note_kind(n) for n in report.notes}
-        report.notes.extend(n for n in sub.notes if _note_kind(n) not in kinds)
-        if error is not None:
-            raise DataError(*error)
-        encoded += part
+    with multiprocessing.get_context("spawn").Pool(min(num_proc, len(chunks)), _set_worker_encoder,
+                                                   (encoder,)) as pool, \
+            console.phase(f"tokenising {report.name}", total=len(examples), unit="example") as tick:
+        encoded = []
+        for (part, sub, error), chunk in zip(pool.imap(_encode_chunk, jobs), chunks):  # in order
+            tick(len(chunk))
+            _merge(report, sub, error)
+            encoded += part
     return encoded
+
+
+def _merge(report: DataReport, sub: DataReport, error) -> None:
+    """A chunk's report into the whole's (chunks in order); its stopping error raised."""
+    report.rejected.update(sub.rejected)
+    report.rejects.extend(sub.rejects)
+    report.counts.update(sub.counts)
+    # a "first at ..." note is kept from the earliest chunk that has one, as one process would
+    kinds = {_note_kind(n) for n in report.notes}
+    report.notes.extend(n for n in sub.notes if _note_kind(n) not in kinds)
+    if error is not None:
+        raise DataError(*error)
 
 
 def _note_kind(note: str) -> str:

@@ -27,13 +27,11 @@ import json
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
-
+from prefopt import console
 from prefopt.data.collate import Batch
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.logps import SequenceScores, unwrap_model
@@ -164,6 +162,11 @@ def weights_fingerprint(model, sharded: bool) -> str:
     return h.hexdigest()
 
 
+def _fingerprint(model, sharded: bool) -> str:
+    with console.phase("hashing the reference weights (the cache key)"):
+        return weights_fingerprint(model, sharded)
+
+
 class PrecomputedReference:
     name = "precomputed"
 
@@ -187,7 +190,7 @@ class PrecomputedReference:
         raw = unwrap_model(self.source.model)
         manifest = {
             "version": CACHE_VERSION,
-            "reference": _on_main(acc, lambda: weights_fingerprint(self.source.model, sharded=_sharded(acc))),
+            "reference": _on_main(acc, lambda: _fingerprint(self.source.model, _sharded(acc))),
             "model_config": hashlib.blake2b(raw.config.to_json_string().encode(), digest_size=16).hexdigest(),
             "roles": roles,
             "examples_hash": hashlib.blake2b(json.dumps(sorted(examples)).encode(), digest_size=16).hexdigest(),
@@ -232,8 +235,7 @@ class PrecomputedReference:
         ordered = sorted(examples, key=lambda e: -example_tokens(e))  # similar lengths together
         sampler = EvalBatchSampler(len(ordered), ctx.batch_size, acc.num_processes, acc.process_index)
         records = []
-        bar = acc.is_main_process and sys.stderr.isatty()  # log files get the summary line only
-        for indices in tqdm(sampler, desc="reference log-probs", disable=not bar, dynamic_ncols=True):
+        for indices in console.progress(sampler, "reference log-probs", unit="batch"):  # the main process's
             part = [ordered[i % len(ordered)] for i in indices]
             batch = ctx.collator(part).to(acc.device)
             scores = self.source.scores(batch)

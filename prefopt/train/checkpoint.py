@@ -33,6 +33,7 @@ from pathlib import Path
 
 from accelerate.utils import DistributedType
 
+from prefopt import console
 from prefopt.config import RunConfig, save_config
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.lora import bare_name, is_peft_model, merged_copy
@@ -74,7 +75,14 @@ def save_checkpoint(accelerator, model, tokenizer, state: TrainState, config: Ru
                     output_dir: Path, keep: int | None, loss_state: dict | None = None) -> Path:
     """Write checkpoints/step-N atomically (see the module docstring); returns its path.
     A failure on any process (a full disk raises OSError or torch's RuntimeError) is agreed by
-    every process, which all stop with the same message: none is left waiting at a barrier."""
+    every process, which all stop with the same message: none is left waiting at a barrier.
+    A slow save says so on the console (prefopt.console.phase)."""
+    with console.phase(f"saving checkpoint {checkpoint_dir(output_dir, state.step)}"):
+        return _save_checkpoint(accelerator, model, tokenizer, state, config, output_dir, keep, loss_state)
+
+
+def _save_checkpoint(accelerator, model, tokenizer, state: TrainState, config: RunConfig,
+                     output_dir: Path, keep: int | None, loss_state: dict | None = None) -> Path:
     path = checkpoint_dir(output_dir, state.step)
     tmp = path.parent / f".tmp-{path.name}"
     main = accelerator.is_main_process
@@ -377,6 +385,11 @@ def save_final(accelerator, model, tokenizer, config: RunConfig, output_dir: Pat
     the state dict is gathered from every process's shards (FSDP, ZeRO-3) and written once, by
     the main process."""
     path = Path(path) if path is not None else output_dir / "final"
+    with console.phase(f"saving the model to {path}"):
+        return _save_final(accelerator, model, tokenizer, config, path)
+
+
+def _save_final(accelerator, model, tokenizer, config: RunConfig, path: Path) -> Path:
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         raw = accelerator.unwrap_model(model)

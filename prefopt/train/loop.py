@@ -28,6 +28,7 @@ import torch
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
+from prefopt import console
 from prefopt.config import RunConfig
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.objective import Objective
@@ -193,7 +194,7 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
             events.log(job, state.step, logged)
             headline = {k: f"{logged[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in logged}
             if interactive:
-                bar.set_postfix(headline)
+                bar.set_postfix(console.postfix(logged))
             elif show:
                 done = state.step - first_step
                 eta = (time.perf_counter() - run_started) / max(done, 1) * (job.total_steps - state.step)
@@ -346,7 +347,7 @@ def evaluate(accelerator, model, objective: Objective, loader) -> dict[str, floa
     was_training = model.training
     model.eval()
     metrics = MetricAccumulator()
-    for batch in loader:
+    for batch in console.progress(loader, "evaluating", unit="batch"):
         batch = batch.to(accelerator.device)
         out = objective.forward(model, batch, objective.units(batch), training=False)
         values = objective.metrics(out, batch)
@@ -368,9 +369,7 @@ def _log_eval(job: Job, writer: MetricsWriter, step: int) -> dict:
     job.events.log(job, step, values)
     job.events.evaluated(job, step, values)
     if show:
-        headline = [f"{k[5:]} {values[k]:.4g}" for k in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
-                    if k in values]
-        log.info("eval at step %d: %s (%.1fs)", step, ", ".join(headline), time.perf_counter() - started)
+        console.show_eval(step, values, time.perf_counter() - started)
     return values
 
 
