@@ -386,10 +386,10 @@ def save_final(accelerator, model, tokenizer, config: RunConfig, output_dir: Pat
     the main process."""
     path = Path(path) if path is not None else output_dir / "final"
     with console.phase(f"saving the model to {path}"):
-        return _save_final(accelerator, model, tokenizer, config, path)
+        return _save_final(accelerator, model, tokenizer, config, output_dir, path)
 
 
-def _save_final(accelerator, model, tokenizer, config: RunConfig, path: Path) -> Path:
+def _save_final(accelerator, model, tokenizer, config: RunConfig, output_dir: Path, path: Path) -> Path:
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         raw = accelerator.unwrap_model(model)
