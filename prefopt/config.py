@@ -316,8 +316,9 @@ class RunConfig:
                         help="The objective: one loss or a weighted list of losses.")
 
     def __getattr__(self, name: str):
-        """TRL's flat names read back (``args.learning_rate`` is ``args.train.learning_rate``,
-        ``args.beta`` the single loss's beta, ``args.loss_type`` its name), as they go in."""
+        """Flat names read back (``args.learning_rate`` is ``args.train.learning_rate``,
+        ``args.beta`` the single loss's beta, ``args.loss_type`` its name), and TRL's field names
+        (prefopt.configs.trl_readback), as they go in."""
         if name.startswith("_"):
             raise AttributeError(name)
         from prefopt.config_flat import flat_target
@@ -333,6 +334,11 @@ class RunConfig:
             params = dataclasses.asdict(loss[0].resolved_params())
             if name in params:
                 return params[name]
+        from prefopt.configs import trl_readback
+
+        found = trl_readback(self, name)  # TRL's field names (args.bf16, args.eval_strategy...)
+        if found is not None:
+            return found[0]
         raise AttributeError(f"'{type(self).__name__}' has no attribute '{name}' (nor a flat name of that "
                              f"name; `prefopt keys` lists them)")
 

@@ -32,6 +32,17 @@ READBACK = {
 }
 
 
+def trl_readback(config: RunConfig, name: str) -> tuple | None:
+    """(value,) of a TRL field name on ``config``: derived from the config (READBACK), as it was
+    passed (DPOConfig keeps TRL fields prefopt has no key for), or TRL's default; None if unknown."""
+    if name in READBACK:
+        return (READBACK[name](config),)
+    passed = config.__dict__.get("_trl", {})
+    if name in passed:
+        return (passed[name],)
+    return (FIELDS[name].default,) if name in FIELDS else None
+
+
 class DPOConfig(RunConfig):
     """Flat TRL-style keywords -> the nested RunConfig; the loss defaults to ``dpo``."""
     defaults: dict = {"loss": "dpo"}
@@ -46,19 +57,6 @@ class DPOConfig(RunConfig):
             object.__setattr__(self, f.name, getattr(built, f.name))
         passed = {k: v for k, v in kwargs.items() if is_trl_field(k)}
         object.__setattr__(self, "_trl", {**self.__dict__.get("_trl", {}), **passed})
-
-    def __getattr__(self, name: str):
-        if not name.startswith("_") and name in READBACK:
-            return READBACK[name](self)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            trl = self.__dict__.get("_trl", {})
-            if name in trl:
-                return trl[name]
-            if name in FIELDS:  # a TRL field prefopt has no key for, at its TRL default
-                return FIELDS[name].default
-            raise
 
     def __setattr__(self, name: str, value: Any) -> None:
         """``args.learning_rate = 1e-5`` (any flat or TRL name) rebuilds the config with it."""
