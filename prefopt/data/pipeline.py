@@ -23,7 +23,7 @@ from prefopt.data.report import DataReport, DataUnusable
 from prefopt.data.schema import (CompletionExample, PreferenceExample, PromptExample, RecordProblem,
                                  check_unicode, texts_of, validate_completion, validate_pair, validate_prompt)
 from prefopt.data.sources import RawRecord, read_records
-from prefopt.data.tokenize import EncodedExample, Encoder
+from prefopt.data.tokenize import EncodedExample, Encoder, ExampleDropped
 from prefopt.errors import ConfigError, DataError
 from prefopt.losses.base import KNOWN_COLUMNS
 
@@ -57,7 +57,7 @@ def prepare_datasets(cfg: DataConfig, tokenizer, kind: str, *, train_source: Any
     columns = (tuple(required_columns), tuple(optional_columns), tuple(record_checks))
     train_source = train_source if train_source is not None else cfg.train
     eval_source = eval_source if eval_source is not None else cfg.eval
-    encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.prompt_truncation)
+    encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.prompt_truncation, cfg.truncation)
     train = evaluation = None
     reports: list[DataReport] = []  # every dataset's, handed on when one has nothing left
     try:
@@ -289,6 +289,9 @@ def encode_all(examples: list[Example], encoder: Encoder, report: DataReport) ->
     for ex in examples:
         try:
             encoded.append(encoder.encode(ex, report))
+        except ExampleDropped as dropped:
+            report.drop(dropped.reason)
+            continue
         except RecordProblem as problem:
             report.reject(ex.origin, problem.reason, str(problem), None)
             continue
@@ -323,6 +326,7 @@ def encode_in_processes(examples: list[Example], encoder: Encoder, report: DataR
         report.rejected.update(sub.rejected)
         report.rejects.extend(sub.rejects)
         report.counts.update(sub.counts)
+        report.dropped.update(sub.dropped)
         # a "first at ..." note is kept from the earliest chunk that has one, as one process would
         kinds = {_note_kind(n) for n in report.notes}
         report.notes.extend(n for n in sub.notes if _note_kind(n) not in kinds)
