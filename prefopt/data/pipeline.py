@@ -205,9 +205,9 @@ def convert(fmt: Format, record: dict, origin, required_columns: tuple[str, ...]
     if fmt.kind == "prompt":
         return PromptExample(validate_prompt(fields["prompt"]), origin, extras)
     if fmt.kind == "paired":
-        prompt, chosen, rejected = validate_pair(fields["prompt"], fields["chosen"], fields["rejected"])
+        prompt, chosen, rejected = validate_pair(fields["prompt"], fields["chosen"], fields["rejected"], fmt.empty_ok)
         return PreferenceExample(prompt, chosen, rejected, origin, extras)
-    prompt, completion = validate_completion(fields["prompt"], fields["completion"])
+    prompt, completion = validate_completion(fields["prompt"], fields["completion"], fmt.empty_ok)
     return CompletionExample(prompt, completion, origin, fields.get("label"), extras)
 
 

@@ -28,6 +28,7 @@ class Format:
     convert: Callable[[dict], dict]  # -> {prompt, chosen, rejected} or {prompt, completion[, label]}
     description: str
     example: str
+    empty_ok: tuple[str, ...] = ()   # fields that may be empty text (HH replies, the text format's prompt)
 
 
 FORMATS: dict[str, Format] = {}
