@@ -623,9 +623,9 @@ def test_undetectable_record(tmp_path):
 
 def test_detection_priority_is_registration_order():
     from prefopt.data.formats import FORMATS
-    assert list(FORMATS) == ["sharegpt", "stack_exchange", "hh", "conversational",
+    assert list(FORMATS) == ["sharegpt", "stack_exchange", "hh", "plain_implicit", "conversational",
                              "conversational_implicit", "plain", "unpaired", "messages_label",
-                             "prompt_completion", "messages", "prompt_only"]
+                             "prompt_completion", "messages", "text", "prompt_only"]
 
 
 def test_detection_tie_goes_to_the_first_record(tmp_path):

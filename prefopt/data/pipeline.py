@@ -261,6 +261,10 @@ def as_kind(examples: list[Example], kind: str, report: DataReport) -> list[Exam
             raise ConfigError(f"{ex.origin}: the data format '{report.format}' has prompts only; training "
                               f"needs completions ({'chosen and rejected' if kind == 'paired' else 'completion'}). "
                               "Prompt-only data is for `prefopt generate` and the methods that sample")
+        if report.format == "text" and kind != "completion":
+            needs = "paired data (chosen and rejected)" if kind == "paired" else "labelled completions (label)"
+            raise ConfigError(f"{ex.origin}: the data format 'text' is plain text for language modelling "
+                              f"(SFT: `prefopt sft`); the loss needs {needs}")
         if kind == "paired":
             if not isinstance(ex, PreferenceExample):
                 raise ConfigError(f"{ex.origin}: the loss needs paired data (chosen and rejected), but "

@@ -118,5 +118,5 @@ def cannot_detect(record: dict, sampled: int = 1) -> str:
 
 
 # Registration order is detection priority: most specific first.
-from prefopt.data.formats import (sharegpt, stack_exchange, hh, conversational, plain, unpaired, sft,  # noqa: E402,F401
-                                  prompts)
+from prefopt.data.formats import (sharegpt, stack_exchange, hh, plain_implicit, conversational, plain,  # noqa: E402,F401
+                                  unpaired, sft, text, prompts)
