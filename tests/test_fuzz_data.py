@@ -463,7 +463,7 @@ def test_encoder_truncates_and_counts_or_names_the_problem(tokenizer, prompt, sh
         return
     example = PreferenceExample(prompt, chosen, rejected, Origin("<fuzz>", 0))
     full_report, report = DataReport("train"), DataReport("train")
-    full = Encoder(tokenizer, 1 << 20).encode(example, full_report)
+    full = Encoder(tokenizer, 1 << 20, truncation="strict").encode(example, full_report)  # identical: kept
     encoder = Encoder(tokenizer, max_length, max_prompt_length, truncation=truncation)
     try:
         cut = encoder.encode(example, report)
@@ -483,16 +483,16 @@ def test_encoder_truncates_and_counts_or_names_the_problem(tokenizer, prompt, sh
     else:
         limit = None
     cut_prompt = limit is not None and len(full.prompt_ids) > limit
-    assert report.counts["prompt_truncated"] == cut_prompt
     prompt_ids = full.prompt_ids[-limit:] if cut_prompt else full.prompt_ids
     room = max_length - len(prompt_ids)
-    for role in ("chosen", "rejected"):
-        assert report.counts[f"{role}_truncated"] == (len(full.completions[role]) > room)
     identical = full.completions["chosen"][:room] == full.completions["rejected"][:room]
-    if cut is None:
-        assert identical and not report.counts["pairs_identical_after_truncation"]
+    if cut is None:  # a dropped pair's cuts are not counted: the counts describe the examples kept
+        assert identical and not any(k.endswith("truncated") or k.startswith("pairs") for k in report.counts)
         event("dropped: identical after truncation")
         return
+    assert report.counts["prompt_truncated"] == cut_prompt
+    for role in ("chosen", "rejected"):
+        assert report.counts[f"{role}_truncated"] == (len(full.completions[role]) > room)
     assert cut.prompt_ids == prompt_ids and len(prompt_ids) < max_length
     for role in ("chosen", "rejected"):
         assert cut.completions[role] == full.completions[role][:room]

@@ -103,6 +103,9 @@ class Encoder:
 
     # ------------------------------------------------------------------ public
     def encode(self, example: PreferenceExample | CompletionExample, report: DataReport) -> EncodedExample:
+        """The example's ids, cut to fit (cuts counted in ``report``). Raises RecordProblem for a bad
+        record, ExampleDropped for one left out on purpose (its cuts are not counted: the truncation
+        counts describe the examples that reach the model)."""
         if isinstance(example, PreferenceExample):
             texts = {"chosen": example.chosen, "rejected": example.rejected}
         else:
@@ -119,11 +122,13 @@ class Encoder:
                        for role, text in texts.items()}
         if not prompt_ids:
             prompt_ids, completions = self._first_token_as_prompt(completions)
-        prompt_ids, completions = self._truncate(prompt_ids, completions, report)
+        prompt_ids, completions, cuts = self._truncate(prompt_ids, completions)
         if "chosen" in completions and completions["chosen"] == completions["rejected"]:
             if not self.strict:
                 raise ExampleDropped("identical_after_truncation")
             report.count("pairs_identical_after_truncation")
+        for cut in cuts:
+            report.count(cut)
         extras = {k: v for k, v in example.extras.items() if k != "ref_completion"}
         return EncodedExample(prompt_ids, completions, example.origin,
                               getattr(example, "label", None), extras)
@@ -240,17 +245,19 @@ class Encoder:
             return prompt_ids[:1] + prompt_ids[len(prompt_ids) - limit + 1:]
         return prompt_ids[len(prompt_ids) - limit:]
 
-    def _truncate(self, prompt_ids: list[int], completions: dict[str, list[int]], report: DataReport):
+    def _truncate(self, prompt_ids: list[int], completions: dict[str, list[int]]):
+        """(prompt ids, completions by role, the counts of what was cut) within max_length."""
+        cuts = []
         limit = self.prompt_limit(len(prompt_ids), max(map(len, completions.values())))
         if limit is not None and len(prompt_ids) > limit:
             prompt_ids = self.cut_prompt(prompt_ids, limit)
-            report.count("prompt_truncated")
+            cuts.append("prompt_truncated")
         self._check_room(prompt_ids)  # cannot fail under auto: the prompt keeps at most max_length - 1
         room = self.max_length - len(prompt_ids)
         out = {}
         for role, ids in completions.items():
             if len(ids) > room:
                 ids = ids[:room]
-                report.count(f"{role}_truncated")
+                cuts.append(f"{role}_truncated")
             out[role] = ids
-        return prompt_ids, out
+        return prompt_ids, out, cuts
