@@ -90,14 +90,24 @@ class DataConfig:
                            "detected, e.g. {prompt: question, chosen: good, rejected: bad}.")
     max_examples: int | None = option(None, "Use only the first N records (after reading, before "
                                       "the eval split); the count is reported.")
-    max_length: int = option(1024, "Maximum tokens of prompt + completion. Longer completions "
-                             "are truncated and counted.")
+    max_length: int = option(1024, "Maximum tokens of prompt + completion. An example that does not "
+                             "fit is cut to fit (see `truncation`); every cut is counted.")
     max_prompt_length: int | None = option(
-        None, "Maximum prompt tokens; longer prompts are truncated (see prompt_truncation) and "
-              "counted. None: prompts are never cut, and a prompt that leaves no room for a "
-              "completion within max_length is a bad record.")
-    prompt_truncation: str = option("keep_end", "Which end of a long prompt to keep.",
+        None, "Maximum prompt tokens; longer prompts are always cut to it (see prompt_truncation) and "
+              "counted. None: with truncation=auto, a prompt is cut only when the example does not fit in "
+              "max_length, and never below max_length // 2; with truncation=strict, never.")
+    prompt_truncation: str = option("keep_end", "Which end of a long prompt to keep: keep_end keeps the most "
+                                    "recent tokens (the last turns and the generation prompt; a leading BOS "
+                                    "is kept too), keep_start the beginning.",
                                     choices=("keep_end", "keep_start"))
+    truncation: str = option(
+        "auto", "What happens to an example longer than max_length. 'auto': its prompt is cut (see "
+                "prompt_truncation) until the longest completion fits, but keeps at least max_length // 2 "
+                "tokens; the completions are then cut to the room left; a pair whose chosen and rejected "
+                "become identical is dropped. Every cut and drop is counted. 'strict': a prompt is cut only "
+                "to max_prompt_length, a prompt that leaves no room for a completion is a bad record "
+                "(data.on_error), and a pair made identical by cutting its completions is kept and counted.",
+        choices=("auto", "strict"))
     on_error: str = option(
         "raise", "Bad records: 'raise' stops with file, line and problem; 'skip' skips them, "
                  "counts them and writes them to OUTPUT_DIR/rejected_records.jsonl.",

@@ -109,7 +109,7 @@ def encode_prompts(prompts: list, tokenizer, max_length: int, max_new_tokens: in
     ``max_length`` is a bad record (stops, or is skipped and counted under on_error=skip)."""
     from prefopt.data.tokenize import Encoder
 
-    encoder = Encoder(tokenizer, max(max_length, 2))
+    encoder = Encoder(tokenizer, max(max_length, 2), prompt_truncation="keep_end" if keep_end else "keep_start")
     budget = max_length - max_new_tokens
     if budget < 1:
         raise ConfigError(f"generate.max_new_tokens ({max_new_tokens}) leaves no room for a prompt within "
@@ -120,7 +120,7 @@ def encode_prompts(prompts: list, tokenizer, max_length: int, max_new_tokens: in
         try:
             text, ids = encoder.encode_prompt(ex.prompt)
             if max_prompt_length is not None and len(ids) > max_prompt_length:
-                ids = ids[-max_prompt_length:] if keep_end else ids[:max_prompt_length]
+                ids = encoder.cut_prompt(ids, max_prompt_length)  # as training cuts it (a leading BOS kept)
                 text = tokenizer.decode(ids)
                 report.count("prompt_truncated")
             if len(ids) > budget:

@@ -54,7 +54,8 @@ def too_long_case(tokenizer):
     assert n >= MAX_LENGTH
     return ("too_long", json.dumps({"prompt": LONG_PROMPT, "chosen": " a", "rejected": " b"}), "too_long",
             f"the prompt has {n} tokens, leaving no room for a completion within "
-            f"data.max_length={MAX_LENGTH}; set data.max_prompt_length to truncate prompts")
+            f"data.max_length={MAX_LENGTH} (data.truncation: strict); data.truncation: auto cuts long prompts "
+            f"to fit, data.max_prompt_length caps them")
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:
@@ -63,7 +64,9 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 
 
 def prepare(path, tokenizer, on_error="raise", **cfg):
-    cfg = DataConfig(max_length=MAX_LENGTH, on_error=on_error, **cfg)
+    """Strict truncation: a prompt that leaves no room for a completion is a bad record here (the
+    default, auto, cuts it: tests/test_data_defaults.py)."""
+    cfg = DataConfig(max_length=MAX_LENGTH, on_error=on_error, **{"truncation": "strict", **cfg})
     train, _ = prepare_datasets(cfg, tokenizer, "paired", train_source=path)
     return train
 
@@ -134,7 +137,7 @@ def test_skip_keeps_good_records_counts_and_writes_rejects(tmp_path, tokenizer):
     assert dict(report.rejected) == {"malformed": 2, "missing_field": 1, "wrong_type": 2, "empty": 2,
                                      "identical": 1, "too_long": 1}
     assert sum(report.rejected.values()) == len(bad)
-    assert "train: 12 records (plain) -> 3 examples; rejected " in report.summary()
+    assert "train: 12 records (plain) -> 3 examples; truncated: none; rejected " in report.summary()
 
     rejects_file = tmp_path / "out" / "rejected_records.jsonl"
     report.write_rejects(rejects_file)
@@ -162,7 +165,7 @@ def test_skip_with_nothing_left_is_an_error(tmp_path, tokenizer):
     with pytest.raises(DataUnusable) as err:
         prepare(path, tokenizer, on_error="skip")
     assert str(err.value) == (f"{path}: no usable examples in the train data (train: 2 records (format unknown) "
-                              f"-> 0 examples; rejected 2 malformed)")
+                              f"-> 0 examples; truncated: none; rejected 2 malformed)")
     (report,) = err.value.reports  # handed on, so the caller can write why before stopping
     assert [r["where"] for r in report.rejects] == [f"{path}:1", f"{path}:2"]
 
@@ -180,7 +183,7 @@ def test_nothing_left_still_writes_the_data_report_and_the_rejects(tiny_model_di
     with pytest.raises(DataError) as err:
         trainer.setup()
     assert str(err.value) == (f"{evaluation}: no usable examples in the eval data (eval: 2 records (plain) -> "
-                              f"0 examples; rejected 1 malformed, 1 identical)")
+                              f"0 examples; truncated: none; rejected 1 malformed, 1 identical)")
     reports = json.loads((out / "data_report.json").read_text())
     assert [(r["dataset"], r["source"], r["records"], r["examples"], r["rejected"]) for r in reports] == [
         ("train", str(train), 2, 2, {}), ("eval", str(evaluation), 2, 0, {"malformed": 1, "identical": 1})]

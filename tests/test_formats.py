@@ -133,22 +133,26 @@ def test_hh_fixture_prompt_is_up_to_the_last_assistant_marker():
 
 
 def test_hh_full_file(shared_data):
+    """Every one of the 2,312 pairs is read, its two quirks included (prefopt/data/formats/hh.py)."""
     path = shared_data / "hh_harmless_test.jsonl.gz"
     lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
-    examples, report = load(path, on_error="skip")
+    examples, report = load(path)
     assert report.format == "hh"
-    assert report.records == 2312
-    assert len(examples) == 2303
-    assert report.rejected == {"empty": 4, "mismatch": 5}
-    empty = [r["where"] for r in report.rejects if r["reason"] == "empty"]
-    mismatch = [r["where"] for r in report.rejects if r["reason"] == "mismatch"]
-    assert empty == [f"{path}:{n}" for n in (87, 517, 926, 1104)]
-    assert mismatch == [f"{path}:{n}" for n in (1255, 1689, 1951, 1953, 2037)]
-    # the reported lines really are those records (1-based): an empty chosen reply ...
-    assert json.loads(lines[87 - 1])["chosen"].endswith(MARKER + " ")
-    # ... and dialogues that differ before their last marker
-    bad = json.loads(lines[1255 - 1])
-    assert bad["chosen"].rsplit(MARKER, 1)[0] != bad["rejected"].rsplit(MARKER, 1)[0]
+    assert report.records == len(examples) == 2312 and not report.rejected
+    by_line = {e.origin.line: e for e in examples}
+    # an empty chosen reply (the assistant said nothing): a completion of whitespace, encoded as EOS alone
+    for n in (87, 517, 926, 1104):
+        assert json.loads(lines[n - 1])["chosen"].endswith(MARKER + " ")
+        assert by_line[n].chosen == " " and by_line[n].rejected.strip()
+    # dialogues that differ before their own last marker: the prompt is the shared dialogue up to
+    # its last marker, the replies run to the end
+    for n in (1255, 1689, 1951, 1953, 2037):
+        rec, ex = json.loads(lines[n - 1]), by_line[n]
+        assert rec["chosen"].rsplit(MARKER, 1)[0] != rec["rejected"].rsplit(MARKER, 1)[0]
+        assert ex.prompt + ex.chosen == rec["chosen"] and ex.prompt + ex.rejected == rec["rejected"]
+    ex = by_line[1255]
+    assert ex.prompt.endswith("\n\nHuman: Isn't that drag kings?" + MARKER)
+    assert ex.rejected.startswith(" A drag king is") and ex.chosen.startswith(" No. Men who")
     assert all(e.prompt.endswith(MARKER) for e in examples)
 
 
@@ -159,19 +163,23 @@ def test_hh_shared_first_word_stays_in_the_completions(tmp_path):
     assert (ex.chosen, ex.rejected) == (" Sure, A", " Sure, B")
 
 
-def test_hh_dialogues_differing_before_the_last_marker_are_a_mismatch(tmp_path):
+def test_hh_dialogues_differing_before_the_last_marker(tmp_path):
     good = {"chosen": "\n\nHuman: hi\n\nAssistant: yes", "rejected": "\n\nHuman: hi\n\nAssistant: no"}
     bad = {"chosen": "\n\nHuman: hi\n\nAssistant: a\n\nHuman: ok\n\nAssistant: b",
            "rejected": "\n\nHuman: hello\n\nAssistant: a\n\nHuman: ok\n\nAssistant: c"}
-    path = write_jsonl(tmp_path / "hh.jsonl", [good, bad])
+    # the replies differ in an earlier assistant turn: the shared dialogue up to its last marker is the prompt
+    late = {"chosen": "\n\nHuman: hi\n\nAssistant: a\n\nHuman: ok\n\nAssistant: b",
+            "rejected": "\n\nHuman: hi\n\nAssistant: c"}
+    path = write_jsonl(tmp_path / "hh.jsonl", [good, bad, late])
     examples, report = load(path, on_error="skip")
-    assert len(examples) == 1 and report.rejected == {"mismatch": 1}
+    assert len(examples) == 2 and report.rejected == {"mismatch": 1}
+    assert triples(examples[1:]) == [("\n\nHuman: hi\n\nAssistant:", " a\n\nHuman: ok\n\nAssistant: b", " c")]
     assert report.rejects[0]["where"] == f"{path}:2"
-    assert report.rejects[0]["problem"] == ("[hh] chosen and rejected dialogues differ before their "
-                                           "last '\\n\\nAssistant:' (no shared prompt)")
+    assert report.rejects[0]["problem"] == ("[hh] chosen and rejected dialogues share no '\\n\\nAssistant:' "
+                                           "turn (no shared prompt)")
     with pytest.raises(DataError) as err:
         load(path)
-    assert str(err.value).startswith(f"{path}:2: [hh] chosen and rejected dialogues differ")
+    assert str(err.value).startswith(f"{path}:2: [hh] chosen and rejected dialogues share no")
 
 
 def test_hh_rejected_without_marker(tmp_path):
@@ -615,9 +623,9 @@ def test_undetectable_record(tmp_path):
 
 def test_detection_priority_is_registration_order():
     from prefopt.data.formats import FORMATS
-    assert list(FORMATS) == ["sharegpt", "stack_exchange", "hh", "conversational",
+    assert list(FORMATS) == ["sharegpt", "stack_exchange", "hh", "plain_implicit", "conversational",
                              "conversational_implicit", "plain", "unpaired", "messages_label",
-                             "prompt_completion", "messages", "prompt_only"]
+                             "prompt_completion", "messages", "text", "prompt_only"]
 
 
 def test_detection_tie_goes_to_the_first_record(tmp_path):

@@ -246,7 +246,8 @@ def run(source, tokenizer, on_error: str, **cfg) -> Outcome:
     config = DataConfig(max_length=MAX_LENGTH, on_error=on_error, **cfg)
     try:
         examples = load_examples(source, config, report)
-        encoder = Encoder(tokenizer, config.max_length, config.max_prompt_length, config.prompt_truncation)
+        encoder = Encoder(tokenizer, config.max_length, config.max_prompt_length, config.prompt_truncation,
+                          config.truncation)
         encoded = encode(examples, "paired", encoder, report).examples
     except (DataError, ConfigError) as e:  # anything else fails the test with its traceback
         return Outcome(report, examples, encoded, e)
@@ -341,9 +342,10 @@ def check_accounting(skip: Outcome, path: Path, where: dict) -> None:
     for reason in skip.report.rejected:  # --hypothesis-show-statistics: what the runs exercised
         event(f"rejected: {reason}")
     event(f"outcome: {type(skip.error).__name__}")
+    dropped = sum(skip.report.dropped.values())  # pairs made identical by truncation (not by origin)
     if skip.error is None:
-        assert skip.report.records == len(where) == len(accepted) + len(rejected)
-        assert sorted(accepted + rejected) == sorted(where)
+        assert skip.report.records == len(where) == len(accepted) + len(rejected) + dropped
+        assert set(accepted + rejected) <= set(where) and len(set(accepted + rejected)) == len(accepted + rejected)
         assert skip.report.examples == len(accepted) and sum(skip.report.rejected.values()) == len(rejected)
         assert all(len(e.prompt_ids) + max(map(len, e.completions.values())) <= MAX_LENGTH for e in skip.encoded)
     elif isinstance(skip.error, DataUnusable) and skip.error.where != str(path):  # no known layout at all
@@ -438,12 +440,15 @@ PIECE = st.one_of(SAFE, WILD, st.builds(lambda w, n: w * n, SAFE, st.integers(1,
 
 @settings(FUZZ, max_examples=150)
 @given(prompt=PIECE, shared=PIECE | st.just(""), tails=st.tuples(PIECE, PIECE), conversational=st.booleans(),
-       max_length=st.integers(2, 48), max_prompt_length=st.none() | st.integers(1, 8))
+       max_length=st.integers(2, 48), max_prompt_length=st.none() | st.integers(1, 8),
+       truncation=st.sampled_from(["auto", "strict"]))
 def test_encoder_truncates_and_counts_or_names_the_problem(tokenizer, prompt, shared, tails, conversational,
-                                                          max_length, max_prompt_length):
+                                                          max_length, max_prompt_length, truncation):
     """The tokeniser on any text: ids within max_length, every cut a counted prefix (or suffix of a
-    prompt, keep_end), a pair made identical by the cut counted; or a RecordProblem. Completions
-    that share a long start become identical when cut: that case is drawn often on purpose."""
+    prompt, keep_end), a pair made identical by the cut counted (strict) or dropped (auto); or a
+    RecordProblem (a prompt with no room: strict only). Completions that share a long start become
+    identical when cut: that case is drawn often on purpose."""
+    from prefopt.data.tokenize import ExampleDropped
     from prefopt.data.schema import validate_pair
 
     chosen, rejected = " " + shared + tails[0], " " + shared + tails[1] + ("!" if tails[0] == tails[1] else "")
@@ -458,36 +463,54 @@ def test_encoder_truncates_and_counts_or_names_the_problem(tokenizer, prompt, sh
         return
     example = PreferenceExample(prompt, chosen, rejected, Origin("<fuzz>", 0))
     full_report, report = DataReport("train"), DataReport("train")
-    full = Encoder(tokenizer, 1 << 20).encode(example, full_report)
+    full = Encoder(tokenizer, 1 << 20, truncation="strict").encode(example, full_report)  # identical: kept
+    encoder = Encoder(tokenizer, max_length, max_prompt_length, truncation=truncation)
     try:
-        cut = Encoder(tokenizer, max_length, max_prompt_length).encode(example, report)
+        cut = encoder.encode(example, report)
     except RecordProblem as problem:
-        assert problem.reason == "too_long" and max_prompt_length is None
+        assert problem.reason == "too_long" and max_prompt_length is None and truncation == "strict"
         assert len(full.prompt_ids) >= max_length
         event("prompt too long")
         return
-    cut_prompt = len(full.prompt_ids) > len(cut.prompt_ids)
+    except ExampleDropped as dropped:
+        assert dropped.reason == "identical_after_truncation" and truncation == "auto"
+        cut = None
+    longest = max(map(len, full.completions.values()))
+    if max_prompt_length is not None:
+        limit = max_prompt_length
+    elif truncation == "auto" and len(full.prompt_ids) + longest > max_length:
+        limit = max(max_length - longest, max_length // 2)  # room for the longest, or half the window
+    else:
+        limit = None
+    cut_prompt = limit is not None and len(full.prompt_ids) > limit
+    prompt_ids = full.prompt_ids[-limit:] if cut_prompt else full.prompt_ids
+    room = max_length - len(prompt_ids)
+    identical = full.completions["chosen"][:room] == full.completions["rejected"][:room]
+    if cut is None:  # a dropped pair's cuts are not counted: the counts describe the examples kept
+        assert identical and not any(k.endswith("truncated") or k.startswith("pairs") for k in report.counts)
+        event("dropped: identical after truncation")
+        return
     assert report.counts["prompt_truncated"] == cut_prompt
-    assert cut.prompt_ids == (full.prompt_ids[-max_prompt_length:] if cut_prompt else full.prompt_ids)
-    room = max_length - len(cut.prompt_ids)
+    for role in ("chosen", "rejected"):
+        assert report.counts[f"{role}_truncated"] == (len(full.completions[role]) > room)
+    assert cut.prompt_ids == prompt_ids and len(prompt_ids) < max_length
     for role in ("chosen", "rejected"):
         assert cut.completions[role] == full.completions[role][:room]
-        assert report.counts[f"{role}_truncated"] == (len(full.completions[role]) > room)
-    identical = cut.completions["chosen"] == cut.completions["rejected"]
-    assert report.counts["pairs_identical_after_truncation"] == identical
-    event("identical after truncation" if identical else "completion cut" if room < len(full.completions["chosen"])
-          else "fits")
+    assert report.counts["pairs_identical_after_truncation"] == identical and (truncation == "strict" or not identical)
+    event(f"{truncation}: " + ("identical after truncation" if identical else "completion cut"
+                               if room < longest else "fits"))
 
 
 # ---------------------------------------------------------------------------- targeted examples
 def test_one_megabyte_strings(tmp_path, tokenizer):
-    """A 1 MB prompt is too long (refused before its completions are tokenised); a 1 MB completion
-    is cut to fit and counted. One file, one run: each 1 MB tokenisation costs ~2 s here."""
+    """A 1 MB prompt is too long under strict truncation (refused before its completions are
+    tokenised; auto cuts it like any long prompt); a 1 MB completion is cut to fit and counted. One
+    file, one run: each 1 MB tokenisation costs ~2 s here."""
     big = "lorem ipsum " * ((1 << 20) // 12)
     path = tmp_path / "big.jsonl"
     path.write_text(json.dumps({"prompt": big, "chosen": " a", "rejected": " b"}) + "\n"
                     + json.dumps({"prompt": "Hi", "chosen": big, "rejected": " b"}) + "\n", encoding="utf-8")
-    skip = run(path, tokenizer, "skip")
+    skip = run(path, tokenizer, "skip", truncation="strict")
     assert (skip.report.records, skip.report.examples, dict(skip.report.rejected)) == (2, 1, {"too_long": 1})
     assert skip.report.rejects[0]["where"] == f"{path}:1"
     assert re.match(r"the prompt has \d{6} tokens, leaving no room", skip.report.rejects[0]["problem"])

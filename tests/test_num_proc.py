@@ -41,11 +41,11 @@ def test_several_processes_tokenise_as_one(tokenizer, demo_records, tmp_path):
 
 def test_raise_mode_stops_at_the_earliest_bad_record(tokenizer, demo_records, tmp_path):
     rows = [dict(r) for r in demo_records if len(json.dumps(r)) < 1500][:9]
-    for i in (3, 7):  # prompts far beyond max_length with no truncation: bad records in two chunks
+    for i in (3, 7):  # prompts far beyond max_length under strict truncation: bad records in two chunks
         rows[i]["conversations"] = [{"from": "human", "value": "word " * 1100}]
     path = tmp_path / "long.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = dict(train=str(path), max_length=1024, on_error="raise", cache=False)
+    cfg = dict(train=str(path), max_length=1024, on_error="raise", cache=False, truncation="strict")
     for num_proc in (1, 3):
         with pytest.raises(DataError, match=r"long.jsonl:4: the prompt has"):
             prepare_datasets(DataConfig(num_proc=num_proc, **cfg), tokenizer, "paired")

@@ -248,7 +248,8 @@ def test_completion_truncation(tokenizer):
     chosen, rejected = " one two three four five six", " seven eight nine ten eleven"
     assert len(ids(tokenizer, prompt + chosen)) > max_length and len(ids(tokenizer, prompt + rejected)) > max_length
     report = DataReport("train")
-    enc = Encoder(tokenizer, max_length).encode(pair(prompt, chosen, rejected), report)
+    # strict: the prompt stays whole (auto would cut it too: tests/test_data_defaults.py)
+    enc = Encoder(tokenizer, max_length, truncation="strict").encode(pair(prompt, chosen, rejected), report)
     assert enc.prompt_ids == p
     assert enc.completions["chosen"] == ids(tokenizer, prompt + chosen)[len(p):][:5]
     assert enc.completions["rejected"] == ids(tokenizer, prompt + rejected)[len(p):][:5]
@@ -259,33 +260,35 @@ def test_completion_truncation(tokenizer):
     short = " one"
     n = len(ids(tokenizer, prompt + short)) - len(p) + 1
     report = DataReport("train")
-    enc = Encoder(tokenizer, len(p) + n).encode(pair(prompt, short, rejected), report)
+    enc = Encoder(tokenizer, len(p) + n, truncation="strict").encode(pair(prompt, short, rejected), report)
     assert enc.completions["chosen"][-1] == eos
     assert report.counts == {"rejected_truncated": 1}
 
 
-def test_pairs_identical_after_truncation_are_counted(tokenizer):
+def test_pairs_identical_after_truncation_are_counted_and_kept_under_strict(tokenizer):
     prompt = "Count:"
     p = ids(tokenizer, prompt)
     chosen, rejected = " one two three four five six", " one two three four five seven"
     common = ids(tokenizer, prompt + chosen)[len(p):][:4]
     assert common == ids(tokenizer, prompt + rejected)[len(p):][:4]
     report = DataReport("train")
-    enc = Encoder(tokenizer, len(p) + 4).encode(pair(prompt, chosen, rejected), report)
+    enc = Encoder(tokenizer, len(p) + 4, truncation="strict").encode(pair(prompt, chosen, rejected), report)
     assert enc.completions["chosen"] == enc.completions["rejected"] == common
     assert report.counts == {"chosen_truncated": 1, "rejected_truncated": 1,
                              "pairs_identical_after_truncation": 1}
 
 
-def test_prompt_too_long_without_max_prompt_length(tokenizer):
+def test_prompt_too_long_without_max_prompt_length_under_strict(tokenizer):
     n = len(ids(tokenizer, LONG))
     with pytest.raises(RecordProblem) as err:
-        Encoder(tokenizer, max_length=n).encode(pair(LONG, " yes", " no"), DataReport("train"))
+        Encoder(tokenizer, max_length=n, truncation="strict").encode(pair(LONG, " yes", " no"), DataReport("train"))
     assert err.value.reason == "too_long"
     assert str(err.value) == (f"the prompt has {n} tokens, leaving no room for a completion within "
-                              f"data.max_length={n}; set data.max_prompt_length to truncate prompts")
+                              f"data.max_length={n} (data.truncation: strict); data.truncation: auto cuts long "
+                              f"prompts to fit, data.max_prompt_length caps them")
     # one token of room is enough
-    enc = Encoder(tokenizer, max_length=n + 1).encode(pair(LONG, " yes", " no"), DataReport("train"))
+    enc = Encoder(tokenizer, max_length=n + 1, truncation="strict").encode(pair(LONG, " yes", " no"),
+                                                                           DataReport("train"))
     assert len(enc.completions["chosen"]) == 1
 
 

@@ -23,7 +23,7 @@ SCRIPTS = {
         model = AutoModelForCausalLM.from_pretrained(MODEL)
         tokenizer = AutoTokenizer.from_pretrained(MODEL)
         training_args = DPOConfig(output_dir=OUT, logging_steps=1, max_steps=3, per_device_train_batch_size=2,
-                                  learning_rate=1e-3, max_length=128, max_prompt_length=64, report_to="none")
+                                  learning_rate=1e-3, max_length=128, report_to="none")
         trainer = DPOTrainer(model=model, args=training_args, processing_class=tokenizer, train_dataset=TRAIN)
         trainer.train()
     """,
@@ -77,7 +77,7 @@ SCRIPTS = {
 
         recorder = Recorder()
         args = DPOConfig(output_dir=OUT, max_steps=10, per_device_train_batch_size=2, logging_steps=2,
-                         learning_rate=1e-3, max_length=128, max_prompt_length=64)
+                         learning_rate=1e-3, max_length=128)
         trainer = DPOTrainer(MODEL, args=args, train_dataset=TRAIN, eval_dataset=EVAL, processing_class=TOKENIZER,
                              callbacks=[recorder])
         trainer.train()
@@ -87,14 +87,14 @@ SCRIPTS = {
         from trl import KTOConfig, KTOTrainer
 
         args = KTOConfig(output_dir=OUT, max_steps=2, per_device_train_batch_size=4, desirable_weight=1.0,
-                         undesirable_weight=1.5, max_length=128, max_prompt_length=64, logging_steps=1)
+                         undesirable_weight=1.5, max_length=128, logging_steps=1)
         trainer = KTOTrainer(model=MODEL, args=args, processing_class=TOKENIZER, train_dataset=UNPAIRED)
         trainer.train()
     """,
     "reward": """
         from trl import RewardConfig, RewardTrainer
 
-        args = RewardConfig(output_dir=OUT, max_steps=2, per_device_train_batch_size=2, max_length=128, max_prompt_length=64,
+        args = RewardConfig(output_dir=OUT, max_steps=2, per_device_train_batch_size=2, max_length=128,
                             center_rewards_coefficient=0.01, logging_steps=1)
         trainer = RewardTrainer(model=MODEL, args=args, processing_class=TOKENIZER, train_dataset=TRAIN)
         trainer.train()
@@ -203,7 +203,7 @@ def test_push_to_hub_goes_through_huggingface_hub(tiny_model_dir, tokenizer, dat
                                               commit_message=commit_message, commit_description="", oid="abc")
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    args = DPOConfig(output_dir=str(tmp_path), max_steps=1, max_length=128, max_prompt_length=64,
+    args = DPOConfig(output_dir=str(tmp_path), max_steps=1, max_length=128,
                      push_to_hub=True, hub_model_id="org/tiny-dpo", hub_private_repo=True, hub_revision="v1")
     DPOTrainer(str(tiny_model_dir), args=args, train_dataset=data[0], processing_class=tokenizer).train()
     assert calls[0] == ("create_repo", "org/tiny-dpo", True, True)

@@ -124,7 +124,8 @@ def _report_dict(r: DataReport) -> dict:
 
 
 def _report(d: dict) -> DataReport:
-    return DataReport(**{**d, "rejected": Counter(d["rejected"]), "counts": Counter(d["counts"])})
+    return DataReport(**{**d, "rejected": Counter(d["rejected"]), "counts": Counter(d["counts"]),
+                         "dropped": Counter(d.get("dropped", {}))})
 
 
 def store(folder: Path, datasets: tuple) -> None:

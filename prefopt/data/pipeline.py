@@ -24,7 +24,7 @@ from prefopt.data.report import DataReport, DataUnusable
 from prefopt.data.schema import (CompletionExample, PreferenceExample, PromptExample, RecordProblem,
                                  check_unicode, texts_of, validate_completion, validate_pair, validate_prompt)
 from prefopt.data.sources import RawRecord, read_records
-from prefopt.data.tokenize import EncodedExample, Encoder
+from prefopt.data.tokenize import EncodedExample, Encoder, ExampleDropped
 from prefopt.errors import ConfigError, DataError
 from prefopt.losses.base import KNOWN_COLUMNS
 
@@ -58,7 +58,7 @@ def prepare_datasets(cfg: DataConfig, tokenizer, kind: str, *, train_source: Any
     columns = (tuple(required_columns), tuple(optional_columns), tuple(record_checks))
     train_source = train_source if train_source is not None else cfg.train
     eval_source = eval_source if eval_source is not None else cfg.eval
-    encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.prompt_truncation)
+    encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.prompt_truncation, cfg.truncation)
     train = evaluation = None
     reports: list[DataReport] = []  # every dataset's, handed on when one has nothing left
     try:
@@ -206,9 +206,9 @@ def convert(fmt: Format, record: dict, origin, required_columns: tuple[str, ...]
     if fmt.kind == "prompt":
         return PromptExample(validate_prompt(fields["prompt"]), origin, extras)
     if fmt.kind == "paired":
-        prompt, chosen, rejected = validate_pair(fields["prompt"], fields["chosen"], fields["rejected"])
+        prompt, chosen, rejected = validate_pair(fields["prompt"], fields["chosen"], fields["rejected"], fmt.empty_ok)
         return PreferenceExample(prompt, chosen, rejected, origin, extras)
-    prompt, completion = validate_completion(fields["prompt"], fields["completion"])
+    prompt, completion = validate_completion(fields["prompt"], fields["completion"], fmt.empty_ok)
     return CompletionExample(prompt, completion, origin, fields.get("label"), extras)
 
 
@@ -262,6 +262,10 @@ def as_kind(examples: list[Example], kind: str, report: DataReport) -> list[Exam
             raise ConfigError(f"{ex.origin}: the data format '{report.format}' has prompts only; training "
                               f"needs completions ({'chosen and rejected' if kind == 'paired' else 'completion'}). "
                               "Prompt-only data is for `prefopt generate` and the methods that sample")
+        if report.format == "text" and kind != "completion":
+            needs = "paired data (chosen and rejected)" if kind == "paired" else "labelled completions (label)"
+            raise ConfigError(f"{ex.origin}: the data format 'text' is plain text for language modelling "
+                              f"(SFT: `prefopt sft`); the loss needs {needs}")
         if kind == "paired":
             if not isinstance(ex, PreferenceExample):
                 raise ConfigError(f"{ex.origin}: the loss needs paired data (chosen and rejected), but "
@@ -291,6 +295,9 @@ def encode_all(examples: list[Example], encoder: Encoder, report: DataReport,
     for ex in console.progress(examples, f"tokenising {report.name}", unit="example", enabled=show):
         try:
             encoded.append(encoder.encode(ex, report))
+        except ExampleDropped as dropped:
+            report.drop(dropped.reason)
+            continue
         except RecordProblem as problem:
             report.reject(ex.origin, problem.reason, str(problem), None)
             continue
@@ -344,6 +351,7 @@ def _merge(report: DataReport, sub: DataReport, error) -> None:
     report.rejected.update(sub.rejected)
     report.rejects.extend(sub.rejects)
     report.counts.update(sub.counts)
+    report.dropped.update(sub.dropped)
     # a "first at ..." note is kept from the earliest chunk that has one, as one process would
     kinds = {_note_kind(n) for n in report.notes}
     report.notes.extend(n for n in sub.notes if _note_kind(n) not in kinds)

@@ -3,7 +3,15 @@
 A ``DataReport`` is filled while a dataset is read, converted and tokenised. It applies
 the ``data.on_error`` policy: with ``raise`` a bad record stops the run with its file,
 line and problem; with ``skip`` it is counted by reason and kept for
-``OUTPUT_DIR/rejected_records.jsonl``.
+``OUTPUT_DIR/rejected_records.jsonl``. An example left out on purpose (a pair whose chosen and
+rejected become identical when cut to ``data.max_length``) is *dropped*: counted by reason,
+never a stop. ``records`` = ``examples`` + dropped + rejected for paired data (conversions
+between kinds of data, e.g. a pair split into two unpaired examples, are counted apart).
+
+``summary()`` is the one line printed per dataset when the data is ready, e.g.::
+
+    train: 300 records (sharegpt) -> 299 examples; truncated: 292 prompts, 153 chosen, 161 rejected;
+    dropped 1: 1 chosen == rejected after truncation
 """
 from __future__ import annotations
 
@@ -19,6 +27,11 @@ from prefopt.errors import DataError
 
 log = logging.getLogger("prefopt")
 
+# count key -> how the summary line names it
+TRUNCATED = {"prompt_truncated": "prompts", "chosen_truncated": "chosen", "rejected_truncated": "rejected",
+             "completion_truncated": "completions", "ref_completion_truncated": "reference completions"}
+DROP_REASONS = {"identical_after_truncation": "chosen == rejected after truncation"}
+
 
 @dataclass
 class DataReport:
@@ -30,6 +43,7 @@ class DataReport:
     rejected: Counter = field(default_factory=Counter)  # reason -> count
     rejects: list[dict] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)    # truncations, mismatches, conversions
+    dropped: Counter = field(default_factory=Counter)   # reason -> examples left out on purpose
     notes: list[str] = field(default_factory=list)      # warnings worth reading once
     source: str | None = None      # the file (or object) read, for messages about the whole dataset
 
@@ -44,17 +58,27 @@ class DataReport:
     def count(self, what: str, n: int = 1) -> None:
         self.counts[what] += n
 
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] += 1
+
     def as_dict(self) -> dict:
         return {"dataset": self.name, "source": self.source, "format": self.format, "records": self.records,
-                "examples": self.examples, "rejected": dict(self.rejected),
+                "examples": self.examples, "rejected": dict(self.rejected), "dropped": dict(self.dropped),
                 **{k: v for k, v in sorted(self.counts.items())}, "notes": self.notes}
 
     def summary(self) -> str:
+        """One line: records -> examples, every truncation by part, every drop and reject by reason,
+        then the other counts (conversions, boundary mismatches...)."""
         parts = [f"{self.name}: {self.records} records ({self.format or 'format unknown'}) -> "
                  f"{self.examples} examples"]
+        cut = [f"{self.counts[key]} {label}" for key, label in TRUNCATED.items() if self.counts[key]]
+        parts.append("truncated: " + (", ".join(cut) if cut else "none"))
+        if self.dropped:
+            parts.append(f"dropped {sum(self.dropped.values())}: " + ", ".join(
+                f"{n} {DROP_REASONS.get(r, r)}" for r, n in self.dropped.most_common()))
         if self.rejected:
             parts.append("rejected " + ", ".join(f"{n} {r}" for r, n in self.rejected.most_common()))
-        parts += [f"{n} {what}" for what, n in sorted(self.counts.items()) if n]
+        parts += [f"{n} {what}" for what, n in sorted(self.counts.items()) if n and what not in TRUNCATED]
         return "; ".join(parts)
 
     def write_rejects(self, path: Path) -> None:

@@ -109,12 +109,12 @@ def check_unicode(text: str, what: str) -> str:
     return text
 
 
-def check_text(value: Any, what: str, *, conversational: bool | None = None) -> Text:
-    """Validate a prompt or completion: non-empty text, or well-formed messages."""
+def check_text(value: Any, what: str, *, conversational: bool | None = None, empty_ok: bool = False) -> Text:
+    """Validate a prompt or completion: non-empty text (``empty_ok``: any text), or well-formed messages."""
     if isinstance(value, str):
         if conversational:
             raise RecordProblem("wrong_type", f"{what} is text but the prompt is a conversation")
-        if not value.strip():
+        if not value.strip() and not empty_ok:
             raise RecordProblem("empty", f"{what} is empty")
         return check_unicode(value, what)
     if isinstance(value, list):
@@ -141,11 +141,12 @@ def check_text(value: Any, what: str, *, conversational: bool | None = None) -> 
                                       f"{type(value).__name__}")
 
 
-def validate_pair(prompt: Any, chosen: Any, rejected: Any) -> tuple[Text, Text, Text]:
+def validate_pair(prompt: Any, chosen: Any, rejected: Any, empty_ok: tuple[str, ...] = ()) -> tuple[Text, Text, Text]:
+    """``empty_ok``: the fields that may be empty text (HH's empty replies: the assistant said nothing)."""
     prompt = check_text(prompt, "prompt")
     conv = isinstance(prompt, list)
-    chosen = check_text(chosen, "chosen", conversational=conv)
-    rejected = check_text(rejected, "rejected", conversational=conv)
+    chosen = check_text(chosen, "chosen", conversational=conv, empty_ok="chosen" in empty_ok)
+    rejected = check_text(rejected, "rejected", conversational=conv, empty_ok="rejected" in empty_ok)
     if conv:
         _check_prompt_turns(prompt)
         for name, comp in (("chosen", chosen), ("rejected", rejected)):
@@ -157,8 +158,9 @@ def validate_pair(prompt: Any, chosen: Any, rejected: Any) -> tuple[Text, Text, 
     return prompt, chosen, rejected
 
 
-def validate_completion(prompt: Any, completion: Any) -> tuple[Text, Text]:
-    prompt = check_text(prompt, "prompt")
+def validate_completion(prompt: Any, completion: Any, empty_ok: tuple[str, ...] = ()) -> tuple[Text, Text]:
+    """``empty_ok``: the fields that may be empty text (the text format's prompt)."""
+    prompt = check_text(prompt, "prompt", empty_ok="prompt" in empty_ok)
     conv = isinstance(prompt, list)
     completion = check_text(completion, "completion", conversational=conv)
     if conv:

@@ -13,10 +13,24 @@ Rules (each one fixes a bug users hit in the anchors):
 * Every completion ends with EOS: appended when missing; tokens after a final EOS that
   only carry whitespace (e.g. the "\\n" after ``<|im_end|>`` in ChatML) are dropped, so
   the model learns to stop at EOS.
-* ``max_prompt_length`` truncates long prompts (``keep_end`` keeps the most recent
-  turns, ``keep_start`` the beginning); completions that do not fit in ``max_length``
-  are truncated. Both are counted in the DataReport. A prompt that leaves no room for a
-  completion is a bad record.
+* An empty text prompt (the ``text`` format: language modelling) has no position the first
+  token could be predicted from: unless the tokenizer adds a BOS, the first token becomes the
+  prompt, as a causal LM's loss never scores the first token either. The ids are then exactly
+  ``tokenizer(text) + [EOS]``.
+
+Truncation (``data.truncation``; every cut and every drop is counted in the DataReport):
+
+* ``max_prompt_length``, when set, always caps the prompt.
+* ``auto`` (the default): an example longer than ``max_length`` first gives up prompt tokens,
+  until its longest completion fits but never below ``max_length // 2`` (a long dialogue keeps
+  its last turns, a long answer still gets half of the window); the completions are then cut
+  to the room left (``keep_start``: a completion is generated from its start). The prompt is
+  cut at the end ``prompt_truncation`` names (``keep_end``: the most recent tokens, after a
+  leading BOS, which is kept). A pair whose completions become identical is dropped
+  (``ExampleDropped``): it has no preference left to learn.
+* ``strict``: the prompt is cut only to ``max_prompt_length``; a prompt that leaves no room for
+  a completion is a bad record (``data.on_error``); completions are cut to fit (counted), and a
+  pair they make identical is kept and counted.
 """
 from __future__ import annotations
 
@@ -29,6 +43,17 @@ from prefopt.data.report import DataReport
 from prefopt.data.schema import (CompletionExample, Origin, PreferenceExample, RecordProblem, Text,
                                  check_unicode)
 from prefopt.errors import ConfigError
+
+TRUNCATION_MODES = ("auto", "strict")
+
+
+class ExampleDropped(Exception):
+    """An example left out on purpose (not a bad record): counted in ``DataReport.dropped`` under
+    ``reason``, never a stop under ``data.on_error: raise``."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
 
 
 @dataclass
@@ -55,7 +80,7 @@ class EncodedExample:
 
 class Encoder:
     def __init__(self, tokenizer, max_length: int, max_prompt_length: int | None = None,
-                 prompt_truncation: str = "keep_end"):
+                 prompt_truncation: str = "keep_end", truncation: str = "auto"):
         if tokenizer.eos_token_id is None:
             raise ConfigError("the tokenizer has no EOS token; set one (tokenizer.eos_token) so "
                               "completions can end")
@@ -65,15 +90,22 @@ class Encoder:
         if max_prompt_length is not None and max_prompt_length >= max_length:
             raise ConfigError(f"data.max_prompt_length ({max_prompt_length}) must be smaller than "
                               f"data.max_length ({max_length})")
+        if truncation not in TRUNCATION_MODES:
+            raise ConfigError(f"data.truncation must be one of {', '.join(TRUNCATION_MODES)} (got {truncation!r})")
         self.tok = tokenizer
         self.eos = tokenizer.eos_token_id
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
         self.keep_end = prompt_truncation == "keep_end"
+        self.strict = truncation == "strict"
+        self.bos = tokenizer.bos_token_id
         self._whitespace: dict[int, bool] = {}
 
     # ------------------------------------------------------------------ public
     def encode(self, example: PreferenceExample | CompletionExample, report: DataReport) -> EncodedExample:
+        """The example's ids, cut to fit (cuts counted in ``report``). Raises RecordProblem for a bad
+        record, ExampleDropped for one left out on purpose (its cuts are not counted: the truncation
+        counts describe the examples that reach the model)."""
         if isinstance(example, PreferenceExample):
             texts = {"chosen": example.chosen, "rejected": example.rejected}
         else:
@@ -83,14 +115,20 @@ class Encoder:
             texts["ref_completion"] = [{"role": "assistant", "content": ref}] if example.conversational else ref
         prompt_text = self._render_prompt(example.prompt)
         prompt_ids = self._ids(prompt_text, conversational=example.conversational)
-        if self.max_prompt_length is None:  # refused before tokenising its completions (a 1 MB prompt)
-            self._check_room(prompt_ids)
+        if self.strict and self.max_prompt_length is None:  # refused before tokenising its completions
+            self._check_room(prompt_ids)                     # (a 1 MB prompt)
         completions = {role: self._completion_ids(example.prompt, prompt_text, prompt_ids, text,
                                                   report, example.origin)
                        for role, text in texts.items()}
-        prompt_ids, completions = self._truncate(prompt_ids, completions, report)
+        if not prompt_ids:
+            prompt_ids, completions = self._first_token_as_prompt(completions)
+        prompt_ids, completions, cuts = self._truncate(prompt_ids, completions)
         if "chosen" in completions and completions["chosen"] == completions["rejected"]:
+            if not self.strict:
+                raise ExampleDropped("identical_after_truncation")
             report.count("pairs_identical_after_truncation")
+        for cut in cuts:
+            report.count(cut)
         extras = {k: v for k, v in example.extras.items() if k != "ref_completion"}
         return EncodedExample(prompt_ids, completions, example.origin,
                               getattr(example, "label", None), extras)
@@ -170,24 +208,56 @@ class Encoder:
             return ids[:end]
         return ids + [self.eos]
 
+    @staticmethod
+    def _first_token_as_prompt(completions: dict[str, list[int]]):
+        """An empty prompt (text without BOS): the first token, which nothing predicts, is the prompt."""
+        firsts = {tuple(ids[:1]) for ids in completions.values()}
+        if len(firsts) != 1 or any(len(ids) < 2 for ids in completions.values()):
+            raise RecordProblem("empty", "the prompt is empty and the completions do not share a first "
+                                         "token to condition on")
+        (first,) = firsts
+        return list(first), {role: ids[1:] for role, ids in completions.items()}
+
     # ------------------------------------------------------------------ truncation
     def _check_room(self, prompt_ids: list[int]) -> None:
         if len(prompt_ids) >= self.max_length:
             raise RecordProblem("too_long", f"the prompt has {len(prompt_ids)} tokens, leaving no room for "
-                                            f"a completion within data.max_length={self.max_length}; set "
-                                            f"data.max_prompt_length to truncate prompts")
+                                            f"a completion within data.max_length={self.max_length} "
+                                            f"(data.truncation: strict); data.truncation: auto cuts long "
+                                            f"prompts to fit, data.max_prompt_length caps them")
 
-    def _truncate(self, prompt_ids: list[int], completions: dict[str, list[int]], report: DataReport):
-        limit = self.max_prompt_length
+    def prompt_limit(self, prompt_len: int, longest_completion: int) -> int | None:
+        """How many prompt tokens an example keeps (None: all). ``max_prompt_length`` when set;
+        else, under ``auto``, only what leaves room for the longest completion, but at least
+        ``max_length // 2``: a long dialogue keeps its most recent part, a long answer half the window."""
+        if self.max_prompt_length is not None:
+            return self.max_prompt_length
+        if self.strict or prompt_len + longest_completion <= self.max_length:
+            return None
+        return max(self.max_length - longest_completion, self.max_length // 2)
+
+    def cut_prompt(self, prompt_ids: list[int], limit: int) -> list[int]:
+        """The ``limit`` prompt tokens kept: the last ones (``keep_end``; a leading BOS stays first,
+        since the model never saw text without it) or the first ones (``keep_start``)."""
+        if not self.keep_end:
+            return prompt_ids[:limit]
+        if self.bos is not None and prompt_ids[0] == self.bos and limit > 1:
+            return prompt_ids[:1] + prompt_ids[len(prompt_ids) - limit + 1:]
+        return prompt_ids[len(prompt_ids) - limit:]
+
+    def _truncate(self, prompt_ids: list[int], completions: dict[str, list[int]]):
+        """(prompt ids, completions by role, the counts of what was cut) within max_length."""
+        cuts = []
+        limit = self.prompt_limit(len(prompt_ids), max(map(len, completions.values())))
         if limit is not None and len(prompt_ids) > limit:
-            prompt_ids = prompt_ids[-limit:] if self.keep_end else prompt_ids[:limit]
-            report.count("prompt_truncated")
-        self._check_room(prompt_ids)
+            prompt_ids = self.cut_prompt(prompt_ids, limit)
+            cuts.append("prompt_truncated")
+        self._check_room(prompt_ids)  # cannot fail under auto: the prompt keeps at most max_length - 1
         room = self.max_length - len(prompt_ids)
         out = {}
         for role, ids in completions.items():
             if len(ids) > room:
                 ids = ids[:room]
-                report.count(f"{role}_truncated")
+                cuts.append(f"{role}_truncated")
             out[role] = ids
-        return prompt_ids, out
+        return prompt_ids, out, cuts

@@ -236,8 +236,8 @@ def resolve_resume(resume_from: str, output_dir: Path) -> Path:
 SAME_RUN_KEYS = ("model.name_or_path", "model.tokenizer", "model.lora", "model.dtype", "model.load_in_4bit",
                  "model.chat_template", "loss", "reference.strategy", "reference.name_or_path", "data.train",
                  "data.split", "data.columns", "data.format", "data.eval_split_size", "data.max_length",
-                 "data.max_prompt_length", "data.prompt_truncation", "data.layout", "data.max_examples",
-                 "data.max_tokens_per_batch", "data.max_tokens_per_row", "data.group_by_length",
+                 "data.max_prompt_length", "data.prompt_truncation", "data.truncation", "data.layout",
+                 "data.max_examples", "data.max_tokens_per_batch", "data.max_tokens_per_row", "data.group_by_length",
                  "train.per_device_train_batch_size", "train.gradient_accumulation_steps", "train.seed",
                  "num_processes")
 

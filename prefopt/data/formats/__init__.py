@@ -28,6 +28,7 @@ class Format:
     convert: Callable[[dict], dict]  # -> {prompt, chosen, rejected} or {prompt, completion[, label]}
     description: str
     example: str
+    empty_ok: tuple[str, ...] = ()   # fields that may be empty text (HH replies, the text format's prompt)
 
 
 FORMATS: dict[str, Format] = {}
@@ -117,5 +118,5 @@ def cannot_detect(record: dict, sampled: int = 1) -> str:
 
 
 # Registration order is detection priority: most specific first.
-from prefopt.data.formats import (sharegpt, stack_exchange, hh, conversational, plain, unpaired, sft,  # noqa: E402,F401
-                                  prompts)
+from prefopt.data.formats import (sharegpt, stack_exchange, hh, plain_implicit, conversational, plain,  # noqa: E402,F401
+                                  unpaired, sft, text, prompts)
