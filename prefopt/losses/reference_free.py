@@ -100,9 +100,15 @@ def orpo(inputs: LossInputs, p: ORPOParams) -> LossOutput:
     p is the **length-averaged** likelihood, log p = log πθ(y|x)/|y| (as the paper and its
     official code define P_θ(y|x)), and log odds(y) = log p − log(1 − p), with log(1 − p)
     computed stably by ``log1m_exp`` (finite at p → 1 and at p → 0).
-    L_SFT = NLL(y_w) = −log πθ(y_w|x)/|y_w| per example (the official code and TRL average
-    the cross-entropy over all chosen tokens of the batch instead; per example it is the same
-    quantity, weighted per example rather than per token).
+    L_SFT = NLL(y_w) = −log πθ(y_w|x)/|y_w| per example, over the **completion tokens only**.
+    This departs on purpose from TRL 1.16 and the authors' default: TRL's ORPOTrainer computes the
+    chosen NLL as the cross-entropy over every attended token of prompt + chosen ("computed over
+    the full prompt and response"; its labels are the input ids wherever the attention mask is
+    1), and the authors' code (xfactlab/orpo) does the same unless ``disable_prompt_loss`` is set
+    (off by default); both average it over all those tokens of the batch. prefopt keeps the
+    prompt as context only (as every prefopt loss does, and as the paper's eq. 6 writes
+    L_SFT over y_w), so a long prompt does not dilute the chosen NLL nor train the model to write
+    prompts; the odds-ratio term uses completion tokens in all three.
 
     Rewards are β·(average log-prob), as TRL reports them. Metrics: ``loss/nll`` (NLL(y_w))
     and ``orpo/log_odds_ratio`` = log odds(y_w) − log odds(y_l) per example (TRL logs this

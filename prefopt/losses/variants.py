@@ -378,7 +378,7 @@ def exo_pair(inputs: LossInputs, p: EXOParams) -> LossOutput:
     "bco_pair", params=BetaParams, stateful=True,
     paper="Jung et al. 2024, Binary Classifier Optimization for Large Language Model Alignment (BCO), "
           "arXiv:2404.04656, the BCO loss with reward shift δ, applied to both completions of a pair "
-          "(TRL's bco_pair)",
+          "(TRL's bco_pair name; TRL 1.16 has dropped δ, prefopt keeps the paper's)",
     equation="−log σ(β r_w − δ) − log σ(−(β r_l − δ)), δ = running mean of β·r",
     summary="A binary classifier on each completion's reward (chosen = 1, rejected = 0) around a "
             "running reward mean δ (the paired form of BCO).")
@@ -389,12 +389,17 @@ def bco_pair(inputs: LossInputs, p: BetaParams) -> LossOutput:
     batch**, kept in ``inputs.state`` as ``count`` (rewards seen) and ``mean``:
     mean ← mean + (m_batch − mean)·n/(count + n), count ← count + n, with n = 2B and m_batch the
     (detached) mean of the batch's 2B rewards. Every reward weighs the same, so the δ at the end
-    of an optimizer step does not depend on how the step was split into micro-batches. (TRL's
-    RunningMoments is updated with the scalar batch mean and so weighs every micro-batch as one
-    sample; both agree when micro-batches have equal sizes.) Without a state dict δ is the batch
+    of an optimizer step does not depend on how the step was split into micro-batches. Without a
+    state dict δ is the batch
     mean. With several processes the batch mean is averaged over all of them first, so every
     process holds the same δ (and the checkpointed state is every process's). Evaluation passes a copy of the state:
     δ then includes the evaluated batch but is not stored. Metric ``bco/delta``.
+
+    TRL 1.16 no longer has δ: its DPOTrainer's bco_pair is −log σ(βr_w) − log σ(−βr_l), with no
+    running mean (the RunningMoments class is gone from the package), i.e. this loss at δ = 0.
+    prefopt keeps the paper's reward shift; TRL's earlier releases (the DPOTrainer's bco_pair
+    with RunningMoments) updated it with the scalar batch mean, so every micro-batch weighed as one
+    sample where prefopt weighs every reward the same (the two agree on equal micro-batches).
 
     Hand check (β = 0.1), one state dict across two calls. Call 1, pairs A (r_w = 2, r_l = −1)
     and B (r_w = −1, r_l = −3): rewards βr_w = [0.2, −0.1], βr_l = [−0.1, −0.3], mean −0.3/4 =
