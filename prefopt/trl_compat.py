@@ -368,9 +368,11 @@ LOSS_DEFAULTS = {"beta": 0.1, "label_smoothing": 0.0, "f_divergence_type": "reve
                  "discopop_tau": 0.05, "ld_alpha": None, "use_weighting": False, "cpo_alpha": 1.0, "simpo_gamma": 0.5,
                  "desirable_weight": 1.0, "undesirable_weight": 1.0, "center_rewards_coefficient": None}
 F_DIVERGENCES = {"js_divergence": "js", "alpha_divergence": "alpha"}  # TRL's values -> prefopt's
-LOSS_TYPES = {"cpo": {"sigmoid": "cpo", "simpo": "simpo"}, "kto": {"kto": "kto"}}
-NOT_YET = {"cpo": {"hinge": "CPO's hinge variant", "ipo": "CPO's IPO variant", "alphapo": "AlphaPO"},
-           "kto": {"apo_zero_unpaired": "APO-zero for unpaired data"}}
+# A loss type maps to a registry name, or to a term (a name with fixed parameters).
+LOSS_TYPES = {"cpo": {"sigmoid": "cpo", "simpo": "simpo", "hinge": {"name": "cpo", "loss": "hinge"},
+                      "ipo": {"name": "cpo", "loss": "ipo"}, "alphapo": "alphapo"},
+              "kto": {"kto": "kto"}}
+NOT_YET = {"kto": {"apo_zero_unpaired": "APO-zero for unpaired data"}}
 JOINT = ("loss_type", "loss_weights", "rpo_alpha", "sync_ref_model", "ref_model_sync_steps", "ref_model_mixup_alpha",
          "alpha", "use_peft", *LORA)
 
@@ -473,34 +475,50 @@ def _losses(kwargs: dict, kind: str, default_loss: str, given: bool) -> dict:
     params = {LOSS_PARAMS[k]: F_DIVERGENCES.get(v, v) if k == "f_divergence_type" else v
               for k, v in kwargs.items() if k in LOSS_PARAMS}
     params = {k: v for k, v in params.items() if not (k == "ld_alpha" and v is None) and not (k == "wpo" and not v)}
-    if kwargs.get("alpha"):  # CPOConfig's AlphaPO
-        raise ConfigError("alpha (AlphaPO) is not in prefopt yet")
+    shape = float(kwargs.get("alpha") or 0.0)  # CPOConfig's AlphaPO reward shape (0: the log reward)
     types, weights, rpo = kwargs.get("loss_type"), kwargs.get("loss_weights"), kwargs.get("rpo_alpha")
-    if types is None and weights is None and not rpo:
+    if types is None and weights is None and not rpo and not shape:
         return params
     if given:
         raise ConfigError("loss and loss_type both given: use one (loss_type and loss_weights are TRL's names)")
-    names = [types] if isinstance(types, str) else list(types or [default_loss])
-    names = [_loss_name(n, kind) for n in names]
-    weights = [1.0] * len(names) if weights is None else list(weights)
-    if len(weights) != len(names):
-        raise ConfigError(f"loss_weights has {len(weights)} values for {len(names)} loss types {names}")
-    terms = [{"name": n, "weight": float(w)} for n, w in zip(names, weights)]
-    if kind == "cpo" and names == ["simpo"]:  # TRL's CPO-SimPO: SimPO + cpo_alpha * NLL of the chosen
+    types = [types] if isinstance(types, str) else list(types or [default_loss])
+    weights = [1.0] * len(types) if weights is None else list(weights)
+    if len(weights) != len(types):
+        raise ConfigError(f"loss_weights has {len(weights)} values for {len(types)} loss types {types}")
+    terms = [{**_loss_term(t, kind), "weight": float(w)} for t, w in zip(types, weights)]
+    if kind == "cpo" and types == ["alphapo"]:  # TRL's AlphaPO is SimPO's objective with cpo_alpha set to 0
+        if not _same(params.pop("alpha", 0.0), 0.0):
+            log.info("cpo_alpha has no effect with loss_type='alphapo': TRL sets it to 0 (no NLL term)")
+    if kind == "cpo" and types == ["simpo"]:  # TRL's CPO-SimPO: SimPO + cpo_alpha * NLL of the chosen
+        if shape:  # ... whose reward takes AlphaPO's shape when alpha is set
+            terms[0]["name"] = "alphapo"
         alpha = float(params.pop("alpha", 1.0))
         if alpha:
             terms.append({"name": "sft", "weight": alpha})
     if rpo:  # older TRL: DPO + rpo_alpha * NLL of the chosen (TRL 1.16 writes it as loss_type [sigmoid, sft])
         terms.append({"name": "sft", "weight": float(rpo)})
+    alphapo = [t for t in terms if t["name"] == "alphapo"]
+    if shape and not alphapo:
+        if kind != "cpo":
+            raise ConfigError(f"alpha={shape:g} is CPOConfig's AlphaPO reward shape: use CPOConfig("
+                              "loss_type='alphapo', alpha=...), or the loss {name: alphapo, alpha: ...}")
+        raise ConfigError(f"alpha={shape:g} with loss_type {types[0]!r}: TRL reshapes CPO's own rewards with it "
+                          "(summed log-probs for sigmoid and hinge); prefopt has AlphaPO as the paper defines "
+                          "it, on SimPO's length-averaged log-probs: use loss_type='alphapo' (the loss "
+                          "alphapo), or 'simpo' to keep cpo_alpha's NLL term as TRL does")
     _distribute(params, terms, {LOSS_PARAMS[k]: LOSS_DEFAULTS[k] for k in LOSS_PARAMS})
+    for term in alphapo:  # TRL's alpha is the shape, never cpo_alpha (which _distribute may have put there)
+        term["alpha"] = shape
     return {"loss": terms}
 
 
-def _loss_name(name: str, kind: str) -> str:
+def _loss_term(name: str, kind: str) -> dict:
+    """A TRL loss_type of the trainer family ``kind`` -> a loss term (its name, fixed parameters)."""
     missing = NOT_YET.get(kind, {}).get(name)
     if missing:
         raise ConfigError(f"loss_type={name!r}: {missing} is not in prefopt yet")
-    return LOSS_TYPES.get(kind, {}).get(name, name)
+    mapped = LOSS_TYPES.get(kind, {}).get(name, name)
+    return dict(mapped) if isinstance(mapped, dict) else {"name": mapped}
 
 
 def _distribute(params: dict, terms: list[dict], defaults: dict) -> None:

@@ -146,6 +146,7 @@ REDUCTIONS = [
     ("dpop", {"dpop_lambda": 0.0}, {}),                            # DPOP with lambda = 0
     ("odpo", {"offset": "margin"}, {"extras": {"margin": T([0.0, 0.0, 0.0])}}),  # ODPO with delta = 0
     ("soft_dpo", {}, {"extras": {"preference_prob": T([1.0, 1.0, 1.0])}}),       # soft labels, p = 1
+    ("gdpo", {}, {"extras": {"preference_prob": T([1.0, 1.0, 1.0])}}),           # geometric averaging, p = 1
     ("tdpo1", {}, {"chosen_seq_kl": T([0.0] * 3), "rejected_seq_kl": T([0.0] * 3)}),  # policy == reference
     ("tdpo2", {}, {"chosen_seq_kl": T([0.0] * 3), "rejected_seq_kl": T([0.0] * 3)}),
     ("rpo", {"alpha": 0.0}, {}),
@@ -164,6 +165,7 @@ def test_reduces_to_dpo(name, params, data):
 def test_registry_lists_every_required_loss():
     required = {"dpo", "ipo", "slic", "hinge", "robust", "dpop", "odpo", "simpo", "orpo", "cpo", "kto", "tdpo1",
                 "tdpo2", "spin", "soft_dpo", "rpo", "bco_pair", "nca_pair", "exo_pair", "apo_zero", "apo_down",
-                "sppo_hard", "aot", "aot_unpaired", "discopop", "sigmoid_norm", "sft"}
+                "sppo_hard", "aot", "aot_unpaired", "discopop", "sigmoid_norm", "sft", "alphapo", "tpo", "tpo_l",
+                "gdpo"}
     assert required <= set(IDS), sorted(required - set(IDS))
     assert {f.name for f in fields(LossInputs)} >= {"policy_chosen_logps", "policy_logps", "chosen_seq_kl", "state"}

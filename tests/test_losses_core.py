@@ -139,6 +139,42 @@ def test_soft_dpo_hand_derived_and_reductions():
         losses.compute("soft_dpo", **pair())
 
 
+def test_gdpo_hand_derived():
+    # GDPO scales the margin by 2p - 1. Pair h = 3 (r_w = 2, r_l = -1), beta = 0.1, p = 0.8:
+    #   z = 0.1 * 0.6 * 3 = 0.18, L = log(1 + e^-0.18) = 0.607192
+    # Pair h = 2 (chosen -8, ref -7; rejected -9, ref -6: r_w = -1, r_l = -3), p = 0.7:
+    #   z = 0.1 * 0.4 * 2 = 0.08, L = log(1 + e^-0.08) = 0.653947
+    kw = dict(policy_chosen_logps=T([-10.0, -8.0]), policy_rejected_logps=T([-15.0, -9.0]),
+              ref_chosen_logps=T([-12.0, -7.0]), ref_rejected_logps=T([-14.0, -6.0]))
+    out = losses.compute("gdpo", **kw, beta=0.1, preference_prob=T([0.8, 0.7]))
+    expected = [math.log1p(math.exp(-0.1 * (2 * 0.8 - 1) * 3)), math.log1p(math.exp(-0.1 * (2 * 0.7 - 1) * 2))]
+    assert out.losses.tolist() == pytest.approx(expected, abs=1e-6)
+    assert out.losses.tolist() == pytest.approx([0.607192, 0.653947], abs=1e-6)
+    assert out.chosen_rewards.tolist() == pytest.approx([0.2, -0.1]) and out.rejected_rewards.tolist() == pytest.approx([-0.1, -0.3])
+    assert losses.get_spec("geometric_dpo") is losses.get_spec("gdpo")
+
+
+def test_gdpo_reductions_and_the_tie():
+    # p = 1: DPO exactly; p = 0.5: log 2 whatever the margin, and no gradient (a tie teaches nothing),
+    # where soft_dpo still pulls sigma(beta h) towards 1/2
+    one = losses.compute("gdpo", **pair(), preference_prob=T([1.0])).losses
+    assert torch.allclose(one, losses.compute("dpo", **pair()).losses)
+    kw = pair()
+    kw["policy_chosen_logps"] = kw["policy_chosen_logps"].clone().requires_grad_(True)
+    half = losses.compute("gdpo", **kw, preference_prob=T([0.5]))
+    assert half.losses.item() == pytest.approx(math.log(2))
+    half.losses.sum().backward()
+    assert kw["policy_chosen_logps"].grad.item() == 0.0
+    # p = 0.3 turns the pair around: the same loss as the swapped pair at p = 0.7
+    swapped = pair(pc=-15.0, pr=-10.0, rc=-14.0, rr=-12.0)
+    assert torch.allclose(losses.compute("gdpo", **pair(), preference_prob=T([0.3])).losses,
+                          losses.compute("gdpo", **swapped, preference_prob=T([0.7])).losses)
+    with pytest.raises(ValueError, match=r"preference_prob must lie in \[0, 1\]"):
+        losses.compute("gdpo", **pair(), preference_prob=T([-0.1]))
+    with pytest.raises(MissingInputError, match="preference_prob"):
+        losses.compute("gdpo", **pair())
+
+
 def test_rpo_adds_length_normalised_chosen_nll():
     # DPO 0.554355 + alpha * (10 / 5)
     out = losses.compute("rpo", **pair(), beta=0.1, alpha=1.0)

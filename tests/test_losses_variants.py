@@ -177,6 +177,49 @@ def test_odpo_raises_when_the_chosen_does_not_score_higher(rejected):
         losses.compute("odpo", **pairs(), score_chosen=T([8.0, 7.0]), score_rejected=T(rejected))
 
 
+def test_odpo_log_ratio_offset_hand_derived():
+    # offset: log_ratio, alpha = 1: A: h = 3, scores 8 and 2: delta = log 4, L = sp(log 4 - 0.3) = log(1 + 4 e^-0.3)
+    #                                B: h = 2, scores 7 and 3.5: delta = log 2, L = log(1 + 2 e^-0.2)
+    out = losses.compute("odpo", **pairs(), score_chosen=T([8.0, 7.0]), score_rejected=T([2.0, 3.5]),
+                         offset="log_ratio")
+    assert out.losses.tolist() == approx([math.log1p(4 * math.exp(-0.3)), math.log1p(2 * math.exp(-0.2))])
+    assert out.losses.tolist() == approx([1.377070, 0.969817])
+    assert out.metrics["odpo/offset"].tolist() == approx([math.log(4), math.log(2)])
+    # scale-free: ratings x10 give the same offset (the log-difference one grows by log 10)
+    tenfold = losses.compute("odpo", **pairs(), score_chosen=T([80.0, 70.0]), score_rejected=T([20.0, 35.0]),
+                             offset="log_ratio")
+    assert torch.allclose(tenfold.losses, out.losses, atol=TOL)
+    # a chosen scored lower gives a negative offset (allowed); alpha = 2 doubles it
+    low = losses.compute("odpo", **pairs(), score_chosen=T([2.0, 7.0]), score_rejected=T([8.0, 3.5]),
+                         offset="log_ratio", alpha=2.0)
+    assert low.metrics["odpo/offset"].tolist() == approx([2 * math.log(0.25), 2 * math.log(2)])
+
+
+def test_odpo_difference_offset_hand_derived():
+    # offset: difference, alpha = 0.5: A: scores 8 and 3: delta = 2.5, L = sp(2.5 - 0.3) = sp(2.2) = 2.305083
+    #                                  B: scores 7 and 6.5: delta = 0.25, L = sp(0.25 - 0.2) = sp(0.05) = 0.718460
+    out = losses.compute("odpo", **pairs(), score_chosen=T([8.0, 7.0]), score_rejected=T([3.0, 6.5]),
+                         offset="difference", alpha=0.5)
+    assert out.losses.tolist() == approx([sp(2.2), sp(0.05)])
+    assert out.losses.tolist() == approx([2.305083, 0.718460])
+
+
+@pytest.mark.parametrize("offset, chosen, rejected, needs", [
+    ("log_ratio", [8.0, 0.0], [2.0, 1.0], "score_chosen > 0 and score_rejected > 0"),
+    ("log_ratio", [8.0, 3.0], [2.0, -1.0], "score_chosen > 0 and score_rejected > 0"),
+    ("difference", [8.0, float("nan")], [2.0, 1.0], "finite scores"),
+])
+def test_odpo_score_offsets_refuse_scores_they_cannot_use(offset, chosen, rejected, needs):
+    with pytest.raises(ValueError, match=rf"offset: {offset}\) needs {needs}.*#1"):
+        losses.compute("odpo", **pairs(), score_chosen=T(chosen), score_rejected=T(rejected), offset=offset)
+    spec = losses.get_spec("odpo")
+    params = spec.make_params({"offset": offset})
+    assert spec.needed_columns(params) == ("score_chosen", "score_rejected")
+    problem = spec.record_check({"score_chosen": chosen[1], "score_rejected": rejected[1]}, params)
+    assert problem and needs in problem
+    assert spec.record_check({"score_chosen": 8.0, "score_rejected": 2.0}, params) is None
+
+
 # ---------------------------------------------------------------------------------- sppo_hard
 def test_sppo_hard_hand_derived():
     # beta = 0.1, targets +-5: A: (2 - 5)^2 + (-1 + 5)^2 = 9 + 16 = 25; B: (-1 - 5)^2 + (-3 + 5)^2 = 36 + 4 = 40

@@ -95,6 +95,35 @@ def test_older_trl_names_and_the_trainer_families():
         DPOConfig(lora_r=8)
 
 
+def test_cpo_loss_types_and_alphapo_map_to_prefopt_losses():
+    """CPOConfig's loss_type hinge/ipo/alphapo and its alpha (AlphaPO's reward shape), as TRL 1.16 reads them."""
+    def terms(**kw):
+        return [(t.name, t.weight, t.params) for t in CPOConfig(**kw).loss]
+
+    cpo = {"beta": 0.1, "alpha": 1.0, "label_smoothing": 0.0}
+    assert terms(loss_type="hinge") == [("cpo", 1.0, {**cpo, "loss": "hinge"})]
+    assert terms(loss_type="ipo", beta=0.2, cpo_alpha=0.5) == [("cpo", 1.0, {**cpo, "beta": 0.2, "alpha": 0.5,
+                                                                               "loss": "ipo"})]
+    assert terms(loss_type="sigmoid") == terms() == [("cpo", 1.0, {**cpo, "loss": "sigmoid"})]  # default unchanged
+    # alphapo: SimPO's objective with TRL's alpha as the shape, simpo_gamma as gamma, and no NLL (cpo_alpha = 0)
+    alphapo = {"beta": 0.1, "gamma": 0.7, "alpha": 0.25, "label_smoothing": 0.0}
+    assert terms(loss_type="alphapo", alpha=0.25, simpo_gamma=0.7, beta=0.1) == [("alphapo", 1.0, alphapo)]
+    assert terms(loss_type="alphapo", alpha=0.25, simpo_gamma=0.7, beta=0.1, cpo_alpha=2.0) == [("alphapo", 1.0, alphapo)]
+    assert terms(loss_type="alphapo")[0][2]["alpha"] == 0.0  # TRL's alpha default 0: SimPO
+    # simpo with alpha: the AlphaPO reward plus cpo_alpha's NLL, as TRL's CPO trainer computes it
+    assert terms(loss_type="simpo", alpha=0.3, cpo_alpha=0.2) == [
+        ("alphapo", 1.0, {"beta": 2.0, "gamma": 1.0, "alpha": 0.3, "label_smoothing": 0.0}), ("sft", 0.2, {})]  # prefopt defaults
+    # TRL's alpha on CPO's own (summed) rewards is not AlphaPO as the paper defines it: refused, saying what to use
+    for kw in (dict(alpha=0.3), dict(loss_type="hinge", alpha=0.3), dict(loss_type="ipo", alpha=0.3)):
+        with pytest.raises(ConfigError, match="use loss_type='alphapo'"):
+            CPOConfig(**kw)
+    with pytest.raises(ConfigError, match="alpha=0.3 is CPOConfig's AlphaPO reward shape"):
+        DPOConfig(alpha=0.3)
+    assert CPOConfig(alpha=0.0).loss[0].name == "cpo"  # TRL's default is accepted
+    with pytest.raises(ConfigError, match="label_smoothing=0.1 applies to loss: sigmoid only"):
+        CPOConfig(loss_type="hinge", label_smoothing=0.1)  # TRL refuses it too
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(use_liger_kernel=True), "use_liger_kernel=True is not supported by prefopt: model.lm_head: fused"),
     (dict(optim="adafactor"), "prefopt trains with torch.optim.AdamW"),

@@ -30,6 +30,9 @@ KNOWN_COLUMNS = ("preference_prob", "score_chosen", "score_rejected", "margin", 
 # Inputs that default to another when absent, as the collator does (SLiC's y_ref: the chosen).
 INPUT_FALLBACKS = {"policy_ref_completion_logps": "policy_chosen_logps",
                    "ref_completion_lengths": "chosen_lengths"}
+# Text columns are scored as completions, not passed as numbers: a loss that requires one
+# (TPO's gold response) reads it as these inputs, and the data pipeline rejects a record without it.
+COMPLETION_COLUMNS = {"ref_completion": ("policy_ref_completion_logps", "ref_completion_lengths")}
 
 
 @dataclass
@@ -175,7 +178,10 @@ class LossSpec:
             need |= ref
         if self.needs_token_stats(params):
             need |= tok
-        return need | set(self.extra_inputs(params)) | set(self.needed_columns(params))
+        columns = set()
+        for column in self.needed_columns(params):
+            columns |= set(COMPLETION_COLUMNS.get(column, (column,)))
+        return need | set(self.extra_inputs(params)) | columns
 
     # -- parameters -------------------------------------------------------------------
     def make_params(self, values: dict | Any = None, where: str | None = None):
@@ -271,9 +277,10 @@ def check_inputs(spec: LossSpec, params: Any, present: set[str], paired: bool) -
     missing = sorted(spec.needed_inputs(params, paired) - present)
     if missing:
         hints = []
-        if any(m.startswith("ref_") for m in missing):
+        scored = {name: column for column, names in COMPLETION_COLUMNS.items() for name in names}
+        if any(m.startswith("ref_") and m not in scored for m in missing):
             hints.append("it needs a reference (reference.strategy: model)")
-        cols = [m for m in missing if m in KNOWN_COLUMNS]
+        cols = sorted({scored.get(m, m) for m in missing if m in KNOWN_COLUMNS or m in scored})
         if cols:
             hints.append(f"the data must have the column(s) {', '.join(cols)}")
         if any(m.endswith("seq_kl") for m in missing):
@@ -304,12 +311,13 @@ def compute(name: str, *, params: Any = None, extras: dict | None = None, state:
                         extras=dict(extras or {}), state=state if state is not None else {})
     for key in [k for k in kwargs if k in KNOWN_COLUMNS]:
         inputs.extras[key] = kwargs[key]
-    for name, fallback in INPUT_FALLBACKS.items():
-        if getattr(inputs, name) is None:
-            setattr(inputs, name, getattr(inputs, fallback))
     rest = {k: v for k, v in kwargs.items() if k not in input_names and k not in KNOWN_COLUMNS}
     if params is not None and rest:
         raise ConfigError("pass loss parameters either as params= or as keywords, not both")
     params = spec.make_params(params if params is not None else rest)
+    required = {n for c in spec.needed_columns(params) for n in COMPLETION_COLUMNS.get(c, ())}
+    for name, fallback in INPUT_FALLBACKS.items():
+        if getattr(inputs, name) is None and name not in required:  # a required column has no stand-in
+            setattr(inputs, name, getattr(inputs, fallback))
     check_inputs(spec, params, inputs.present(), inputs.paired)
     return spec.fn(inputs, params)

@@ -1,4 +1,5 @@
-"""DPO and the losses that share its implicit reward: DPO, cDPO, reference-free DPO, IPO.
+"""DPO and the losses that share its implicit reward: DPO, cDPO, reference-free DPO, IPO, soft labels
+(soft_dpo, gdpo), RPO, SPIN.
 
 Notation (used across prefopt.losses): for a pair (x, y_w, y_l),
 ``r_w = log πθ(y_w|x) − log πref(y_w|x)``, ``r_l`` likewise, ``h = r_w − r_l``.
@@ -146,6 +147,44 @@ def soft_dpo(inputs: LossInputs, p: SoftDPOParams) -> LossOutput:
     r_w, r_l = log_ratios(inputs)
     logits = p.beta * (r_w - r_l)
     losses = -prob * F.logsigmoid(logits) - (1 - prob) * F.logsigmoid(-logits)
+    return LossOutput(losses, p.beta * r_w, p.beta * r_l)
+
+
+@dataclass
+class GDPOParams:
+    beta: float = param(0.1, "β of the implicit reward.", gt=0)
+
+
+@register(
+    "gdpo", params=GDPOParams, columns=("preference_prob",), aliases=("geometric_dpo",),
+    record_check=lambda extras, p: _probability_problem(extras["preference_prob"]),
+    paper="Furuta et al. 2024, Geometric-Averaged Preference Optimization for Soft Preference Labels "
+          "(NeurIPS 2024), arXiv:2409.06691, the proposed GDPO objective: DPO on the weighted geometric averages "
+          "π̄(y_1) ∝ π(y_1)^p̂·π(y_2)^(1−p̂), π̄(y_2) ∝ π(y_1)^(1−p̂)·π(y_2)^p̂",
+    equation="−log σ(β·(2p̂ − 1)·h), p̂ = preference_prob of the pair",
+    summary="The paper's proposed method for soft labels (soft_dpo is its baseline): the margin is "
+            "scaled by 2p̂ − 1, so near-ties (p̂ → ½) barely move the policy instead of being fitted; "
+            "p̂ = 1 is DPO.")
+def gdpo(inputs: LossInputs, p: GDPOParams) -> LossOutput:
+    """GDPO: L = −log σ(β·(2p̂ − 1)·h), h = r_w − r_l.
+
+    Derivation: replace each likelihood (policy and reference alike) by the weighted geometric
+    average of the pair's two likelihoods, weights (p̂, 1 − p̂) for the chosen and (1 − p̂, p̂) for
+    the rejected; the normalisers cancel in the log-ratio margin, which becomes
+    [p̂·r_w + (1−p̂)·r_l] − [(1−p̂)·r_w + p̂·r_l] = (2p̂ − 1)·h, and DPO's loss on it is GDPO. Unlike
+    ``soft_dpo`` (the paper's cross-entropy baseline, whose optimum fits σ(βh) = p̂), the gradient
+    scale shrinks to 0 as p̂ → ½ and the optimum keeps pushing h up for any p̂ > ½. p̂ = 1 is DPO;
+    p̂ = ½ gives log 2 and no gradient; p̂ < ½ turns the pair around. Rewards β·r_w, β·r_l.
+
+    Hand check: β = 0.1, h = 3 (chosen −10, ref −12; rejected −15, ref −14), p̂ = 0.8: 2p̂ − 1 = 0.6,
+    β·0.6·3 = 0.18, L = log(1 + e^−0.18) = 0.607192; p̂ = 1: log(1 + e^−0.3) = 0.554355 (DPO);
+    pair h = 2 with p̂ = 0.7: 0.1·0.4·2 = 0.08, L = log(1 + e^−0.08) = 0.653947.
+    """
+    prob = inputs.extras["preference_prob"]
+    _check_probability(prob)
+    r_w, r_l = log_ratios(inputs)
+    scale = (2 * prob - 1).to(r_w.dtype)
+    losses = -F.logsigmoid(p.beta * scale * (r_w - r_l))
     return LossOutput(losses, p.beta * r_w, p.beta * r_l)
 
 

@@ -127,24 +127,35 @@ def dpop(inputs: LossInputs, p: DPOPParams) -> LossOutput:
 
 
 # ---------------------------------------------------------------------------------- odpo
-ODPO_OFFSETS = ("scores", "margin")
+# How the offset Δ is made from the data: from the scores s_w, s_l, or the margin column as given.
+ODPO_OFFSETS = ("scores", "difference", "log_ratio", "margin")
+_SCORE_OFFSETS = {  # offset -> (Δ/α from the scores, the condition on them, the condition and Δ in words)
+    "scores": (lambda w, l: torch.log(w - l), lambda w, l: w - l > 0,
+               "score_chosen > score_rejected", "α·log(score_chosen − score_rejected)"),
+    "log_ratio": (lambda w, l: torch.log(w) - torch.log(l), lambda w, l: (w > 0) & (l > 0),
+                  "score_chosen > 0 and score_rejected > 0", "α·log(score_chosen / score_rejected)"),
+    "difference": (lambda w, l: w - l, lambda w, l: torch.isfinite(w - l),
+                   "finite scores", "α·(score_chosen − score_rejected)"),
+}
 
 
 @dataclass
 class ODPOParams:
     beta: float = param(0.1, "β of DPO's implicit reward.", gt=0)
-    offset: str = param("scores", "Where the offset Δ comes from: 'scores' uses Δ = α·log(s_w − s_l) from "
-                                  "the score_chosen / score_rejected columns (the paper's choice); "
-                                  "'margin' uses the margin column as Δ, as given.", choices=ODPO_OFFSETS)
-    alpha: float = param(1.0, "α: strength of the offset α·log(s_w − s_l) (1 in the authors' code; their "
-                              "IMDb runs use 0.5). 0 is DPO. Only with offset: scores; scale a margin "
+    offset: str = param("scores", "How the offset Δ is made from the score_chosen / score_rejected columns: "
+                                  "'scores' Δ = α·log(s_w − s_l) (the paper's choice); 'log_ratio' "
+                                  "Δ = α·log(s_w / s_l) (positive scores; scale-free: ratings ×10 give the same "
+                                  "offset); 'difference' Δ = α·(s_w − s_l) (no log). 'margin' uses the margin "
+                                  "column as Δ, as given.", choices=ODPO_OFFSETS)
+    alpha: float = param(1.0, "α: strength of the offset made from the scores (1 in the authors' code; their "
+                              "IMDb runs use 0.5). 0 is DPO. Not with offset: margin; scale a margin "
                               "column in the data instead.", ge=0)
 
     def validate(self) -> None:
         if self.offset == "margin" and self.alpha != 1.0:
-            raise ValueError("alpha scales log(score_chosen − score_rejected) and has no effect with "
-                             "offset: margin (the margin column is the offset as given); scale the "
-                             "column instead, or use offset: scores")
+            raise ValueError("alpha scales the offset made from score_chosen and score_rejected and has no "
+                             "effect with offset: margin (the margin column is the offset as given); scale "
+                             "the column instead, or use offset: scores, log_ratio or difference")
 
 
 def _odpo_columns(p: ODPOParams) -> tuple[str, ...]:
@@ -152,53 +163,68 @@ def _odpo_columns(p: ODPOParams) -> tuple[str, ...]:
 
 
 def _odpo_record_problem(extras: dict, p: ODPOParams) -> str | None:
-    """At load time: a pair whose scores cannot give a log offset is a bad record."""
-    if p.offset == "scores" and not extras["score_chosen"] > extras["score_rejected"]:
-        return (f"odpo (offset: scores) needs score_chosen > score_rejected, got {extras['score_chosen']:g} "
-                f"and {extras['score_rejected']:g}: the offset is α·log(score_chosen − score_rejected); "
-                f"fix or drop the pair, or give the offset in a margin column with offset: margin")
+    """At load time: a pair whose scores cannot give the offset is a bad record."""
+    if p.offset == "margin":
+        return None
+    w, l = (torch.tensor(float(extras[k]), dtype=torch.float64) for k in ("score_chosen", "score_rejected"))
+    _, usable, needs, formula = _SCORE_OFFSETS[p.offset]
+    if not bool(usable(w, l)):
+        return (f"odpo (offset: {p.offset}) needs {needs}, got {float(w):g} and {float(l):g}: the offset is "
+                f"{formula}; fix or drop the pair, or give the offset in a margin column with offset: margin")
     return None
 
 
 def _odpo_offset(inputs: LossInputs, p: ODPOParams) -> Tensor:
+    dtype = inputs.policy_chosen_logps.dtype
     if p.offset == "margin":
-        return inputs.extras["margin"].to(inputs.policy_chosen_logps.dtype)
-    diff = (inputs.extras["score_chosen"] - inputs.extras["score_rejected"]).to(inputs.policy_chosen_logps.dtype)
-    bad = ~(diff > 0)  # also catches NaN
+        return inputs.extras["margin"].to(dtype)
+    w = inputs.extras["score_chosen"].to(dtype)
+    l = inputs.extras["score_rejected"].to(dtype)
+    offset, usable, needs, formula = _SCORE_OFFSETS[p.offset]
+    bad = ~usable(w, l)  # also catches NaN
     if bad.any():
         where = bad.nonzero().flatten()
-        shown = ", ".join(f"#{i}: {float(diff[i]):g}" for i in where[:5].tolist())
+        shown = ", ".join(f"#{i}: {float(w[i]):g} and {float(l[i]):g}" for i in where[:5].tolist())
         raise ValueError(
-            f"odpo (offset: scores) needs score_chosen > score_rejected for every pair, since the offset "
-            f"is α·log(score_chosen − score_rejected); {len(where)} pair(s) in this batch have "
-            f"score_chosen − score_rejected ≤ 0 (batch position: difference) {shown}. Fix or drop "
-            f"those pairs (a tie carries no preference), or give the offset directly in a `margin` "
-            f"column with offset: margin")
-    return p.alpha * torch.log(diff)
+            f"odpo (offset: {p.offset}) needs {needs} for every pair, since the offset is {formula}; "
+            f"{len(where)} pair(s) in this batch do not (batch position: score_chosen and score_rejected) "
+            f"{shown}. Fix or drop those pairs (a tie carries no preference), or give the offset directly "
+            f"in a `margin` column with offset: margin")
+    return p.alpha * offset(w, l)
 
 
 @register(
     "odpo", params=ODPOParams, columns=_odpo_columns, record_check=_odpo_record_problem,
     paper="Amini, Vieira & Cotterell 2024, Direct Preference Optimization with an Offset, "
           "arXiv:2402.10571 (ACL Findings), §3 ODPO loss; Δ_r = α·log(r(y_w) − r(y_l)) as in the "
-          "paper's experiments and its code (rycolab/odpo)",
-    equation="−log σ(β h − Δ), Δ = α·log(s_w − s_l) or the margin column",
+          "paper's experiments and its code (rycolab/odpo); log_ratio and difference are other "
+          "increasing offsets of the scores",
+    equation="−log σ(β h − Δ), Δ = α·log(s_w − s_l), α·log(s_w/s_l), α·(s_w − s_l) or the margin column",
     summary="Pairs with scores (a reward model's or annotators' ratings): the margin demanded grows "
             "with how much better the chosen is. Data-efficient when pairs are few.")
 def odpo(inputs: LossInputs, p: ODPOParams) -> LossOutput:
     """ODPO: L = −log σ(β·h − Δ) = sp(Δ − β·h).
 
-    Δ = α·log(s_w − s_l) from the ``score_chosen``/``score_rejected`` columns (the log keeps
-    the offset moderate; as in the authors' code it is not rescaled otherwise, so score
-    differences below 1 give a negative offset), or the ``margin`` column as Δ. A pair with
-    s_w ≤ s_l raises a ValueError. Δ = 0 (α = 0, or a zero margin) is DPO. Metric
+    Δ from the ``score_chosen``/``score_rejected`` columns s_w, s_l, by ``offset``:
+    scores: Δ = α·log(s_w − s_l) (the paper's; the log keeps the offset moderate; as in the
+    authors' code it is not rescaled otherwise, so score differences below 1 give a negative
+    offset); a pair with s_w ≤ s_l raises a ValueError (a bad record at load time).
+    log_ratio: Δ = α·log(s_w/s_l) = α·(log s_w − log s_l), for positive scores: the offset depends
+    on how many times better the chosen is, so it does not change when every score is
+    multiplied by a constant (ratings on another scale); s_w < s_l gives a negative offset.
+    difference: Δ = α·(s_w − s_l), the score gap itself (no log).
+    margin: the ``margin`` column as Δ. Δ = 0 (α = 0, or a zero margin) is DPO. Metric
     ``odpo/offset``: Δ per pair.
 
     Hand check (β = 0.1, α = 1): pair A, h = 3, scores 8 and 3: Δ = log 5 = 1.609438,
     L = sp(1.609438 − 0.3) = log(1 + e^1.309438) = log(1 + 3.704091) = 1.548433; pair B, h = 2,
     scores 7 and 6.5: Δ = log 0.5 = −0.693147, L = sp(−0.693147 − 0.2) = log(1 + 0.5·e^−0.2)
     = log(1.409365) = 0.343140. With offset: margin and margins [0.5, 0]: L = sp(0.5 − 0.3) =
-    sp(0.2) = 0.798139 and sp(−0.2) = 0.598139 (DPO).
+    sp(0.2) = 0.798139 and sp(−0.2) = 0.598139 (DPO). log_ratio: pair A, scores 8 and 2:
+    Δ = log 4 = 1.386294, L = log(1 + 4·e^−0.3) = log(3.963273) = 1.377070; pair B, scores 7 and
+    3.5: Δ = log 2, L = log(1 + 2·e^−0.2) = log(2.637462) = 0.969817. difference with α = 0.5:
+    pair A, scores 8 and 3: Δ = 2.5, L = sp(2.2) = 2.305083; pair B, 7 and 6.5: Δ = 0.25,
+    L = sp(0.05) = 0.718460.
     """
     r_w, r_l = log_ratios(inputs)
     delta = _odpo_offset(inputs, p)
@@ -352,7 +378,7 @@ def exo_pair(inputs: LossInputs, p: EXOParams) -> LossOutput:
     "bco_pair", params=BetaParams, stateful=True,
     paper="Jung et al. 2024, Binary Classifier Optimization for Large Language Model Alignment (BCO), "
           "arXiv:2404.04656, the BCO loss with reward shift δ, applied to both completions of a pair "
-          "(TRL's bco_pair)",
+          "(TRL's bco_pair name; TRL 1.16 has dropped δ, prefopt keeps the paper's)",
     equation="−log σ(β r_w − δ) − log σ(−(β r_l − δ)), δ = running mean of β·r",
     summary="A binary classifier on each completion's reward (chosen = 1, rejected = 0) around a "
             "running reward mean δ (the paired form of BCO).")
@@ -363,12 +389,17 @@ def bco_pair(inputs: LossInputs, p: BetaParams) -> LossOutput:
     batch**, kept in ``inputs.state`` as ``count`` (rewards seen) and ``mean``:
     mean ← mean + (m_batch − mean)·n/(count + n), count ← count + n, with n = 2B and m_batch the
     (detached) mean of the batch's 2B rewards. Every reward weighs the same, so the δ at the end
-    of an optimizer step does not depend on how the step was split into micro-batches. (TRL's
-    RunningMoments is updated with the scalar batch mean and so weighs every micro-batch as one
-    sample; both agree when micro-batches have equal sizes.) Without a state dict δ is the batch
+    of an optimizer step does not depend on how the step was split into micro-batches. Without a
+    state dict δ is the batch
     mean. With several processes the batch mean is averaged over all of them first, so every
     process holds the same δ (and the checkpointed state is every process's). Evaluation passes a copy of the state:
     δ then includes the evaluated batch but is not stored. Metric ``bco/delta``.
+
+    TRL 1.16 no longer has δ: its DPOTrainer's bco_pair is −log σ(βr_w) − log σ(−βr_l), with no
+    running mean (the RunningMoments class is gone from the package), i.e. this loss at δ = 0.
+    prefopt keeps the paper's reward shift; TRL's earlier releases (the DPOTrainer's bco_pair
+    with RunningMoments) updated it with the scalar batch mean, so every micro-batch weighed as one
+    sample where prefopt weighs every reward the same (the two agree on equal micro-batches).
 
     Hand check (β = 0.1), one state dict across two calls. Call 1, pairs A (r_w = 2, r_l = −1)
     and B (r_w = −1, r_l = −3): rewards βr_w = [0.2, −0.1], βr_l = [−0.1, −0.3], mean −0.3/4 =
