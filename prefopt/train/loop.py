@@ -137,7 +137,6 @@ def start_state(job: Job) -> TrainState:
 
 
 def train(job: Job) -> tuple[TrainState, dict]:
-    cfg, acc = job.config.train, job.accelerator
     with StopSignals() as signals:
         return _train(job, start_state(job), signals)
 
