@@ -1,13 +1,17 @@
 """TRL-style callbacks and ``trainer.state``: the loop's events (prefopt.train.events) told
 to transformers ``TrainerCallback``s, with a transformers ``TrainerState`` kept up to date.
 
-Each callback method is called as transformers' Trainer calls it: ``(args, state, control,
+The events called: on_train_begin, on_epoch_begin, on_step_begin, on_step_end, on_epoch_end,
+on_log, on_evaluate, on_save, on_train_end (not on_init_end, on_substep_end, the optimizer-step
+events, on_prediction_step, on_predict nor on_push_begin). Each is called as transformers'
+Trainer calls it: ``(args, state, control,
 **kwargs)`` with ``model``, ``processing_class``, ``optimizer``, ``lr_scheduler``,
 ``train_dataloader`` and ``eval_dataloader`` in kwargs, ``logs=`` for ``on_log`` and
 ``metrics=`` for ``on_evaluate``; a method that returns a ``TrainerControl`` replaces the
 control. ``control.should_training_stop`` ends training at the step's end (the final model
-is saved and evaluated as usual), ``should_save`` writes a checkpoint and ``should_evaluate``
-evaluates at that step. ``args`` is the run's config, which answers TRL's flat names
+is saved, and evaluated unless that step just was), ``should_save`` writes a checkpoint,
+``should_evaluate`` evaluates and ``should_log`` logs at that step, whichever event of the
+step set them. ``args`` is the run's config, which answers TRL's flat names
 (``args.learning_rate``, ``args.beta``...). Metric names follow transformers': the log rows of
 ``log_history`` and ``on_log`` carry eval metrics as ``eval_<name>`` (``eval_loss``,
 ``eval_rewards/accuracies``); metrics.jsonl and the trackers keep ``eval/<name>``, as
@@ -59,6 +63,7 @@ class Callbacks(Events):
         self.stop = self.stop or self.control.should_training_stop
         self.save = self.save or self.control.should_save
         self.evaluate = self.evaluate or self.control.should_evaluate
+        self.log_now = self.log_now or self.control.should_log
         self.control.should_save = self.control.should_evaluate = self.control.should_log = False
 
     def _sync(self, job: Any, step: int) -> None:
@@ -75,15 +80,28 @@ class Callbacks(Events):
     # ------------------------------------------------------------------ the loop's events
     def train_begin(self, job, state) -> None:
         self._sync(job, state.step)
-        # a resumed run's history: the rows of metrics.jsonl up to its checkpoint (already trimmed)
+        # a resumed run's history: the rows of metrics.jsonl up to its checkpoint (trimmed by the main
+        # process, which every process waits for)
+        job.accelerator.wait_for_everyone()
         self.state.log_history = [hf_names(row) for row in read_rows(job.output_dir / "metrics.jsonl")] \
             if state.step else []
         self.control.should_training_stop = False
         self._call("on_train_begin", job)
 
+    def epoch_begin(self, job, state) -> None:
+        self._sync(job, state.step)
+        self.control.should_epoch_stop = False
+        self._call("on_epoch_begin", job)
+
+    def step_begin(self, job, state) -> None:
+        self._call("on_step_begin", job)
+
     def step_end(self, job, state) -> None:
         self._sync(job, state.step)
         self._call("on_step_end", job)
+
+    def epoch_end(self, job, state) -> None:
+        self._call("on_epoch_end", job)
 
     def log(self, job, step: int, values: dict) -> None:
         self._sync(job, step)
@@ -104,6 +122,11 @@ class Callbacks(Events):
 
 
 def read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """metrics.jsonl's rows (an unreadable line, e.g. cut by a crash, is left out)."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else ():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

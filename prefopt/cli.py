@@ -130,14 +130,17 @@ def run_arguments(tokens: list[str]) -> tuple[str | None, list[str]]:
     """(config file, overrides) of a run verb: the config given first (or anywhere) without
     ``=``, or as ``--config X`` / ``--config=X``; overrides as ``key=value``, ``--key=value``,
     ``--key value`` (a value may start with one dash: ``--max_steps -1``) or a bare ``--key``
-    (``key=true``, as TRL's parser reads a flag)."""
+    (``key=true``, as TRL's parser reads a flag; a YAML file after it is the config, not its value)."""
     config, positional, overrides, i = None, None, [], 0
     while i < len(tokens):
         token = tokens[i]
         if token.startswith("--") and len(token) > 2:
             name, eq, value = token[2:].partition("=")
             if not eq:
-                if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                following = tokens[i + 1] if i + 1 < len(tokens) else None
+                config_file = following is not None and name != "config" and "=" not in following \
+                    and following.endswith((".yaml", ".yml"))  # `--use_peft cfg.yaml`: a flag, then the config
+                if following is not None and not following.startswith("--") and not config_file:
                     value, i = tokens[i + 1], i + 1
                 elif name == "config":
                     raise UsageError("--config needs a file: --config CONFIG.yaml")

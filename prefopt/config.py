@@ -466,7 +466,9 @@ def apply_override(data: dict, assignment: str) -> None:
         return
     node = data
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # an unset mapping (model.lora: null) takes its first key
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override '{key}': '{part}' is not a section")
     node[parts[-1]] = value

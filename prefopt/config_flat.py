@@ -100,7 +100,9 @@ def apply_override_value(data: dict, dotted: str, value: Any) -> None:
         return
     node = data
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # an unset mapping (model.lora: null) takes its first key
+            node[part] = {}
+        node = node[part]
     node[parts[-1]] = value
 
 
@@ -125,24 +127,10 @@ def route_flat_override(assignment: str, data: dict) -> list[str]:
     terms = terms if isinstance(terms, list) else [terms]
     names = {name: spec.name for spec in _specs(terms) for name in loss_names(spec)}
 
-    sync = {"ref_model_sync_steps": "reference.sync_steps", "ref_model_mixup_alpha": "reference.sync_alpha"}
-    if key in sync:  # on the command line, setting one means TR-DPO (sync_ref_model) is meant
-        return [f"{sync[key]}={raw}"]
-    from prefopt.trl_compat import LORA
-
-    if key in LORA:  # likewise, a LoRA flag means use_peft
-        return [f"model.lora.{LORA[key]}={raw}"]
-    if key == "use_peft":
-        model = data.get("model") if isinstance(data.get("model"), dict) else {}
-        return ["model.lora={}"] if yaml.safe_load(raw) and not model.get("lora") else []
-    if key == "sync_ref_model":
-        given = data.get("reference", {}) if isinstance(data.get("reference"), dict) else {}
-        return [f"reference.sync_steps={given.get('sync_steps') or 512}",
-                f"reference.sync_alpha={given.get('sync_alpha') or 0.6}"] if yaml.safe_load(raw) else []
     if is_trl_field(key) and key not in names:  # TRL's field names (bf16=true, eval_strategy=epoch...)
         try:
-            translated = translate({key: yaml.safe_load(raw) if raw else None}, "dpo", _specs(terms)[0].name
-                                   if _specs(terms) else "dpo")
+            translated = translate({key: yaml.safe_load(raw) if raw else None}, "dpo",
+                                   _specs(terms)[0].name if _specs(terms) else "dpo", existing=data)
         except ConfigError as e:
             raise ConfigError(f"override '{assignment}': {e}") from None
         return [f"{flat_target(k) or k}={yaml.safe_dump(v, default_flow_style=True, width=10**6).strip()}"

@@ -17,7 +17,7 @@ from prefopt.trl_compat import FIELDS, is_trl_field, translate
 
 # TRL names whose value is read back from the config (not from what was passed).
 READBACK = {
-    "bf16": lambda c: c.train.mixed_precision == "bf16",
+    "bf16": lambda c: c.train.mixed_precision == "bf16" or (c.train.mixed_precision == "auto" and _auto_bf16()),
     "fp16": lambda c: c.train.mixed_precision == "fp16",
     "disable_tqdm": lambda c: not c.train.progress_bar,
     "precompute_ref_log_probs": lambda c: c.reference.strategy == "precomputed",
@@ -27,9 +27,14 @@ READBACK = {
     "ref_model_sync_steps": lambda c: c.reference.sync_steps or 512,
     "ref_model_mixup_alpha": lambda c: c.reference.sync_alpha if c.reference.sync_steps else 0.6,
     "dataset_num_proc": lambda c: c.data.num_proc,
-    "truncation_mode": lambda c: c.data.prompt_truncation,
     "loss_weights": lambda c: [t.weight for t in c.loss],
 }
+
+
+def _auto_bf16() -> bool:
+    from prefopt.trainer import resolve_precision
+
+    return resolve_precision("auto") == "bf16"
 
 
 def trl_readback(config: RunConfig, name: str) -> tuple | None:
@@ -52,7 +57,7 @@ class DPOConfig(RunConfig):
         self._rebuild(self.defaults, kwargs)
 
     def _rebuild(self, base: dict, kwargs: dict) -> None:
-        built = config_from_flat(base, translate(kwargs, self.trl_kind, _loss_name(base)))
+        built = config_from_flat(base, translate(kwargs, self.trl_kind, _loss_name(base), existing=base))
         for f in fields(RunConfig):
             object.__setattr__(self, f.name, getattr(built, f.name))
         passed = {k: v for k, v in kwargs.items() if is_trl_field(k)}

@@ -12,7 +12,9 @@ log = logging.getLogger("prefopt")
 
 
 def is_local(target: str) -> bool:
-    return target.startswith(("/", "./", "../", "file://")) or Path(target).is_dir()
+    """A folder, spelled as one: an absolute path, ./ or ../, or file:// (a bare 'name' is a Hub id,
+    even where a folder of that name exists, as the output_dir of the run often does)."""
+    return target.startswith(("/", "./", "../", "file://"))
 
 
 def push_folder(folder: Path, target: str, *, private: bool | None = None, revision: str | None = None,

@@ -49,7 +49,8 @@ from prefopt.reference import ReferenceContext, build_reference
 from prefopt.scoring import Plan, Probe, architecture_key, plan_scoring, reuse_plan
 from prefopt.train import batches, loop
 from prefopt.train.metrics import prefixed
-from prefopt.trl_methods import TRLMethods, check_optimizers, four_bit, refuse_trl_arguments, train_output
+from prefopt.trl_methods import (UNUSED_ARGUMENTS, TRLMethods, check_optimizers, four_bit, refuse_trl_arguments,
+                                  train_output)
 from prefopt.train.checkpoint import claim_output_dir, save_final
 from prefopt.train.distributed import check_process_group, configure_deepspeed
 
@@ -73,6 +74,7 @@ class Trainer(TRLMethods):
                  tokenizer: Any = None, loss: Any = None, extra_losses: dict[str, Callable] | None = None,
                  **loss_params):
         refuse_trl_arguments(data_collator=data_collator, compute_metrics=compute_metrics, **loss_params)
+        loss_params = {k: v for k, v in loss_params.items() if k not in UNUSED_ARGUMENTS}  # TRL's, left at None
         config = copy.deepcopy(args) if args is not None else self.config_class()
         if not isinstance(config, RunConfig):
             raise ConfigError(f"args: expected a prefopt config (DPOConfig(...), load_config(...)), got "
@@ -161,16 +163,19 @@ class Trainer(TRLMethods):
             self._restore_attention()
             if self._trackers:
                 job.accelerator.end_training()
-        output = train_output(self.state, self.train_state, time.perf_counter() - started,
-                              job.config.train.per_device_train_batch_size * job.config.train.gradient_accumulation_steps
-                              * job.accelerator.num_processes)
+        step, loss, metrics = train_output(self.state, self.train_state, time.perf_counter() - started,
+                                           job.config.train.per_device_train_batch_size
+                                           * job.config.train.gradient_accumulation_steps * job.accelerator.num_processes)
+        self.events.log(job, step, dict(metrics))  # the final row, through on_log, as transformers sends it
+        self.events.train_end(job, self.train_state)
+        metrics.update({f"eval_{k[5:]}": v for k, v in self.final_eval.items()})
+        if job.config.save.push_to_hub:
+            self.push_to_hub()  # every process calls it: it may save (collective) before the main one uploads
         if job.accelerator.is_main_process:
             report_at_end(job.output_dir, job.config.train.report_html)
-            if job.config.save.push_to_hub:
-                self.push_to_hub()
             console.show_summary(job.output_dir, self.train_state.step, job.total_steps, time.perf_counter() - began,
                                  self.train_state.skipped_steps, resumed=bool(job.config.train.resume_from))
-        return TrainOutput(*output)
+        return TrainOutput(step, loss, metrics)
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list | None = None, metric_key_prefix: str = "eval",
                  *, on: str | None = None) -> dict:

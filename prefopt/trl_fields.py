@@ -33,9 +33,6 @@ class Rule:
     refuse: str | None = None                     # a value other than the default is refused: why, what instead
     ignore: str | None = None                     # accepted without effect: why (logged when set)
 
-    def kind(self) -> str:
-        return "maps" if self.to or self.convert else "refused" if self.refuse else "no effect"
-
 
 def M(default, to, convert=None):
     return Rule(default, to=to, convert=convert)
@@ -141,6 +138,16 @@ def _max_length(value) -> dict:
         raise ConfigError("max_length=None: prefopt needs a maximum length (data.max_length; longer examples are "
                           "truncated and counted)")
     return {"max_length": int(value)}
+
+
+def _truncation_mode(value) -> dict:
+    """TRL cuts prompt + completion as one sequence: keep_start keeps its start (the completion's
+    end goes first), keep_end its end (the prompt's start goes). prefopt's data.truncation: auto
+    cuts the completions' ends once the prompt is down to its share, the prompt from the end that
+    data.prompt_truncation names: keep_end, which is TRL's keep_end for the prompt."""
+    if value in ("keep_start", "keep_end"):
+        return {} if value == "keep_start" else {"prompt_truncation": "keep_end"}
+    raise ConfigError(f"truncation_mode={value!r}: expected keep_start or keep_end")
 
 
 def _completion_only(value) -> dict:
@@ -297,7 +304,7 @@ FIELDS: dict[str, Rule] = {
     "dataset_num_proc": M(None, "num_proc", _unless_none("num_proc")),
     "max_length": M(1024, "max_length", _max_length),
     "max_prompt_length": M(None, "max_prompt_length"),
-    "truncation_mode": M("keep_start", "prompt_truncation"),
+    "truncation_mode": C("keep_start", _truncation_mode),
     "padding_free": C(False, lambda v: {"layout": "packed"} if v else {}),
     "pad_to_multiple_of": M("auto", "pad_to_multiple_of", _pad_multiple),
     "pad_token": R(None, "prefopt pads with the tokenizer's pad token (EOS when it has none): set "
@@ -430,7 +437,8 @@ DOCS = {
     "bf16": "True: `train.mixed_precision: bf16`; False: `no` (not passed: `auto`, bf16 on a CUDA GPU that has it)",
     "fp16": "True: `train.mixed_precision: fp16`",
     "dataset_train_split": "`data.split`",
-    "truncation_mode": "`data.prompt_truncation`: which end of a long prompt is kept",
+    "truncation_mode": "accepted: prefopt cuts the completions' ends and, when the prompt must give room too, "
+                       "its start (`data.prompt_truncation: keep_end`, `data.truncation`)",
 }
 
 

@@ -66,8 +66,24 @@ class TRLMethods:
                            commit_message=commit_message)
 
 
+UNUSED_ARGUMENTS = {
+    "preprocess_logits_for_metrics": "it prepares logits for compute_metrics, which prefopt does not take",
+    "model_init": "pass the model (an object, a hub id or a directory) as model=",
+    "formatting_func": "give the data in one of prefopt's formats (`prefopt formats`; a `text` column for plain "
+                       "text), or map its columns with data.columns",
+    "compute_loss_func": "the loss is the objective of the config: loss / loss_type (`prefopt losses` lists them), "
+                         "or extra_losses={name: fn(step) -> tensor} added to it",
+    "optimizer_cls_and_kwargs": "pass optimizers=(optimizer, scheduler) built over the model, or set learning_rate, "
+                                "weight_decay and adam_* for prefopt's AdamW",
+}
+
+
 def refuse_trl_arguments(data_collator=None, compute_metrics=None, **loss_params) -> None:
     """TRL trainer arguments prefopt has no use for: refused with what it does instead."""
+    for name, why in UNUSED_ARGUMENTS.items():
+        if loss_params.get(name) is not None:
+            raise ConfigError(f"{name}: not supported by prefopt; {why}")
+        loss_params.pop(name, None)
     if data_collator is not None:
         raise ConfigError("data_collator: prefopt forms its batches itself from the tokenised examples (padded, "
                           "packed or prompt-shared layouts, data.layout), so a collator has nothing to act on; drop "
@@ -96,6 +112,13 @@ def four_bit(quantization_config) -> bool:
     quant_type = get("bnb_4bit_quant_type", "nf4")
     if quant_type != "nf4":
         raise ConfigError(f"quantization_config: bnb_4bit_quant_type={quant_type!r}; prefopt's QLoRA uses nf4")
+    if get("bnb_4bit_use_double_quant"):
+        raise ConfigError("quantization_config: bnb_4bit_use_double_quant=True; prefopt's QLoRA does not quantize "
+                          "the quantization constants")
+    compute = str(get("bnb_4bit_compute_dtype", None) or "bfloat16").replace("torch.", "")
+    if compute not in ("bfloat16", "float32"):
+        raise ConfigError(f"quantization_config: bnb_4bit_compute_dtype={compute}; prefopt's QLoRA computes in "
+                          "bfloat16")
     return True
 
 
@@ -112,8 +135,8 @@ def check_optimizers(optimizers, model, lora) -> tuple:
 
 
 def train_output(state, train_state, seconds: float, examples_per_step: int) -> tuple:
-    """(global_step, training_loss, metrics) as transformers' Trainer returns them; the final row
-    is appended to log_history as there."""
+    """(global_step, training_loss, metrics) as transformers' Trainer returns them (the caller logs
+    the metrics as the final row of log_history, as there, then adds the last evaluation)."""
     rows = [r for r in state.log_history if "loss" in r]
     done = [(r["step"] - prev, r["loss"]) for prev, r in zip([0] + [r["step"] for r in rows], rows)]
     steps = sum(n for n, _ in done)
@@ -122,7 +145,4 @@ def train_output(state, train_state, seconds: float, examples_per_step: int) -> 
                "train_samples_per_second": round(train_state.step * examples_per_step / max(seconds, 1e-9), 3),
                "train_steps_per_second": round(train_state.step / max(seconds, 1e-9), 3),
                "total_flos": 0.0, "train_loss": training_loss, "epoch": state.epoch}
-    state.log_history.append({**metrics, "step": train_state.step})
-    last_eval = next((r for r in reversed(state.log_history) if any(k.startswith("eval_") for k in r)), {})
-    metrics.update({k: v for k, v in last_eval.items() if k.startswith("eval_")})
     return train_state.step, training_loss, metrics

@@ -124,6 +124,8 @@ def test_trl_field_names_on_the_command_line(monkeypatch, capsys):
                                 "--dataset_name", "org/data"])
     assert (lora.model.name_or_path, lora.model.lora, lora.data.train) == ("org/m", {"r": 8, "lora_alpha": 16},
                                                                           "org/data")
+    flag_then_file = parsed(monkeypatch, ["--use_peft", "configs/dpo.yaml"])  # the file is the config, not a value
+    assert flag_then_file.model.lora == {} and flag_then_file.data.train is not None
     assert main(["dpo", "configs/dpo.yaml", "--use_liger_kernel"]) == 2
     assert ("override 'use_liger_kernel=true': use_liger_kernel=True is not supported by prefopt: model.lm_head: "
             "fused") in capsys.readouterr().err
@@ -133,8 +135,8 @@ def test_a_flat_loss_parameter_of_a_mixed_objective_asks_for_its_index(capsys):
     assert main(["dpo", "loss=[dpo, sft]", "--beta", "0.2"]) == 2
     assert ("override 'beta=0.2': 'beta' is a parameter of loss 'dpo', but the objective has 2 losses; "
             "address one as loss.<index>.beta") in capsys.readouterr().err
-    assert main(["dpo", "--bf16", "configs/dpo.yaml"]) == 2  # a flag's value that is no bool is refused
-    assert "override 'bf16=configs/dpo.yaml': bf16: expected bool" in capsys.readouterr().err
+    assert main(["dpo", "--bf16", "maybe"]) == 2  # a flag's value that is no bool is refused
+    assert "override 'bf16=maybe': bf16: expected bool" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -42,8 +42,8 @@ def test_a_script_spelling_out_every_trl_default_builds(caplog):
     assert args.model.gradient_checkpointing is True and args.train.save_steps == 500
     assert args.train.eval_strategy == "no" and args.loss[0].name == "dpo" and args.loss[0].params["beta"] == 0.1
     assert args.reference.sync_steps == 0  # ref_model_sync_steps=512 acts only with sync_ref_model
-    assert args.data.prompt_truncation == "keep_start" and args.data.pad_to_multiple_of is None
-    assert args.train.report_to == [] and args.bf16 is False
+    assert args.data.prompt_truncation == "keep_end" and args.data.pad_to_multiple_of is None  # keep_start: no change
+    assert args.train.report_to == [] and args.train.mixed_precision == "auto"  # bf16=None: prefopt's auto
 
 
 def test_mapped_fields_land_on_their_keys():
@@ -91,8 +91,10 @@ def test_older_trl_names_and_the_trainer_families():
                   lora_target_modules=["q_proj", "v_proj"], dataset_name="org/data", dataset_train_split="tr")
     assert m.model.lora == {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
     assert (m.model.name_or_path, m.model.dtype, m.data.train, m.data.split) == ("org/m", "bfloat16", "org/data", "tr")
-    with pytest.raises(ConfigError, match="lora_r=8 acts only with use_peft=True"):
-        DPOConfig(lora_r=8)
+    # a setting of its own says what is meant: LoRA / TR-DPO on (at TRL's default value it is not)
+    assert DPOConfig(lora_r=8).model.lora == {"r": 8} and DPOConfig(lora_r=16).model.lora is None
+    synced = DPOConfig(ref_model_sync_steps=4).reference
+    assert (synced.sync_steps, synced.sync_alpha) == (4, 0.6) and DPOConfig(ref_model_sync_steps=512).reference.sync_steps == 0
 
 
 def test_cpo_loss_types_and_alphapo_map_to_prefopt_losses():
@@ -112,7 +114,7 @@ def test_cpo_loss_types_and_alphapo_map_to_prefopt_losses():
     assert terms(loss_type="alphapo")[0][2]["alpha"] == 0.0  # TRL's alpha default 0: SimPO
     # simpo with alpha: the AlphaPO reward plus cpo_alpha's NLL, as TRL's CPO trainer computes it
     assert terms(loss_type="simpo", alpha=0.3, cpo_alpha=0.2) == [
-        ("alphapo", 1.0, {"beta": 2.0, "gamma": 1.0, "alpha": 0.3, "label_smoothing": 0.0}), ("sft", 0.2, {})]  # prefopt defaults
+        ("alphapo", 1.0, {"beta": 0.1, "gamma": 0.5, "alpha": 0.3, "label_smoothing": 0.0}), ("sft", 0.2, {})]  # TRL's defaults
     # TRL's alpha on CPO's own (summed) rewards is not AlphaPO as the paper defines it: refused, saying what to use
     for kw in (dict(alpha=0.3), dict(loss_type="hinge", alpha=0.3), dict(loss_type="ipo", alpha=0.3)):
         with pytest.raises(ConfigError, match="use loss_type='alphapo'"):
@@ -121,7 +123,7 @@ def test_cpo_loss_types_and_alphapo_map_to_prefopt_losses():
         DPOConfig(alpha=0.3)
     assert CPOConfig(alpha=0.0).loss[0].name == "cpo"  # TRL's default is accepted
     with pytest.raises(ConfigError, match="label_smoothing=0.1 applies to loss: sigmoid only"):
-        CPOConfig(loss_type="hinge", label_smoothing=0.1)  # TRL refuses it too
+        CPOConfig(loss_type="hinge", label_smoothing=0.1)  # TRL warns and ignores it
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -130,7 +132,9 @@ def test_cpo_loss_types_and_alphapo_map_to_prefopt_losses():
     (dict(load_best_model_at_end=True), "final/ is the last model"),
     (dict(deepspeed="ds.json"), "accelerate launch --config_file"),
     (dict(torch_compile=True), "recompiles"),
-    (dict(ref_model_sync_steps=4), "acts only with sync_ref_model=True"),
+    (dict(sync_ref_model=False, ref_model_sync_steps=4), "ref_model_sync_steps=4 with sync_ref_model=False: TR-DPO"),
+    (dict(use_peft=False, lora_r=8), "lora_r=8 with use_peft=False: LoRA is off"),
+    (dict(truncation_mode="middle"), "expected keep_start or keep_end"),
     (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]), "loss_weights has 1 values for 2 loss types"),
     (dict(loss_type="sft", beta=0.5), "beta=0.5: none of the losses \\['sft'\\] has this parameter"),
     (dict(gradient_checkpointing_kwargs={"use_reentrant": True}), "non-reentrantly"),
@@ -152,6 +156,27 @@ def test_no_effect_fields_are_accepted_and_said(caplog):
     said = " ".join(r.message for r in caplog.records)
     assert "dataloader_num_workers=4 has no effect in prefopt" in said and "remove_unused_columns=False" in said
     assert a.dataloader_num_workers == 4 and a.remove_unused_columns is False  # read back as passed
+
+
+def test_a_field_alone_never_resets_what_was_set_before_it():
+    """Set one at a time (attributes, command-line flags), TRL's fields keep the earlier settings."""
+    a = DPOConfig(eval_steps=50, logging_steps=5, beta=0.5)
+    a.eval_strategy = "steps"
+    a.save_steps = 100
+    a.save_strategy = "steps"
+    a.loss_type = "ipo"
+    assert (a.train.eval_steps, a.train.save_steps, a.loss[0].name, a.loss[0].params["beta"]) == (50, 100, "ipo", 0.5)
+    b = DPOConfig(logging_steps=5)
+    b.eval_strategy = "steps"
+    assert b.train.eval_steps == 5  # TRL: eval_steps defaults to logging_steps
+    from prefopt.config import load_config
+
+    c = load_config(None, ["eval_steps=20", "eval_strategy=steps", "beta=0.5", "loss_type=ipo", "lora_r=8",
+                           "use_peft=true", "ref_model_mixup_alpha=0.9", "sync_ref_model=true"])
+    assert (c.train.eval_steps, c.loss[0].name, c.loss[0].params["beta"], c.model.lora) == (20, "ipo", 0.5, {"r": 8})
+    assert (c.reference.sync_steps, c.reference.sync_alpha) == (512, 0.9)
+    # TRL's beta (0.1, shared by every loss type) when a loss type is named without one
+    assert DPOConfig(loss_type="sigmoid_norm").loss[0].params["beta"] == 0.1
 
 
 def test_setting_a_flat_name_rebuilds_the_config():

@@ -159,8 +159,8 @@ def test_callbacks_see_every_event_and_can_stop_and_save(tiny_model_dir, tokeniz
     assert [e[1] for e in events if e[0] == "step_end"] == [1, 2, 3]  # stopped by control.should_training_stop
     assert ("save", 1) in events and (tmp_path / "checkpoints" / "step-1").is_dir()  # control.should_save
     logs = [e for e in events if e[0] == "log"]
-    assert [e[1] for e in logs] == [2, 3, 3]  # logging_steps 2, the stopping step, then the final eval
-    assert "rewards/accuracies" in logs[0][2] and "eval_loss" in logs[-1][2]
+    assert [e[1] for e in logs] == [2, 3, 3, 3]  # logging_steps 2, the stopping step, the final eval, the summary
+    assert "rewards/accuracies" in logs[0][2] and "eval_loss" in logs[2][2] and "train_runtime" in logs[3][2]
     evaluated = [e for e in events if e[0] == "evaluate"]
     assert len(evaluated) == 1 and evaluated[0][2] == trainer.final_eval["eval/loss"]
     assert events[-1] == ("train_end", 3, 1e-3, "LlamaForCausalLM") and kinds.count("train_end") == 1
@@ -211,3 +211,75 @@ def test_push_to_hub_goes_through_huggingface_hub(tiny_model_dir, tokenizer, dat
     name, files, repo, revision, message = calls[2]
     assert (name, repo, revision, message) == ("upload_folder", "org/tiny-dpo", "v1", "End of training")
     assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= set(files)
+
+
+def test_callback_requests_act_at_the_step_that_made_them_and_epoch_events(tiny_model_dir, tokenizer, data, tmp_path):
+    """A stop asked in on_evaluate stops at that step (no extra step, no second evaluation); epoch
+    events frame each epoch (8 pairs, batches of 2, accumulation 2: 2 steps per epoch)."""
+    from transformers import TrainerCallback
+
+    from prefopt import DPOConfig, DPOTrainer
+
+    seen = []
+
+    class StopAfterSecondEval(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, **kw):
+            seen.append(("epoch_begin", state.global_step))
+
+        def on_epoch_end(self, args, state, control, **kw):
+            seen.append(("epoch_end", state.global_step))
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            seen.append(("evaluate", state.global_step))
+            control.should_training_stop = state.global_step == 4
+
+    args = DPOConfig(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                     max_length=128, eval_strategy="epoch")
+    trainer = DPOTrainer(str(tiny_model_dir), args=args, train_dataset=data[0], eval_dataset=data[1],
+                         processing_class=tokenizer, callbacks=[StopAfterSecondEval])
+    trainer.train()
+    assert seen == [("epoch_begin", 0), ("epoch_end", 2), ("evaluate", 2), ("epoch_begin", 2), ("epoch_end", 4),
+                    ("evaluate", 4)]
+    assert trainer.state.global_step == 4 and trainer.state.log_history[-1]["train_loss"] > 0
+
+
+def test_a_bare_hub_name_is_pushed_to_the_hub_even_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from prefopt.hub import is_local, push_folder
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-model" / "final").mkdir(parents=True)
+    (tmp_path / "my-model" / "final" / "config.json").write_text("{}")
+    uploads = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/user/{repo_id}")
+
+        def upload_folder(self, folder_path, repo_id, revision=None, commit_message=None):
+            uploads.append(repo_id)
+            return "url"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert not is_local("my-model") and is_local("./my-model") and is_local("file:///x")
+    push_folder(tmp_path / "my-model" / "final", "my-model")
+    assert uploads == ["user/my-model"] and not (tmp_path / "my-model" / "config.json").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(model_init=lambda: None), "model_init: not supported by prefopt; pass the model"),
+    (dict(formatting_func=str), "formatting_func: not supported by prefopt; give the data in one of"),
+    (dict(compute_loss_func=sum), "compute_loss_func: not supported by prefopt"),
+    (dict(data_collator=object()), "data_collator: prefopt forms its batches itself"),
+    (dict(compute_metrics=len), "compute_metrics: TRL passes it the full-vocabulary logits"),
+    (dict(max_length=128), "max_length: config fields, given to the trainer"),
+    (dict(quantization_config={"load_in_4bit": True, "bnb_4bit_use_double_quant": True}), "double_quant=True"),
+    (dict(quantization_config={"load_in_8bit": True}), "8-bit and other quantizations are not supported"),
+])
+def test_trl_trainer_arguments_prefopt_has_no_use_for_are_refused_by_name(tiny_model_dir, kwargs, message):
+    from prefopt import ConfigError, DPOTrainer
+
+    with pytest.raises(ConfigError, match=message):
+        DPOTrainer(str(tiny_model_dir), **kwargs)
+    DPOTrainer(str(tiny_model_dir), model_init=None, preprocess_logits_for_metrics=None)  # TRL's defaults pass

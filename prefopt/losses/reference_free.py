@@ -149,7 +149,7 @@ def preference_term(logits: Tensor, beta: float, loss: str, eps: float) -> Tenso
 def _no_smoothing_unless_sigmoid(p) -> None:
     if p.loss != "sigmoid" and p.label_smoothing:
         raise ValueError(f"label_smoothing={p.label_smoothing} applies to loss: sigmoid only; the {p.loss} "
-                         f"term has no label to smooth (TRL refuses the same combination)")
+                         f"term has no label to smooth (TRL warns and ignores it)")
 
 
 @dataclass

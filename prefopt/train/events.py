@@ -12,11 +12,18 @@ from typing import Any
 
 class Events:
     def __init__(self):
-        self.stop = self.save = self.evaluate = False  # requests for the current step boundary
+        # requests for the current step boundary; the loop clears save, evaluate and log_now once acted on
+        self.stop = self.save = self.evaluate = self.log_now = False
 
     def train_begin(self, job: Any, state: Any) -> None: ...
 
+    def epoch_begin(self, job: Any, state: Any) -> None: ...
+
+    def step_begin(self, job: Any, state: Any) -> None: ...
+
     def step_end(self, job: Any, state: Any) -> None: ...
+
+    def epoch_end(self, job: Any, state: Any) -> None: ...
 
     def log(self, job: Any, step: int, values: dict) -> None:
         """A metrics row (training means, or eval values with the ``eval/`` prefix)."""
@@ -26,9 +33,3 @@ class Events:
     def saved(self, job: Any, step: int, path: Any) -> None: ...
 
     def train_end(self, job: Any, state: Any) -> None: ...
-
-    def take(self) -> tuple[bool, bool, bool]:
-        """The pending (stop, save, evaluate) requests, cleared for the next step."""
-        requests = (self.stop, self.save, self.evaluate)
-        self.save = self.evaluate = False
-        return requests

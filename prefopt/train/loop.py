@@ -159,8 +159,21 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
     bar = tqdm(total=job.total_steps, initial=state.step, desc="train", dynamic_ncols=True,
                disable=not interactive)
     in_a_row, run_started, first_step = 0, time.perf_counter(), state.step
-    evaluated_now = False
+    evaluated_now, logged_at = False, state.step
+
+    def log_now():
+        nonlocal tokens, train_seconds, logged_at
+        tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), reduction="sum"))
+        state.num_tokens += tokens
+        _log_train(job, state, writer, window_metrics, tokens, train_seconds, bar if interactive else None,
+                   show and not interactive, (time.perf_counter() - run_started) / max(state.step - first_step, 1))
+        window_metrics.reset()
+        tokens, train_seconds, events.log_now, logged_at = 0, 0.0, False, state.step
+
     for window in _windows(job, state) if state.step < job.total_steps else ():
+        if state.batch_in_epoch == len(window):  # the epoch's first window
+            events.epoch_begin(job, state)
+        events.step_begin(job, state)
         started = time.perf_counter()
         read, outcome = optimizer_step(job, window, window_metrics)
         tokens += read
@@ -176,44 +189,26 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
             hook(state.step)
         fault_point("step", state.step)
         bar.update(1)
+        # the epoch's last window (counted per epoch: with token budgets epochs differ in length)
+        epoch_end = state.batch_in_epoch >= len(job.train_loader)
         events.step_end(job, state)
-        stop, save_now, evaluate_now = events.take()
-        epoch_end = state.step % job.steps_per_epoch == 0
-        if state.step % cfg.logging_steps == 0 or state.step == job.total_steps or stop \
+        if epoch_end:
+            events.epoch_end(job, state)
+        if state.step % cfg.logging_steps == 0 or state.step == job.total_steps or events.stop or events.log_now \
                 or (cfg.logging_first_step and state.step == 1):
-            tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), reduction="sum"))
-            state.num_tokens += tokens
-            means = window_metrics.means(acc)  # empty when every step of the window was skipped
-            logged = job.objective.summarize(means) if means else {}
-            logged.update(learning_rate=job.scheduler.get_last_lr()[0],
-                          epoch=round(state.step / job.steps_per_epoch, 4),
-                          tokens_per_second=tokens / max(train_seconds, 1e-9), num_tokens=state.num_tokens,
-                          skipped_steps=state.skipped_steps)
-            writer.write(state.step, logged)
-            events.log(job, state.step, logged)
-            headline = {k: f"{logged[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in logged}
-            if interactive:
-                bar.set_postfix(console.postfix(logged))
-            elif show:
-                done = state.step - first_step
-                eta = (time.perf_counter() - run_started) / max(done, 1) * (job.total_steps - state.step)
-                log.info("step %d/%d %s grad norm %.3g lr %.3g, %.0f tokens/s, batch fill %.2f, ETA %s", state.step,
-                         job.total_steps, " ".join(f"{k} {v}" for k, v in headline.items()),
-                         logged.get("grad_norm", math.nan), logged["learning_rate"], logged["tokens_per_second"],
-                         logged.get("batch_fill", math.nan), _clock(eta))
-            window_metrics.reset()
-            tokens, train_seconds = 0, 0.0
-        evaluated_now = evaluating and (evaluate_now or _due(cfg.eval_strategy, cfg.eval_steps, state.step, epoch_end))
+            log_now()
+        # requests of the callbacks (control.should_*), from any event of this step, act at this step
+        evaluated_now = evaluating and (events.evaluate or _due(cfg.eval_strategy, cfg.eval_steps, state.step,
+                                                                epoch_end))
         if evaluated_now:
             last_eval = _log_eval(job, writer, state.step)
+        events.evaluate = False
         saved = None
-        if save_now or _due(cfg.save_strategy, cfg.save_steps, state.step, epoch_end):
-            saved = save_checkpoint(acc, job.model, job.tokenizer, state, job.config, job.output_dir, cfg.save_total_limit,
-                                    _loss_state(job))
-            events.saved(job, state.step, saved)
+        if events.save or _due(cfg.save_strategy, cfg.save_steps, state.step, epoch_end):
+            saved = _save(job, state, cfg.save_total_limit)
+        events.save = False
         if in_a_row >= cfg.max_consecutive_skips:
-            path = saved or save_checkpoint(acc, job.model, job.tokenizer, state, job.config, job.output_dir, None,
-                                            _loss_state(job))
+            path = saved or _save(job, state, None)
             raise NonFiniteLossError(
                 f"steps {state.step - in_a_row + 1}..{state.step} in a row had a non-finite loss or gradient "
                 f"(train.max_consecutive_skips={cfg.max_consecutive_skips}); stopped with a checkpoint in {path}. "
@@ -221,20 +216,48 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
                 "high (the loss grew before), empty or fully truncated completions (see data_report.json)")
         signum = signals.requested(acc)
         if signum:
-            path = saved or save_checkpoint(acc, job.model, job.tokenizer, state, job.config, job.output_dir, None,
-                                            _loss_state(job))
+            path = saved or _save(job, state, None)
             bar.close()
             raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} at step {state.step} of "
                                       f"{job.total_steps}: checkpoint saved in {path}; continue with "
                                       f"train.resume_from=latest")
-        if state.step >= job.total_steps or stop:  # stop: a callback's control.should_training_stop
+        if events.stop and logged_at < state.step:  # asked after this step's logging: its row first
+            log_now()
+        if state.step >= job.total_steps or events.stop:  # a callback's control.should_training_stop
             break
     bar.close()
     if evaluating and not evaluated_now:  # the end's evaluation, unless the last step had one
         last_eval = _log_eval(job, writer, state.step)
     save_final(acc, job.model, job.tokenizer, job.config, job.output_dir)
-    events.train_end(job, state)
-    return state, last_eval
+    return state, last_eval  # the caller logs the run's summary row, then tells events.train_end
+
+
+def _log_train(job: Job, state: TrainState, writer: MetricsWriter, window_metrics: MetricAccumulator, tokens: int,
+               seconds: float, bar, plain: bool, seconds_per_step: float) -> None:
+    """The logging step's row: metrics.jsonl, the listeners, and the bar (terminal) or one line (logs)."""
+    means = window_metrics.means(job.accelerator)  # empty when every step of the window was skipped
+    logged = job.objective.summarize(means) if means else {}
+    logged.update(learning_rate=job.scheduler.get_last_lr()[0], epoch=round(state.step / job.steps_per_epoch, 4),
+                  tokens_per_second=tokens / max(seconds, 1e-9), num_tokens=state.num_tokens,
+                  skipped_steps=state.skipped_steps)
+    writer.write(state.step, logged)
+    job.events.log(job, state.step, logged)
+    if bar is not None:
+        bar.set_postfix(console.postfix(logged))
+    elif plain:
+        headline = {k: f"{logged[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in logged}
+        log.info("step %d/%d %s grad norm %.3g lr %.3g, %.0f tokens/s, batch fill %.2f, ETA %s", state.step,
+                 job.total_steps, " ".join(f"{k} {v}" for k, v in headline.items()),
+                 logged.get("grad_norm", math.nan), logged["learning_rate"], logged["tokens_per_second"],
+                 logged.get("batch_fill", math.nan), _clock(seconds_per_step * (job.total_steps - state.step)))
+
+
+def _save(job: Job, state: TrainState, keep: int | None) -> Path:
+    """A resumable checkpoint, told to the listeners (on_save)."""
+    path = save_checkpoint(job.accelerator, job.model, job.tokenizer, state, job.config, job.output_dir, keep,
+                           _loss_state(job))
+    job.events.saved(job, state.step, path)
+    return path
 
 
 def _due(strategy: str, every: int, step: int, epoch_end: bool) -> bool:
