@@ -253,7 +253,7 @@ class SDPOParams:
     paper="Kong et al. 2025, SDPO: Segment-Level Direct Preference Optimization for Social Agents "
           "(ACL 2025), arXiv:2501.01821, §3, the loss L_SDPO on a pair of segments after a shared history",
     equation="−log σ(β·Σ_{t∈seg_w} log πθ(y_t|h_t)/πref(y_t|h_t) − β·Σ_{t∈seg_l} log πθ(y_t|h_t)/πref(y_t|h_t)), "
-             "sums over the segments' assistant turns only",
+             "t: the segments' assistant turns only",
     summary="Multi-turn dialogue: a preference between two segments of several turns after a shared "
             "history (data format segment); only the assistant turns are scored, the other party's "
             "turns are context. Segments of equal turn counts, as the paper's derivation assumes.")

@@ -119,5 +119,5 @@ def cannot_detect(record: dict, sampled: int = 1) -> str:
 
 # Registration order is detection priority: most specific first (segment's `history` before the
 # conversational formats, which would read its records as conversations).
-from prefopt.data.formats import (sharegpt, segment, stack_exchange, hh, plain_implicit, conversational,  # noqa: E402,F401
-                                  plain, unpaired, sft, text, prompts)
+from prefopt.data.formats import (sharegpt, segment, stack_exchange, hh, plain_implicit,  # noqa: E402,F401
+                                  conversational, plain, unpaired, sft, text, prompts)
