@@ -264,13 +264,16 @@ def test_trailing_user_turns_of_a_segment_are_dropped(tokenizer, tmp_path):
 
 # ------------------------------------------------------------------ end to end
 
-def test_recipe_trains_two_steps(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("options", [[], ["reference.strategy=precomputed", "data.layout=padded"]],
+                         ids=["as_shipped", "precomputed_reference_padded"])
+def test_recipe_trains_two_steps(tiny_model_dir, tmp_path, options):
     from prefopt.trainer import Trainer
 
+    cache_dir = [f"reference.cache_dir={tmp_path / 'ref'}"] if options else []
     config = load_config(RECIPE, [f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path}",
                                   f"data.train={FIXTURE}", "train.max_steps=2", "train.per_device_train_batch_size=4",
                                   "train.gradient_accumulation_steps=1", "train.eval_steps=0", "train.save_steps=0",
-                                  "train.logging_steps=1", "train.progress_bar=false"])
+                                  "train.logging_steps=1", "train.progress_bar=false", *options, *cache_dir])
     assert [t.name for t in config.loss] == ["sdpo"]
     Trainer.from_config(config).train()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
