@@ -623,8 +623,8 @@ def test_undetectable_record(tmp_path):
 
 def test_detection_priority_is_registration_order():
     from prefopt.data.formats import FORMATS
-    assert list(FORMATS) == ["sharegpt", "stack_exchange", "hh", "plain_implicit", "conversational",
-                             "conversational_implicit", "plain", "unpaired", "messages_label",
+    assert list(FORMATS) == ["sharegpt", "segment", "segment_turn", "stack_exchange", "hh", "plain_implicit",
+                             "conversational", "conversational_implicit", "plain", "unpaired", "messages_label",
                              "prompt_completion", "messages", "text", "prompt_only"]
 
 

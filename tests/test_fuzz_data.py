@@ -47,7 +47,7 @@ WILD = st.one_of(
     st.text(max_size=12),                                                    # any unicode but surrogates
     st.text(st.characters(categories=["Cs", "Cc", "Zl", "Zp", "Ll"]), max_size=6),  # surrogates, controls
 )
-KEYS = ["prompt", "chosen", "rejected", "completion", "label", "messages", "conversations", "question",
+KEYS = ["prompt", "chosen", "rejected", "completion", "label", "messages", "conversations", "question", "history",
         "response_j", "response_k", "role", "content", "from", "value"]
 SCALAR = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=True), WILD)
 ANY = st.recursive(SCALAR, lambda inner: st.one_of(st.lists(inner, max_size=3),
@@ -86,6 +86,9 @@ def well_formed(fmt: str, p: str, c: str, r: str) -> tuple[dict, tuple]:
     if fmt == "hh":
         head = f"\n\nHuman: {p}\n\nAssistant:"
         return {"chosen": head + " " + c, "rejected": head + " " + r}, (head, " " + c, " " + r)
+    if fmt == "segment":
+        return ({"history": [user(p)], "chosen": [assistant(c)], "rejected": [assistant(r)]},
+                ([user(p)], [assistant(c)], [assistant(r)]))
     if fmt == "sharegpt":
         return ({"conversations": [{"from": "human", "value": p}], "chosen": {"from": "gpt", "value": c},
                  "rejected": {"from": "gpt", "value": r}}, ([user(p)], [assistant(c)], [assistant(r)]))
@@ -94,7 +97,7 @@ def well_formed(fmt: str, p: str, c: str, r: str) -> tuple[dict, tuple]:
             (f"Question: {p}\n\nAnswer: ", c, r))
 
 
-PAIRED = ["plain", "conversational", "conversational_implicit", "hh", "sharegpt", "stack_exchange"]
+PAIRED = ["plain", "conversational", "conversational_implicit", "hh", "sharegpt", "stack_exchange", "segment"]
 
 
 def other_kind(fmt: str, p: str, c: str) -> dict:

@@ -2,7 +2,8 @@
 reads the encoded examples back instead of tokenising again, and under several processes only
 the main process tokenises (the others wait for it and read its result).
 
-    CACHE_DIR/KEY/examples.jsonl   one encoded example per line (ids, roles, origin, label, columns)
+    CACHE_DIR/KEY/examples.jsonl   one encoded example per line (ids, roles, origin, label, columns,
+                                   scored-token masks of segments)
     CACHE_DIR/KEY/report.json      the DataReport of how they were made (rejects included)
 
 KEY is a SHA-256 over everything the result depends on: the source's bytes (a file) or its
@@ -110,12 +111,16 @@ def check_name(check) -> str:
 # ----------------------------------------------------------------------------- (de)serialising
 
 def _example_row(e: EncodedExample) -> dict:
-    return {"p": e.prompt_ids, "c": e.completions, "o": [e.origin.source, e.origin.index, e.origin.line],
-            "l": e.label, "x": e.extras}
+    row = {"p": e.prompt_ids, "c": e.completions, "o": [e.origin.source, e.origin.index, e.origin.line],
+           "l": e.label, "x": e.extras}
+    if e.scored:  # segments' scored-token masks, as 0/1
+        row["s"] = {role: [int(m) for m in mask] for role, mask in e.scored.items()}
+    return row
 
 
 def _example(row: dict) -> EncodedExample:
-    return EncodedExample(row["p"], row["c"], Origin(*row["o"]), row["l"], row["x"])
+    scored = {role: [bool(m) for m in mask] for role, mask in row.get("s", {}).items()}
+    return EncodedExample(row["p"], row["c"], Origin(*row["o"]), row["l"], row["x"], scored)
 
 
 def _report_dict(r: DataReport) -> dict:

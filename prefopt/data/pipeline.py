@@ -207,7 +207,7 @@ def convert(fmt: Format, record: dict, origin, required_columns: tuple[str, ...]
         return PromptExample(validate_prompt(fields["prompt"]), origin, extras)
     if fmt.kind == "paired":
         prompt, chosen, rejected = validate_pair(fields["prompt"], fields["chosen"], fields["rejected"], fmt.empty_ok)
-        return PreferenceExample(prompt, chosen, rejected, origin, extras)
+        return PreferenceExample(prompt, chosen, rejected, origin, extras, segment=fields.get("segment", False))
     prompt, completion = validate_completion(fields["prompt"], fields["completion"], fmt.empty_ok)
     return CompletionExample(prompt, completion, origin, fields.get("label"), extras)
 
@@ -273,11 +273,11 @@ def as_kind(examples: list[Example], kind: str, report: DataReport) -> list[Exam
             out.append(ex)
         elif isinstance(ex, PreferenceExample):
             if kind == "completion":  # SFT on the chosen responses
-                out.append(CompletionExample(ex.prompt, ex.chosen, ex.origin, None, ex.extras))
+                out.append(CompletionExample(ex.prompt, ex.chosen, ex.origin, None, ex.extras, ex.segment))
                 report.count("pairs_used_for_chosen_only")
             else:  # unpaired: each pair gives one desirable and one undesirable example
-                out.append(CompletionExample(ex.prompt, ex.chosen, ex.origin, True, ex.extras))
-                out.append(CompletionExample(ex.prompt, ex.rejected, ex.origin, False, ex.extras))
+                out.append(CompletionExample(ex.prompt, ex.chosen, ex.origin, True, ex.extras, ex.segment))
+                out.append(CompletionExample(ex.prompt, ex.rejected, ex.origin, False, ex.extras, ex.segment))
                 report.count("pairs_split_into_unpaired")
         elif kind == "unpaired" and ex.label is None:
             raise ConfigError(f"{ex.origin}: the loss needs labelled completions (label: true/false); "

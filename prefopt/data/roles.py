@@ -28,13 +28,18 @@ def expand_roles(examples: list[EncodedExample], roles: tuple[str, ...]) -> list
     if "kl" in roles and n == 1:
         log.warning("%s: one example only: its 'mismatched' pair for KTO's z0 is its own completion", examples[0].origin)
     for i, ex in enumerate(examples):
-        completions = dict(ex.completions)
+        completions, scored = dict(ex.completions), dict(ex.scored)
         if "kl" in roles:
-            completions["kl"] = examples[(i + 1) % n].completions["completion"]
+            other = examples[(i + 1) % n]
+            completions["kl"] = other.completions["completion"]
+            if "completion" in other.scored:  # a segment keeps its scored-token mask
+                scored["kl"] = other.scored["completion"]
         if "ref_completion" in roles and "ref_completion" not in completions:
             completions["ref_completion"] = completions["chosen"]
+            if "chosen" in scored:
+                scored["ref_completion"] = scored["chosen"]
         missing = [r for r in roles if r not in completions]
         if missing:
             raise ValueError(f"{ex.origin}: no completion for role(s) {', '.join(missing)}")
-        out.append(dataclasses.replace(ex, completions=completions))
+        out.append(dataclasses.replace(ex, completions=completions, scored=scored))
     return out

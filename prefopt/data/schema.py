@@ -12,6 +12,11 @@ A prompt is either raw text (``str``) or a conversation (a list of ``{"role", "c
 messages, rendered by the tokenizer's chat template). A completion has the same form as
 its prompt: text, or a list of assistant messages. Every example remembers where it came
 from (``Origin``: file and line) so that any later error can point at the record.
+
+``segment`` marks conversational completions that are multi-turn *segments* (SDPO, Kong et
+al. 2025, arXiv:2501.01821): assistant turns interleaved with the other party's turns, of
+which only the assistant turns are scored (prefopt.data.formats.segment; the masks are made
+by prefopt.data.tokenize). Without it, every completion token is scored.
 """
 from __future__ import annotations
 
@@ -52,6 +57,7 @@ class PreferenceExample:
     rejected: Text
     origin: Origin
     extras: dict[str, Any] = field(default_factory=dict)
+    segment: bool = False    # multi-turn segments: only their assistant turns are scored
 
     @property
     def conversational(self) -> bool:
@@ -65,6 +71,7 @@ class CompletionExample:
     origin: Origin
     label: bool | None = None  # True desirable, False undesirable, None: plain SFT target
     extras: dict[str, Any] = field(default_factory=dict)
+    segment: bool = False      # a multi-turn segment: only its assistant turns are scored
 
     @property
     def conversational(self) -> bool:

@@ -13,6 +13,13 @@ Rules (each one fixes a bug users hit in the anchors):
 * Every completion ends with EOS: appended when missing; tokens after a final EOS that
   only carry whitespace (e.g. the "\\n" after ``<|im_end|>`` in ChatML) are dropped, so
   the model learns to stop at EOS.
+* Multi-turn segments (``segment`` examples, SDPO): the completion is still what the rendering
+  of prompt + segment adds to the prompt's, but only the tokens of its assistant turns are
+  scored: assistant turn i spans from the end of the rendering of prompt + turns < i *with* the
+  generation prompt (so the role header is not scored) to the end of the rendering of prompt +
+  turns <= i, minus whitespace after its EOS (the "\n" after ``<|im_end|>``, as above). The
+  other party's turns and their headers are context. Each boundary must fall between tokens of
+  the joint tokenisation (else a RecordProblem); the mask travels as ``EncodedExample.scored``.
 * An empty text prompt (the ``text`` format: language modelling) has no position the first
   token could be predicted from: unless the tokenizer adds a BOS, the first token becomes the
   prompt, as a causal LM's loss never scores the first token either. The ids are then exactly
@@ -61,12 +68,16 @@ class EncodedExample:
     """Token ids of one example: a prompt and one or more completions by role.
 
     Roles: ``chosen``/``rejected`` for pairs, ``completion`` for unpaired and SFT data.
+    ``scored``: for a role whose completion is not scored whole (a multi-turn segment: only its
+    assistant turns), one bool per completion token, True where the token is scored. A role
+    without an entry is scored whole, as every completion of single-turn data is.
     """
     prompt_ids: list[int]
     completions: dict[str, list[int]]
     origin: Origin
     label: bool | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    scored: dict[str, list[bool]] = field(default_factory=dict)
 
     @functools.cached_property
     def uid(self) -> int:
@@ -74,6 +85,8 @@ class EncodedExample:
         extra columns), so equal content gets equal ids in any run. Per-example caches (the
         precomputed reference log-probs) are keyed on it."""
         content = (self.prompt_ids, sorted(self.completions.items()), self.label, sorted(self.extras.items()))
+        if self.scored:  # only then: the ids of fully scored examples stay what they were
+            content += (sorted(self.scored.items()),)
         digest = hashlib.blake2b(repr(content).encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") >> 1
 
@@ -117,12 +130,20 @@ class Encoder:
         prompt_ids = self._ids(prompt_text, conversational=example.conversational)
         if self.strict and self.max_prompt_length is None:  # refused before tokenising its completions
             self._check_room(prompt_ids)                     # (a 1 MB prompt)
-        completions = {role: self._completion_ids(example.prompt, prompt_text, prompt_ids, text,
-                                                  report, example.origin)
-                       for role, text in texts.items()}
+        segment = getattr(example, "segment", False) and example.conversational
+        if segment and "chosen" in texts:
+            self._count_unequal_segments(texts["chosen"], texts["rejected"], report, example.origin)
+        completions, scored = {}, {}
+        for role, text in texts.items():
+            ids, mask = self._completion_ids(example.prompt, prompt_text, prompt_ids, text, report, example.origin,
+                                             segment=segment and role != "ref_completion")
+            completions[role] = ids
+            if mask is not None:
+                scored[role] = mask
         if not prompt_ids:
             prompt_ids, completions = self._first_token_as_prompt(completions)
         prompt_ids, completions, cuts = self._truncate(prompt_ids, completions)
+        scored = {role: mask[:len(completions[role])] for role, mask in scored.items()}
         if "chosen" in completions and completions["chosen"] == completions["rejected"]:
             if not self.strict:
                 raise ExampleDropped("identical_after_truncation")
@@ -131,7 +152,7 @@ class Encoder:
             report.count(cut)
         extras = {k: v for k, v in example.extras.items() if k != "ref_completion"}
         return EncodedExample(prompt_ids, completions, example.origin,
-                              getattr(example, "label", None), extras)
+                              getattr(example, "label", None), extras, scored)
 
     def encode_prompt(self, prompt) -> tuple[str, list[int]]:
         """A prompt's text (chat template applied, generation prompt added) and its token ids,
@@ -157,7 +178,9 @@ class Encoder:
                                             f"{type(e).__name__}: {e}") from None
 
     def _completion_ids(self, prompt: Text, prompt_text: str, prompt_ids: list[int], completion: Text,
-                        report: DataReport, example_origin: Origin) -> list[int]:
+                        report: DataReport, example_origin: Origin,
+                        segment: bool = False) -> tuple[list[int], list[bool] | None]:
+        """The completion's ids, and for a ``segment`` its scored-token mask (else None)."""
         conversational = isinstance(prompt, list)
         if conversational:
             full_text = self._template(prompt + completion, add_generation_prompt=False)
@@ -169,7 +192,8 @@ class Encoder:
         else:
             completion_text, full_text = completion, prompt_text + completion
         full_ids = self._ids(full_text, conversational)
-        if full_ids[:len(prompt_ids)] == prompt_ids:
+        joint = full_ids[:len(prompt_ids)] == prompt_ids
+        if joint:
             ids = full_ids[len(prompt_ids):]
         else:
             if not report.counts["boundary_mismatch"]:
@@ -180,7 +204,64 @@ class Encoder:
                     f"completions are tokenised on their own, as generation would produce them")
             report.count("boundary_mismatch")
             ids = self._tokenize(completion_text, add_special_tokens=False)
-        return self._end_with_eos(ids)
+        if not segment:
+            return self._end_with_eos(ids), None
+        if joint:  # token index of a boundary: ids of the text before it, minus the prompt's
+            def tokens_before(chars: int) -> list[int]:
+                return self._ids(full_text[:len(prompt_text) + chars], conversational)[len(prompt_ids):]
+        else:
+            def tokens_before(chars: int) -> list[int]:
+                return self._tokenize(completion_text[:chars], add_special_tokens=False)
+        mask = self._segment_mask(prompt, completion, len(prompt_text), full_text, ids, tokens_before)
+        out = self._end_with_eos(ids)
+        mask = mask[:len(out)] + [True] * (len(out) - len(mask))  # an appended EOS ends the last assistant turn
+        return out, mask
+
+    @staticmethod
+    def _count_unequal_segments(chosen: list, rejected: list, report: DataReport, origin: Origin) -> None:
+        """SDPO's derivation cancels the partition function only between segments of equal turn
+        counts; pairs that differ are kept, and counted."""
+        turns = [sum(m["role"] == "assistant" for m in seg) for seg in (chosen, rejected)]
+        if turns[0] != turns[1]:
+            if not report.counts["segments_of_unequal_turns"]:
+                report.notes.append(f"segments with unequal numbers of assistant turns are kept and counted "
+                                    f"as segments_of_unequal_turns (SDPO assumes equal ones); the first is "
+                                    f"at {origin} ({turns[0]} chosen, {turns[1]} rejected)")
+            report.count("segments_of_unequal_turns")
+
+    def _segment_mask(self, prompt: list, segment: list, prompt_chars: int, full_text: str, ids: list[int],
+                      tokens_before) -> list[bool]:
+        """One bool per completion token: True inside an assistant turn (content and end-of-turn)."""
+        mask = [False] * len(ids)
+        for i, message in enumerate(segment):
+            if message["role"] != "assistant":
+                continue
+            head = self._template(prompt + segment[:i], add_generation_prompt=True)
+            turn = self._template(prompt + segment[:i + 1], add_generation_prompt=False)
+            if not (full_text.startswith(head) and full_text.startswith(turn)):
+                raise RecordProblem("template", f"the chat template renders the dialogue differently once "
+                                                f"turn {i + 1} of the segment follows, so that turn's tokens "
+                                                f"cannot be located")
+            start, end = (self._boundary(len(text) - prompt_chars, ids, tokens_before, i) for text in (head, turn))
+            stop = end
+            while stop > start + 1 and ids[stop - 1] != self.eos and self._is_whitespace(ids[stop - 1]):
+                stop -= 1
+            if ids[stop - 1] != self.eos:  # whitespace not after an EOS is the turn's own: kept
+                stop = end
+            mask[start:stop] = [True] * (stop - start)
+        return mask
+
+    @staticmethod
+    def _boundary(chars: int, ids: list[int], tokens_before, turn: int) -> int:
+        """The number of completion tokens before character ``chars`` of the completion text."""
+        if chars <= 0:
+            return 0
+        before = tokens_before(chars)
+        if ids[:len(before)] != before:
+            raise RecordProblem("template", f"turn {turn + 1} of the segment does not start or end at a token "
+                                            f"boundary (tokenising the dialogue merges tokens across it), so "
+                                            f"its scored tokens are undefined")
+        return len(before)
 
     def _ids(self, text: str, conversational: bool) -> list[int]:
         # Chat templates write their own BOS; raw text gets the tokenizer's special tokens.

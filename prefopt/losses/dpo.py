@@ -1,5 +1,5 @@
 """DPO and the losses that share its implicit reward: DPO, cDPO, reference-free DPO, IPO, soft labels
-(soft_dpo, gdpo), RPO, SPIN.
+(soft_dpo, gdpo), RPO, SPIN, SDPO (multi-turn segments).
 
 Notation (used across prefopt.losses): for a pair (x, y_w, y_l),
 ``r_w = log πθ(y_w|x) − log πref(y_w|x)``, ``r_l`` likewise, ``h = r_w − r_l``.
@@ -238,6 +238,38 @@ def spin(inputs: LossInputs, p: SPINParams) -> LossOutput:
     generation, reference = the previous iterate.
 
     Hand check: the ``dpo`` pair with λ = 0.1: log(1 + e^−0.3) = 0.554355.
+    """
+    r_w, r_l = log_ratios(inputs)
+    return LossOutput(-F.logsigmoid(p.beta * (r_w - r_l)), p.beta * r_w, p.beta * r_l)
+
+
+@dataclass
+class SDPOParams:
+    beta: float = param(0.1, "β: inverse temperature of the implicit reward, as in DPO.", gt=0)
+
+
+@register(
+    "sdpo", params=SDPOParams,
+    paper="Kong et al. 2025, SDPO: Segment-Level Direct Preference Optimization for Social Agents "
+          "(ACL 2025), arXiv:2501.01821, §3, the loss L_SDPO on a pair of segments after a shared history",
+    equation="−log σ(β·Σ_{t∈seg_w} log πθ(y_t|h_t)/πref(y_t|h_t) − β·Σ_{t∈seg_l} log πθ(y_t|h_t)/πref(y_t|h_t)), "
+             "t: the segments' assistant turns only",
+    summary="Multi-turn dialogue: a preference between two segments of several turns after a shared "
+            "history (data format segment); only the assistant turns are scored, the other party's "
+            "turns are context. Segments of equal turn counts, as the paper's derivation assumes.")
+def sdpo(inputs: LossInputs, p: SDPOParams) -> LossOutput:
+    """SDPO (Kong et al. 2025, §3): DPO's logistic loss on the segment-level log-ratio margin.
+
+    For a history h and segments seg_w, seg_l (assistant turns y_t, each after its dialogue
+    state h_t), L = −log σ(β·Σ_{t∈seg_w} log πθ(y_t|h_t)/πref(y_t|h_t) − β·Σ_{t∈seg_l} (same)).
+    The paper derives it from turn-level occupancy measures; the partition function cancels when
+    both segments have the same number of turns. Since the log-prob of a segment's assistant turns
+    given their contexts is exactly the sum of the scored tokens' log-probs of the segment's
+    completion under the mask the ``segment`` format builds (the other party's turns and the role
+    headers are read, never scored), r_w and r_l here are the summed segment log-ratios and the
+    loss is DPO's formula: L = −log σ(β (r_w − r_l)). On single-turn pairs it is DPO.
+
+    Hand check: the ``dpo`` pair (β = 0.1, r_w = 2, r_l = −1): log(1 + e^−0.3) = 0.554355.
     """
     r_w, r_l = log_ratios(inputs)
     return LossOutput(-F.logsigmoid(p.beta * (r_w - r_l)), p.beta * r_w, p.beta * r_l)

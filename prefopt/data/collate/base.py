@@ -23,6 +23,11 @@ Every example carries a stable id (``example_ids``, a hash of its tokenised cont
 cache of per-example values (the precomputed reference) can be keyed on it; ``index`` maps
 each role ("chosen", "rejected", "completion", "kl", "ref_completion") to the sequence
 number of every example. Roles of one example whose token ids are equal share one sequence.
+
+A completion with a scored-token mask (``EncodedExample.scored``: a multi-turn segment, whose
+other-party turns are context) is placed whole, as any other, but only its masked-in tokens
+enter the scored-token list; ``sequence_lengths`` counts scored tokens. So every layout, the
+log-prob code and the losses honour the mask without knowing of it.
 """
 from __future__ import annotations
 
@@ -118,6 +123,11 @@ class Sequence:
     example: int
     prompt: list[int]
     completion: list[int]
+    scored: list[bool] | None = None  # per completion token; None: every token is scored
+
+    @property
+    def num_scored(self) -> int:
+        return len(self.completion) if self.scored is None else sum(self.scored)
 
 
 class ScoredSequences:
@@ -134,11 +144,11 @@ class ScoredSequences:
                 raise ValueError(f"{ex.origin}: an example with no prompt tokens cannot be scored")
         for role in roles:
             for i, ex in enumerate(examples):
-                ids = ex.completions[role]
-                key = tuple(ids)
+                ids, mask = ex.completions[role], ex.scored.get(role)
+                key = (tuple(ids), None if mask is None else tuple(mask))
                 if key not in own[i]:
                     own[i][key] = len(self.sequences)
-                    self.sequences.append(Sequence(i, ex.prompt_ids, ids))
+                    self.sequences.append(Sequence(i, ex.prompt_ids, ids, mask))
                 self.index[role][i] = own[i][key]
         self.rows: list[int] = []
         self.pos: list[int] = []
@@ -148,10 +158,14 @@ class ScoredSequences:
     def score(self, number: int, row: int, first_logit: int, next_logits: range) -> None:
         """Score sequence ``number``: its first token from the logits at ``first_logit`` (the
         last prompt position), the others from ``next_logits`` (positions of its own tokens)."""
-        completion = self.sequences[number].completion
+        sequence = self.sequences[number]
+        completion = sequence.completion
+        positions = [first_logit, *next_logits[:len(completion) - 1]]
+        if sequence.scored is not None:  # a segment: its masked-out tokens are context only
+            kept = [t for t, scored in enumerate(sequence.scored) if scored]
+            positions, completion = [positions[t] for t in kept], [completion[t] for t in kept]
         self.rows += [row] * len(completion)
-        self.pos.append(first_logit)
-        self.pos += next_logits[:len(completion) - 1]
+        self.pos += positions
         self.target += completion
         self.seq += [number] * len(completion)
 
@@ -166,7 +180,7 @@ class ScoredSequences:
             token_pos=torch.tensor(self.pos, dtype=long)[order],
             token_target=torch.tensor(self.target, dtype=long)[order],
             token_sequence=seq[order],
-            sequence_lengths=torch.tensor([len(s.completion) for s in self.sequences], dtype=long),
+            sequence_lengths=torch.tensor([s.num_scored for s in self.sequences], dtype=long),
             index={role: torch.tensor(v, dtype=long) for role, v in self.index.items()},
             example_ids=torch.tensor([e.uid for e in examples], dtype=torch.int64),
             labels=(torch.tensor([bool(e.label) for e in examples])

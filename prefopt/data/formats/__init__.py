@@ -117,6 +117,7 @@ def cannot_detect(record: dict, sampled: int = 1) -> str:
             f"data.columns (e.g. {{prompt: question, chosen: good, rejected: bad}}).{rest}")
 
 
-# Registration order is detection priority: most specific first.
-from prefopt.data.formats import (sharegpt, stack_exchange, hh, plain_implicit, conversational, plain,  # noqa: E402,F401
-                                  unpaired, sft, text, prompts)
+# Registration order is detection priority: most specific first (segment's `history` before the
+# conversational formats, which would read its records as conversations).
+from prefopt.data.formats import (sharegpt, segment, stack_exchange, hh, plain_implicit,  # noqa: E402,F401
+                                  conversational, plain, unpaired, sft, text, prompts)
