@@ -161,7 +161,7 @@ def plackett_luce(inputs: LossInputs, p: ListwiseParams) -> LossOutput:
 
 # ---------------------------------------------------------------------------------- dpo_multi_rejected
 @register(
-    "dpo_multi_rejected", params=ListwiseParams, data="listwise", aliases=("sdpo_softmax", "s_dpo"),
+    "dpo_multi_rejected", params=ListwiseParams, data="listwise",
     record_check=_check("dpo_multi_rejected", unique_best=True),
     paper=_DPO_PL + ", the first factor of the Plackett–Luce likelihood (the best response picked from all "
           "K); as S-DPO: Chen et al. 2024, On Softmax Direct Preference Optimization for Recommendation, "
