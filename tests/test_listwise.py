@@ -281,9 +281,9 @@ def test_bad_records_name_file_and_line(tmp_path, good, record, loss, message):
 def test_listwise_data_with_a_pairwise_loss_says_what_to_use(tiny_model_dir, tmp_path):
     from prefopt.errors import ConfigError
     from prefopt.trainer import Trainer
-    config = load_config(ROOT / "configs" / "dpo.yaml", [f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path}",
-                                                         f"data.train={ROOT / 'tests/fixtures/listwise.jsonl'}",
-                                                         "data.eval_split_size=0"])
+    config = load_config(ROOT / "configs" / "dpo.yaml",
+                         [f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path}",
+                          f"data.train={ROOT / 'tests/fixtures/listwise.jsonl'}", "data.eval_split_size=0"])
     with pytest.raises(ConfigError, match="K responses per prompt; use a listwise loss .*plackett_luce"):
         Trainer.from_config(config).setup()
 

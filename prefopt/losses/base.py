@@ -176,7 +176,8 @@ class LossSpec:
     def needed_inputs(self, params: Any, paired: bool) -> set[str]:
         """The LossInputs fields (and extras columns) this loss reads, given the data kind."""
         if self.data == "listwise" and not paired:
-            need, ref, tok = {"policy_response_logps", "response_scores", "response_mask"}, {"ref_response_logps"}, set()
+            need = {"policy_response_logps", "response_scores", "response_mask"}
+            ref, tok = {"ref_response_logps"}, set()
         elif paired:
             need = {"policy_chosen_logps", "policy_rejected_logps"}
             ref = {"ref_chosen_logps", "ref_rejected_logps"}

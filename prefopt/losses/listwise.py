@@ -23,7 +23,8 @@ from prefopt.losses.base import LossInputs, LossOutput, MissingInputError, param
 
 Tensor = torch.Tensor
 
-_DPO_PL = "Rafailov et al. 2023, Direct Preference Optimization, arXiv:2305.18290, Appendix A.3 (the Plackett–Luce model and its DPO objective)"
+_DPO_PL = ("Rafailov et al. 2023, Direct Preference Optimization, arXiv:2305.18290, Appendix A.3 (the "
+           "Plackett–Luce model and its DPO objective)")
 _NCA = ("Chen et al. 2024, Noise Contrastive Alignment of Language Models with Explicit Rewards, "
         "arXiv:2402.05369")
 
