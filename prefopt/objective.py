@@ -25,9 +25,11 @@ import torch
 
 from prefopt.config import LossTerm, parse_loss
 from prefopt.data.collate import Batch
+from prefopt.data.tokenize import response_roles
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.logps import Scoring, SequenceScores, score_batch
 from prefopt.losses import LossInputs, LossOutput, LossSpec, check_inputs, get_spec
+from prefopt.losses.listwise import metrics as listwise_metrics
 from prefopt.losses.modifiers import MODIFIERS, ModifierContext
 
 Tensor = torch.Tensor
@@ -73,7 +75,8 @@ class Objective:
                               + ", ".join(f"{t.spec.name} ({t.spec.scores})" for t in terms))
         self.rewards = score_kinds == {"reward"}  # the model is a reward model: one scalar per sequence
         self.terms = terms
-        self.kind = {"paired": "paired", "unpaired": "unpaired"}.get(next(iter(kinds), ""), "completion")
+        self.kind = {"paired": "paired", "unpaired": "unpaired", "listwise": "listwise"}.get(next(iter(kinds), ""),
+                                                                                        "completion")
         self.reference = reference
         self.extra_losses = dict(extra_losses or {})
         clash = set(self.extra_losses) & {t.label for t in terms}
@@ -107,6 +110,8 @@ class Objective:
     # ------------------------------------------------------------------ data layout
     @property
     def roles(self) -> tuple[str, ...]:
+        if self.kind == "listwise":  # K responses, best first: as many as the losses take
+            return response_roles(max(t.params.max_responses for t in self.terms))
         roles = ("chosen", "rejected") if self.kind == "paired" else ("completion",)
         needs = set().union(*(t.spec.extra_inputs(t.params) for t in self.terms))
         if "policy_kl_logps" in needs:
@@ -118,6 +123,8 @@ class Objective:
     @property
     def optional_columns(self) -> tuple[str, ...]:
         """Columns a loss uses when present (SLiC's ref_completion falls back to the chosen)."""
+        if self.kind == "listwise":  # a pair with scores is a scored list of two
+            return ("score_chosen", "score_rejected")
         return ("ref_completion",) if "ref_completion" in self.roles else ()
 
     @property
@@ -140,8 +147,13 @@ class Objective:
         units.update({name: 1.0 for name in self.extra_losses})
         return units
 
+    @property
+    def target_role(self) -> str:
+        """The role of the completions the model should produce (the best response of a list)."""
+        return {"paired": "chosen", "listwise": "response_0"}.get(self.kind, "completion")
+
     def _target_tokens(self, batch: Batch) -> int:
-        role = "chosen" if self.kind == "paired" else "completion"
+        role = self.target_role
         lengths = batch.sequence_lengths[batch.index[role]]
         if batch.labels is not None and self.kind != "paired":
             lengths = lengths[batch.labels.bool()]
@@ -200,7 +212,13 @@ class Objective:
             return None if values is None else values[batch.index[role]]
 
         lengths = batch.sequence_lengths
-        if self.kind == "paired":
+        if self.kind == "listwise":  # (B, K): the k-th best response of every example
+            rows = torch.stack([batch.index[role] for role in self.roles], 1)
+            inputs = LossInputs(
+                policy_response_logps=policy.logps[rows], ref_response_logps=None if ref is None else ref.logps[rows],
+                response_lengths=lengths[rows], response_scores=batch.response_scores,
+                response_mask=batch.response_mask)
+        elif self.kind == "paired":
             inputs = LossInputs(
                 policy_chosen_logps=pick(policy, "chosen"), policy_rejected_logps=pick(policy, "rejected"),
                 ref_chosen_logps=pick(ref, "chosen"), ref_rejected_logps=pick(ref, "rejected"),
@@ -268,6 +286,10 @@ class Objective:
         lengths = batch.sequence_lengths.to(pol.logits_mean.dtype)
         if self.rewards:  # no log-probs, logits or token accuracy: the rewards below are the metrics
             pass
+        elif self.kind == "listwise":
+            logps, mask = inputs.policy_response_logps, inputs.response_mask
+            _mean(out, "logps/chosen", logps[:, 0])
+            _mean(out, "logps/rejected", logps[:, 1:][mask[:, 1:]])
         elif self.kind == "paired":
             ci, ri = batch.index["chosen"], batch.index["rejected"]
             _mean(out, "logps/chosen", inputs.policy_chosen_logps)
@@ -282,7 +304,7 @@ class Objective:
             else:
                 _mean(out, "logps/chosen", logps[batch.labels.bool()])
                 _mean(out, "logps/rejected", logps[~batch.labels.bool()])
-        target = batch.index["chosen" if self.kind == "paired" else "completion"]
+        target = batch.index[self.target_role]
         if batch.labels is not None and self.kind != "paired":
             target = target[batch.labels.bool()]
         # on the completions the model should produce (not rejected, mismatched or y_ref rows)
@@ -292,10 +314,12 @@ class Objective:
         if rewarded is not None:
             _mean(out, "rewards/chosen", rewarded.chosen_rewards)
             _mean(out, "rewards/rejected", rewarded.rejected_rewards)
-            if self.kind == "paired":
+            if self.kind in ("paired", "listwise"):
                 diff = (rewarded.chosen_rewards - rewarded.rejected_rewards).detach()
                 _mean(out, "rewards/accuracies", (diff > 0).float())
                 _mean(out, "rewards/margins", diff)
+            if rewarded.response_rewards is not None:  # accuracies: the share of ordered pairs ranked right
+                out.update(listwise_metrics(rewarded.response_rewards, inputs.response_scores, inputs.response_mask))
         for result in step.outputs.values():
             for name, value in result.metrics.items():
                 _mean(out, name, value)

@@ -623,7 +623,9 @@ def test_undetectable_record(tmp_path):
 
 def test_detection_priority_is_registration_order():
     from prefopt.data.formats import FORMATS
+    # the listwise formats come before the pair formats: a list of rejected texts is several rejected
     assert list(FORMATS) == ["sharegpt", "segment", "segment_turn", "stack_exchange", "hh", "plain_implicit",
+                             "ranked", "multi_rejected",
                              "conversational", "conversational_implicit", "plain", "unpaired", "messages_label",
                              "prompt_completion", "messages", "text", "prompt_only"]
 

@@ -43,6 +43,7 @@ def unpaired_inputs(labels=(True, True, False, False), **over) -> dict:
 
 
 def inputs_for(spec, **over) -> dict:
+    # listwise losses (tests/test_listwise.py) take a pair as K = 2, scored by score_chosen/score_rejected
     return unpaired_inputs(**over) if spec.data == "unpaired" else paired_inputs(**over)
 
 
@@ -131,8 +132,9 @@ def test_documented_and_defaults_valid(spec):
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_every_loss_has_a_hand_derived_test(spec):
-    sources = "".join(p.read_text() for p in Path(__file__).parent.glob("test_losses_*.py"))
-    assert f'"{spec.name}"' in sources, f"no test_losses_*.py mentions '{spec.name}'"
+    here = Path(__file__).parent
+    sources = "".join(p.read_text() for p in [*here.glob("test_losses_*.py"), here / "test_listwise.py"])
+    assert f'"{spec.name}"' in sources, f"no test_losses_*.py (or test_listwise.py) mentions '{spec.name}'"
 
 
 # -------------------------------------------------------------------- reductions to DPO
@@ -151,6 +153,8 @@ REDUCTIONS = [
     ("tdpo2", {}, {"chosen_seq_kl": T([0.0] * 3), "rejected_seq_kl": T([0.0] * 3)}),
     ("rpo", {"alpha": 0.0}, {}),
     ("spin", {}, {}),
+    ("plackett_luce", {}, {}),        # listwise losses take a pair as K = 2
+    ("dpo_multi_rejected", {}, {}),
 ]
 
 

@@ -21,14 +21,15 @@ from prefopt import console
 from prefopt.config import DataConfig
 from prefopt.data.formats import SAMPLE_SIZE, Format, cannot_detect, detect_majority, get_format, recognise
 from prefopt.data.report import DataReport, DataUnusable
-from prefopt.data.schema import (CompletionExample, PreferenceExample, PromptExample, RecordProblem,
-                                 check_unicode, texts_of, validate_completion, validate_pair, validate_prompt)
+from prefopt.data.schema import (CompletionExample, PreferenceExample, PromptExample, RankedExample, Ranking,
+                                 RecordProblem, check_unicode, texts_of, validate_completion, validate_pair,
+                                 validate_prompt, validate_ranked)
 from prefopt.data.sources import RawRecord, read_records
 from prefopt.data.tokenize import EncodedExample, Encoder, ExampleDropped
 from prefopt.errors import ConfigError, DataError
 from prefopt.losses.base import KNOWN_COLUMNS
 
-Example = PreferenceExample | CompletionExample | PromptExample
+Example = PreferenceExample | CompletionExample | PromptExample | RankedExample
 NUMERIC_COLUMNS = tuple(c for c in KNOWN_COLUMNS if c != "ref_completion")
 
 
@@ -199,10 +200,16 @@ def convert(fmt: Format, record: dict, origin, required_columns: tuple[str, ...]
             optional_columns: tuple[str, ...] = (), record_checks: tuple = ()) -> Example:
     fields = fmt.convert(record)
     extras = extract_columns(record, required_columns, optional_columns)
+    ranked = None
+    if fmt.kind == "listwise":  # validated first: a loss's checks read the ranking
+        ranked = validate_ranked(fields["prompt"], fields["responses"], fields["scores"], fields.get("names"),
+                                 fields["explicit"])
     for check in record_checks:
-        problem = check(extras)
+        problem = check({**extras, "ranking": ranked[2] if ranked else pair_ranking(extras)})
         if problem:
             raise RecordProblem("invalid_column", problem)
+    if ranked is not None:
+        return RankedExample(*ranked, origin, extras)
     if fmt.kind == "prompt":
         return PromptExample(validate_prompt(fields["prompt"]), origin, extras)
     if fmt.kind == "paired":
@@ -210,6 +217,14 @@ def convert(fmt: Format, record: dict, origin, required_columns: tuple[str, ...]
         return PreferenceExample(prompt, chosen, rejected, origin, extras, segment=fields.get("segment", False))
     prompt, completion = validate_completion(fields["prompt"], fields["completion"], fmt.empty_ok)
     return CompletionExample(prompt, completion, origin, fields.get("label"), extras)
+
+
+def pair_ranking(extras: dict) -> Ranking:
+    """A pair's ranking as listwise losses see it: its score_chosen/score_rejected columns when
+    the data has them (read when a listwise loss runs), else the labels 1 and 0."""
+    if "score_chosen" in extras and "score_rejected" in extras:
+        return Ranking((extras["score_chosen"], extras["score_rejected"]), True)
+    return Ranking((1.0, 0.0), False)
 
 
 def extract_columns(record: dict, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -266,6 +281,26 @@ def as_kind(examples: list[Example], kind: str, report: DataReport) -> list[Exam
             needs = "paired data (chosen and rejected)" if kind == "paired" else "labelled completions (label)"
             raise ConfigError(f"{ex.origin}: the data format 'text' is plain text for language modelling "
                               f"(SFT: `prefopt sft`); the loss needs {needs}")
+        if kind == "listwise":  # a pair is a list of two (scored when its score columns were read)
+            if isinstance(ex, RankedExample):
+                out.append(ex)
+            elif isinstance(ex, PreferenceExample):
+                ranking = pair_ranking(ex.extras)
+                order = [0, 1] if ranking.scores[0] >= ranking.scores[1] else [1, 0]
+                pair = [ex.chosen, ex.rejected]
+                out.append(RankedExample(ex.prompt, [pair[i] for i in order],
+                                         Ranking(tuple(ranking.scores[i] for i in order), ranking.explicit),
+                                         ex.origin, ex.extras))
+                report.count("pairs_used_as_lists_of_two")
+            else:
+                raise ConfigError(f"{ex.origin}: the loss is listwise (K responses per prompt), but the data "
+                                  f"format '{report.format}' has one completion per example")
+            continue
+        if isinstance(ex, RankedExample):
+            from prefopt.losses import list_specs
+            listwise = ", ".join(s.name for s in list_specs() if s.data == "listwise")
+            raise ConfigError(f"{ex.origin}: the data format '{report.format}' has K responses per prompt; "
+                              f"use a listwise loss ({listwise})")
         if kind == "paired":
             if not isinstance(ex, PreferenceExample):
                 raise ConfigError(f"{ex.origin}: the loss needs paired data (chosen and rejected), but "

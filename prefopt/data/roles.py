@@ -9,6 +9,11 @@ before any collator, so every layout (and the reference cache) gets them for fre
 * ``ref_completion`` (SLiC's regularisation target): the record's column when present, else
   the chosen completion; equal completions of one example share one sequence in a batch,
   so a dataset without the column costs no extra forward.
+* ``response_0`` .. ``response_{K-1}`` (listwise data, best first): the objective asks for as
+  many as its losses accept (``max_responses``); an example with fewer responses fills the rest
+  with its last response. Equal completions of one example share one sequence, so the filling
+  costs no forward, and the batch's ``response_mask`` (from the example's own scores) marks
+  the real ones: K may vary between examples and batches, padded to the objective's K with a mask.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import dataclasses
 
 import logging
 
-from prefopt.data.tokenize import EncodedExample
+from prefopt.data.tokenize import RESPONSE_ROLE, SCORES, EncodedExample
 
 log = logging.getLogger("prefopt")
 
@@ -38,6 +43,11 @@ def expand_roles(examples: list[EncodedExample], roles: tuple[str, ...]) -> list
             completions["ref_completion"] = completions["chosen"]
             if "chosen" in scored:
                 scored["ref_completion"] = scored["chosen"]
+        if SCORES in ex.extras:  # listwise: the missing response roles repeat the last response
+            own = len(ex.extras[SCORES])
+            if RESPONSE_ROLE.format(own) in roles and RESPONSE_ROLE.format(own - 1) in completions:
+                for k in range(own, sum(r.startswith(RESPONSE_ROLE.format("")) for r in roles)):
+                    completions[RESPONSE_ROLE.format(k)] = completions[RESPONSE_ROLE.format(own - 1)]
         missing = [r for r in roles if r not in completions]
         if missing:
             raise ValueError(f"{ex.origin}: no completion for role(s) {', '.join(missing)}")

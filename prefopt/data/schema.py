@@ -6,7 +6,9 @@ Three shapes, one per kind of data:
 * ``CompletionExample(prompt, completion, label)`` — unpaired data (KTO: ``label`` True for
   desirable, False for undesirable) and SFT data (``label`` None);
 * ``PromptExample(prompt)`` — prompts alone, what generation samples from (any of the
-  shapes above gives its prompt too).
+  shapes above gives its prompt too);
+* ``RankedExample(prompt, responses, ranking)`` — K ≥ 2 responses to one prompt, best first,
+  with their scores (listwise losses: Plackett–Luce, InfoNCA, LiPO, ...).
 
 A prompt is either raw text (``str``) or a conversation (a list of ``{"role", "content"}``
 messages, rendered by the tokenizer's chat template). A completion has the same form as
@@ -20,6 +22,7 @@ by prefopt.data.tokenize). Without it, every completion token is scored.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -89,10 +92,38 @@ class PromptExample:
         return isinstance(self.prompt, list)
 
 
+@dataclass(frozen=True)
+class Ranking:
+    """The scores of a RankedExample's responses, best first (higher is better). ``explicit``:
+    the data gave them (``scores``); otherwise they are labels, 1 for the chosen and 0 for every
+    rejected, which order the responses but are no rewards."""
+    scores: tuple[float, ...]
+    explicit: bool
+
+    def ties(self) -> list[tuple[int, int]]:
+        """Neighbouring positions (0-based, best first) whose scores are equal."""
+        return [(k, k + 1) for k in range(len(self.scores) - 1) if self.scores[k] == self.scores[k + 1]]
+
+
+@dataclass
+class RankedExample:
+    """K ≥ 2 responses to one prompt, sorted best first (stable: equal scores keep their order)."""
+    prompt: Text
+    responses: list[Text]
+    ranking: Ranking
+    origin: Origin
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
 def texts_of(example: PreferenceExample | CompletionExample | PromptExample) -> list[tuple[str, str]]:
     """Every text of an example with the name of its field (``chosen[0].content`` in a conversation)."""
     fields = [(name, getattr(example, name)) for name in ("prompt", "chosen", "rejected", "completion")
               if hasattr(example, name)]
+    fields += [(f"responses[{i}]", r) for i, r in enumerate(getattr(example, "responses", ()))]
     fields += [(f"column '{name}'", value) for name, value in example.extras.items() if isinstance(value, str)]
     out = []
     for name, value in fields:
@@ -163,6 +194,43 @@ def validate_pair(prompt: Any, chosen: Any, rejected: Any, empty_ok: tuple[str, 
     if chosen == rejected:
         raise RecordProblem("identical", "chosen and rejected are identical")
     return prompt, chosen, rejected
+
+
+def validate_ranked(prompt: Any, responses: Any, scores: Any, names: list[str] | None = None,
+                    explicit: bool = True) -> tuple[Text, list[Text], Ranking]:
+    """A prompt and K ≥ 2 responses with one finite score each, sorted best first. ``names``: how
+    messages call the responses (``chosen``, ``rejected[0]``; default ``responses[i]``)."""
+    if not isinstance(responses, list):
+        raise RecordProblem("wrong_type", f"responses must be a list, got {type(responses).__name__}")
+    if len(responses) < 2:
+        raise RecordProblem("too_few_responses", f"a listwise record needs at least 2 responses, got "
+                                                 f"{len(responses)}")
+    if not isinstance(scores, list) or len(scores) != len(responses):
+        got = f"{len(scores)} scores" if isinstance(scores, list) else f"a {type(scores).__name__}"
+        raise RecordProblem("scores_mismatch", f"scores must be a list with one number per response: "
+                                               f"{len(responses)} responses, {got}")
+    for i, score in enumerate(scores):
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
+            raise RecordProblem("wrong_type", f"scores[{i}] must be a number, got {score!r:.40}")
+        if not math.isfinite(score):
+            raise RecordProblem("invalid_score", f"scores[{i}] is {score} (scores must be finite numbers)")
+    names = names or [f"responses[{i}]" for i in range(len(responses))]
+    prompt = check_text(prompt, "prompt")
+    conv = isinstance(prompt, list)
+    responses = [check_text(r, name, conversational=conv) for r, name in zip(responses, names)]
+    if conv:
+        _check_prompt_turns(prompt)
+        for name, r in zip(names, responses):
+            if r[0]["role"] != "assistant":
+                raise RecordProblem("wrong_type", f"{name} must start with an assistant message, got role "
+                                                  f"{r[0]['role']!r}")
+    for j in range(len(responses)):
+        for i in range(j):
+            if responses[i] == responses[j]:
+                raise RecordProblem("identical", f"{names[i]} and {names[j]} are identical")
+    order = sorted(range(len(responses)), key=lambda i: -float(scores[i]))  # stable: ties keep their order
+    return (prompt, [responses[i] for i in order],
+            Ranking(tuple(float(scores[i]) for i in order), explicit))
 
 
 def validate_completion(prompt: Any, completion: Any, empty_ok: tuple[str, ...] = ()) -> tuple[Text, Text]:

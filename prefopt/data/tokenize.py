@@ -47,11 +47,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefopt.data.report import DataReport
-from prefopt.data.schema import (CompletionExample, Origin, PreferenceExample, RecordProblem, Text,
-                                 check_unicode)
+from prefopt.data.schema import (CompletionExample, Origin, PreferenceExample, RankedExample, RecordProblem,
+                                 Text, check_unicode)
 from prefopt.errors import ConfigError
 
 TRUNCATION_MODES = ("auto", "strict")
+RESPONSE_ROLE = "response_{}"  # listwise data: role of the k-th best response (0 = the best)
+SCORES = "scores"              # listwise data: EncodedExample.extras key of the scores, best first
+
+
+def response_roles(k: int) -> tuple[str, ...]:
+    """The roles of K responses, best first: response_0 .. response_{K-1}."""
+    return tuple(RESPONSE_ROLE.format(i) for i in range(k))
 
 
 class ExampleDropped(Exception):
@@ -67,7 +74,9 @@ class ExampleDropped(Exception):
 class EncodedExample:
     """Token ids of one example: a prompt and one or more completions by role.
 
-    Roles: ``chosen``/``rejected`` for pairs, ``completion`` for unpaired and SFT data.
+    Roles: ``chosen``/``rejected`` for pairs, ``completion`` for unpaired and SFT data,
+    ``response_0`` .. ``response_{K-1}`` (best first) for listwise data, whose scores (best first)
+    are ``extras["scores"]``.
     ``scored``: for a role whose completion is not scored whole (a multi-turn segment: only its
     assistant turns), one bool per completion token, True where the token is scored. A role
     without an entry is scored whole, as every completion of single-turn data is.
@@ -121,6 +130,8 @@ class Encoder:
         counts describe the examples that reach the model)."""
         if isinstance(example, PreferenceExample):
             texts = {"chosen": example.chosen, "rejected": example.rejected}
+        elif isinstance(example, RankedExample):  # best first: response_0 is the best
+            texts = dict(zip(response_roles(len(example.responses)), example.responses))
         else:
             texts = {"completion": example.completion}
         ref = example.extras.get("ref_completion")
@@ -148,9 +159,15 @@ class Encoder:
             if not self.strict:
                 raise ExampleDropped("identical_after_truncation")
             report.count("pairs_identical_after_truncation")
+        if isinstance(example, RankedExample) and len({tuple(c) for c in completions.values()}) < len(completions):
+            if not self.strict:  # two responses of different rank that now read the same
+                raise ExampleDropped("responses_identical_after_truncation")
+            report.count("lists_with_identical_responses_after_truncation")
         for cut in cuts:
             report.count(cut)
         extras = {k: v for k, v in example.extras.items() if k != "ref_completion"}
+        if isinstance(example, RankedExample):
+            extras[SCORES] = list(example.ranking.scores)
         return EncodedExample(prompt_ids, completions, example.origin,
                               getattr(example, "label", None), extras, scored)
 

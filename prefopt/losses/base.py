@@ -63,6 +63,13 @@ class LossInputs:
     # SLiC's regularisation target y_ref: the `ref_completion` column, or the chosen when absent.
     policy_ref_completion_logps: Tensor | None = None  # (B,) log πθ(y_ref|x)
     ref_completion_lengths: Tensor | None = None       # (B,)
+    # Listwise data: K responses per prompt, best first (position 0 is the best); an example with
+    # fewer than K responses has response_mask False past its own (their values are placeholders).
+    policy_response_logps: Tensor | None = None  # (B, K) log πθ(y_k|x)
+    ref_response_logps: Tensor | None = None     # (B, K) log πref(y_k|x)
+    response_lengths: Tensor | None = None       # (B, K) |y_k|
+    response_scores: Tensor | None = None        # (B, K) the data's scores (labels 1/0 without scores)
+    response_mask: Tensor | None = None          # (B, K) bool, True = a real response
     # Per-example data columns (preference_prob, score_chosen, score_rejected, margin, ...).
     extras: dict[str, Tensor] = field(default_factory=dict)
     # Mutable state of a stateful loss (e.g. BCO's running reward mean); one dict per term,
@@ -98,6 +105,7 @@ class LossOutput:
     losses: Tensor                            # (B,)
     chosen_rewards: Tensor | None = None      # (B,) implicit reward of y_w (for metrics)
     rejected_rewards: Tensor | None = None    # (B,) implicit reward of y_l
+    response_rewards: Tensor | None = None    # (B, K) listwise: implicit reward of every response
     metrics: dict[str, Tensor] = field(default_factory=dict)  # (B,) per example, or scalars
 
 
@@ -135,6 +143,8 @@ class LossSpec:
     summary: str
     data: str = "paired"              # "paired" | "unpaired" | "any" (the target completion only:
                                       # the chosen of a pair, or the desirable unpaired completions)
+                                      # | "listwise" (K responses per prompt, prefopt.losses.listwise;
+                                      # compute() also takes a pair, as K = 2)
     reference: Requirement = True     # needs πref log-probs (may depend on params)
     normalize: str = "example"        # "example" | "token" (tokens of the target completions)
     inputs: Callable[[Any], tuple[str, ...]] | tuple[str, ...] = ()  # LossInputs fields needed
@@ -165,7 +175,10 @@ class LossSpec:
 
     def needed_inputs(self, params: Any, paired: bool) -> set[str]:
         """The LossInputs fields (and extras columns) this loss reads, given the data kind."""
-        if paired:
+        if self.data == "listwise" and not paired:
+            need = {"policy_response_logps", "response_scores", "response_mask"}
+            ref, tok = {"ref_response_logps"}, set()
+        elif paired:
             need = {"policy_chosen_logps", "policy_rejected_logps"}
             ref = {"ref_chosen_logps", "ref_rejected_logps"}
             tok = {"chosen_seq_kl", "rejected_seq_kl"}
@@ -214,7 +227,7 @@ class LossSpec:
         """Human summary of requirements, for `prefopt losses` and the README table."""
         params = params if params is not None else self.params()
         bits = [{"paired": "paired data", "unpaired": "unpaired data (label)",
-                 "any": "paired or unpaired data"}[self.data]]
+                 "any": "paired or unpaired data", "listwise": "K ≥ 2 responses per prompt"}[self.data]]
         bits.append("reference" if self.needs_reference(params) else "no reference")
         if callable(self.reference):
             bits[-1] += " (optional)"
@@ -240,7 +253,7 @@ def register(name: str, *, params: type, paper: str, equation: str, summary: str
              aliases: tuple[str, ...] = (), stateful: bool = False, logps: str = "summed",
              record_check: Callable[[dict, Any], str | None] | None = None, scores: str = "logps"):
     """Decorator: register ``fn(inputs, params) -> LossOutput`` under ``name``."""
-    assert data in ("paired", "unpaired", "any") and normalize in ("example", "token")
+    assert data in ("paired", "unpaired", "any", "listwise") and normalize in ("example", "token")
     assert scores in ("logps", "reward")
 
     def wrap(fn):

@@ -21,8 +21,8 @@ SDPA/eager, a BlockMask for FlexAttention, position ids for varlen kernels).
 
 Every example carries a stable id (``example_ids``, a hash of its tokenised content), so a
 cache of per-example values (the precomputed reference) can be keyed on it; ``index`` maps
-each role ("chosen", "rejected", "completion", "kl", "ref_completion") to the sequence
-number of every example. Roles of one example whose token ids are equal share one sequence.
+each role ("chosen", "rejected", "completion", "kl", "ref_completion", "response_k") to the
+sequence number of every example. Roles of one example whose token ids are equal share one sequence.
 
 A completion with a scored-token mask (``EncodedExample.scored``: a multi-turn segment, whose
 other-party turns are context) is placed whole, as any other, but only its masked-in tokens
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 
 import torch
 
-from prefopt.data.tokenize import EncodedExample
+from prefopt.data.tokenize import RESPONSE_ROLE, SCORES, EncodedExample
 
 Tensor = torch.Tensor
 
@@ -83,6 +83,10 @@ class Batch:
     labels: Tensor | None = None      # (B,) bool, unpaired data: True = desirable
     extras: dict[str, Tensor] = field(default_factory=dict)  # (B,) numeric columns
     is_padding: bool = False          # an evaluation filler batch: scored, never counted
+    # Listwise data (roles response_0..response_{K-1}, best first): each example's scores, and
+    # which of the K roles are its own responses (the others repeat its last one; see data.roles).
+    response_scores: Tensor | None = None  # (B, K) float, 0 where response_mask is False
+    response_mask: Tensor | None = None    # (B, K) bool
 
     @property
     def attention_mask(self) -> Tensor:
@@ -187,7 +191,23 @@ class ScoredSequences:
                     if examples and examples[0].label is not None else None),
             extras={name: torch.tensor([float(e.extras[name]) for e in examples], dtype=torch.float32)
                     for name in extras},
+            **self.responses(examples),
         )
+
+    def responses(self, examples: list[EncodedExample]) -> dict[str, Tensor]:
+        """``response_scores`` and ``response_mask`` (B, K) for listwise roles; nothing otherwise."""
+        k = sum(1 for role in self.index if role.startswith(RESPONSE_ROLE.format("")))
+        if not k:
+            return {}
+        scores = torch.zeros(len(examples), k, dtype=torch.float32)
+        mask = torch.zeros(len(examples), k, dtype=torch.bool)
+        for i, e in enumerate(examples):
+            own = e.extras[SCORES]
+            if len(own) > k:
+                raise ValueError(f"{e.origin}: {len(own)} responses, more than the {k} the objective takes")
+            scores[i, :len(own)] = torch.tensor(own, dtype=torch.float32)
+            mask[i, :len(own)] = True
+        return {"response_scores": scores, "response_mask": mask}
 
 
 def round_up(width: int, multiple: int | None) -> int:

@@ -23,9 +23,10 @@ from prefopt.errors import unknown
 @dataclass(frozen=True)
 class Format:
     name: str
-    kind: str                       # "paired" | "unpaired" | "completion" | "prompt"
+    kind: str                       # "paired" | "unpaired" | "completion" | "prompt" | "listwise"
     detect: Callable[[dict], bool]
     convert: Callable[[dict], dict]  # -> {prompt, chosen, rejected} or {prompt, completion[, label]}
+                                     # or {prompt, responses, scores, explicit[, names]} (listwise)
     description: str
     example: str
     empty_ok: tuple[str, ...] = ()   # fields that may be empty text (HH replies, the text format's prompt)
@@ -35,7 +36,7 @@ FORMATS: dict[str, Format] = {}
 
 
 def register_format(fmt: Format) -> Format:
-    assert fmt.kind in ("paired", "unpaired", "completion", "prompt") and fmt.name not in FORMATS
+    assert fmt.kind in ("paired", "unpaired", "completion", "prompt", "listwise") and fmt.name not in FORMATS
     FORMATS[fmt.name] = fmt
     return fmt
 
@@ -118,6 +119,7 @@ def cannot_detect(record: dict, sampled: int = 1) -> str:
 
 
 # Registration order is detection priority: most specific first (segment's `history` before the
-# conversational formats, which would read its records as conversations).
-from prefopt.data.formats import (sharegpt, segment, stack_exchange, hh, plain_implicit,  # noqa: E402,F401
+# conversational formats, which would read its records as conversations; the listwise formats
+# before the pair formats: a list of rejected texts is several rejected).
+from prefopt.data.formats import (sharegpt, segment, stack_exchange, hh, plain_implicit, listwise,  # noqa: E402,F401
                                   conversational, plain, unpaired, sft, text, prompts)
