@@ -105,8 +105,8 @@ class LossOutput:
     losses: Tensor                            # (B,)
     chosen_rewards: Tensor | None = None      # (B,) implicit reward of y_w (for metrics)
     rejected_rewards: Tensor | None = None    # (B,) implicit reward of y_l
-    response_rewards: Tensor | None = None    # (B, K) listwise: implicit reward of every response
     metrics: dict[str, Tensor] = field(default_factory=dict)  # (B,) per example, or scalars
+    response_rewards: Tensor | None = None    # (B, K) listwise: implicit reward of every response (keyword)
 
 
 def param(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
