@@ -63,3 +63,10 @@ def write_shapes(folder: str | Path, n: int, seed: int = 0, *, size: int = 32, b
     out = folder / name
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+if __name__ == "__main__":  # python -m prefopt.demo.shapes FOLDER [N] [SEED]
+    import sys
+
+    print(write_shapes(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 200,
+                       int(sys.argv[3]) if len(sys.argv) > 3 else 0))
