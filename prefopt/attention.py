@@ -51,7 +51,12 @@ def supported_layouts(impl: str) -> tuple[str, ...]:
 
 
 def model_inputs(batch: Batch, impl: str, dtype: torch.dtype = torch.float32) -> dict:
-    """``input_ids``, ``attention_mask`` and ``position_ids`` for a forward pass of ``batch``."""
+    """``input_ids``, ``attention_mask`` and ``position_ids`` for a forward pass of ``batch``, and
+    its image tensors (``pixel_values``, ...: prefopt.vlm) when it has images."""
+    return {**_text_inputs(batch, impl, dtype), **batch.media}
+
+
+def _text_inputs(batch: Batch, impl: str, dtype: torch.dtype) -> dict:
     att = batch.attention
     if att.segment is None:
         return {"input_ids": batch.input_ids, "attention_mask": att.padding, "position_ids": att.position_ids}

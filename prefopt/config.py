@@ -57,6 +57,10 @@ class ModelConfig:
               "e.g. {r: 16, alpha: 32, target_modules: all-linear} (defaults: r 16, alpha 32, dropout 0, "
               "all linear layers but the head; model.disable_dropout turns LoRA dropout off too). The "
               "reference is then the same model with its adapters disabled. None: full fine-tuning.")
+    train_vision: bool = option(
+        False, "Vision-language models: train the vision tower and projector too (with model.lora: LoRA "
+               "on all their linear layers as well). False: they stay frozen and LoRA targets the "
+               "language model's linear layers only.")
     load_in_4bit: bool = option(
         False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes, bfloat16 compute; CUDA only) and train "
                "LoRA adapters on it (needs model.lora).")

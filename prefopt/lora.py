@@ -79,16 +79,22 @@ def lora_dict(config) -> dict:
     return out
 
 
-def apply_lora(model, spec: Any, *, quantized: bool, gradient_checkpointing: bool, task_type: str = "CAUSAL_LM"):
+def apply_lora(model, spec: Any, *, quantized: bool, gradient_checkpointing: bool, task_type: str = "CAUSAL_LM",
+               train_vision: bool = False):
     """Wrap ``model`` with LoRA adapters (only they train). ``task_type="SEQ_CLS"`` (a reward
     model): peft then trains and saves the new score head whole (``modules_to_save``), which
-    a LoRA-only reward model would leave at its random initialisation."""
+    a LoRA-only reward model would leave at its random initialisation. A vision-language model
+    with the default ``all-linear`` targets gets adapters on its language model only, unless
+    ``train_vision`` (prefopt.vlm)."""
     peft = _peft()
     if quantized:  # casts norms to fp32, enables input grads for checkpointing (QLoRA recipe)
         model = peft.prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     config = lora_config(spec)
+    from prefopt.vlm import is_vlm, language_lora_targets
+    if not train_vision and config.target_modules == "all-linear" and is_vlm(model):
+        config = dataclasses.replace(config, target_modules=language_lora_targets(model))
     if config.task_type != task_type:
         config = dataclasses.replace(config, task_type=task_type)
     try:

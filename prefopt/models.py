@@ -55,9 +55,24 @@ def load_model(name_or_path: str, dtype: str = "float32", model_cfg: ModelConfig
         if (Path(name_or_path) / "adapter_config.json").is_file():
             return load_adapter(name_or_path, kind, kwargs)
         auto = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
+        if kind != "reward" and _is_vlm_checkpoint(name_or_path, kwargs):
+            from transformers import AutoModelForImageTextToText
+            auto = AutoModelForImageTextToText  # a vision-language model (prefopt.vlm)
         return auto.from_pretrained(name_or_path, **kwargs)
     except OSError as e:
         raise ConfigError(f"cannot load model '{name_or_path}': {str(e).splitlines()[0]}") from None
+
+
+def _is_vlm_checkpoint(name_or_path: str, kwargs: dict) -> bool:
+    """Whether the checkpoint's config is a vision-language model's (it has a vision_config)."""
+    from transformers import AutoConfig
+
+    from prefopt.vlm import is_vlm_config
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=kwargs.get("trust_remote_code", False))
+    except (OSError, ValueError):
+        return False  # from_pretrained then says what is wrong
+    return is_vlm_config(config)
 
 
 def load_adapter(path: str, kind: str, kwargs: dict):
@@ -83,11 +98,16 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def load_tokenizer(name_or_path: str, chat_template: str | None = None):
-    """AutoTokenizer.from_pretrained, with a pad token and an optional chat template override."""
-    from transformers import AutoTokenizer
+    """AutoTokenizer.from_pretrained, with a pad token and an optional chat template override. A
+    checkpoint with a processor (a vision-language model) gives the processor's tokenizer, which
+    keeps the processor for the data layer (prefopt.vlm.processor_of)."""
+    from transformers import AutoProcessor, AutoTokenizer
 
+    from prefopt.vlm import has_processor, with_processor
     _quiet_transformers()
     try:
+        if has_processor(name_or_path):
+            return prepare_tokenizer(with_processor(AutoProcessor.from_pretrained(name_or_path)), chat_template)
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load tokenizer '{name_or_path}': {str(e).splitlines()[0]}") from None
@@ -95,6 +115,9 @@ def load_tokenizer(name_or_path: str, chat_template: str | None = None):
 
 
 def prepare_tokenizer(tok, chat_template: str | None = None):
+    if hasattr(tok, "image_processor") and hasattr(tok, "tokenizer"):  # a processor (TRL's processing_class)
+        from prefopt.vlm import with_processor
+        tok = with_processor(tok)
     if chat_template:
         tok.chat_template = CHAT_TEMPLATES.get(chat_template, chat_template)
     if tok.pad_token is None:
@@ -163,5 +186,6 @@ def save_pretrained(model, tokenizer, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    from prefopt.vlm import processor_of
+    (processor_of(tokenizer) or tokenizer).save_pretrained(path)
     return path

@@ -417,6 +417,7 @@ class Trainer(TRLMethods):
         gradient checkpointing when asked."""
         from prefopt.lora import apply_lora, is_peft_model
         from prefopt.models import disable_dropout, load_model
+        from prefopt.vlm import freeze_vision, is_vlm
 
         mcfg = self.config.model
         lora = self._peft_config if self._peft_config is not None else mcfg.lora
@@ -435,7 +436,10 @@ class Trainer(TRLMethods):
             model = load_model(path, mcfg.dtype, mcfg, kind=self.model_kind)
         if lora is not None and not is_peft_model(model):
             model = apply_lora(model, lora, quantized=mcfg.load_in_4bit, gradient_checkpointing=mcfg.gradient_checkpointing,
-                               task_type="SEQ_CLS" if self.model_kind == "reward" else "CAUSAL_LM")
+                               task_type="SEQ_CLS" if self.model_kind == "reward" else "CAUSAL_LM",
+                               train_vision=mcfg.train_vision)
+        if is_vlm(model) and not mcfg.train_vision:  # prefopt.vlm: the vision tower stays as it is
+            freeze_vision(model)
         if mcfg.disable_dropout:  # after LoRA: its dropout would make the policy's log-probs noisy too
             disable_dropout(model)
         if mcfg.gradient_checkpointing:

@@ -18,8 +18,10 @@ from prefopt.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in ROOT.glob("configs/**/*.yaml")
-                 if p.name != "eval.yaml" and not {"methods", "accelerate"} & set(p.relative_to(ROOT).parts))
-# methods: tests/test_methods.py; accelerate (launch configs): tests/test_launch_configs.py
+                 if p.name != "eval.yaml"
+                 and not {"methods", "accelerate", "multimodal"} & set(p.relative_to(ROOT).parts))
+# methods: tests/test_methods.py; accelerate (launch configs): tests/test_launch_configs.py;
+# multimodal (a vision-language model): tests/test_multimodal.py
 HH_FIXTURE = ROOT / "tests" / "fixtures" / "hh_harmless_40.jsonl"
 SMALL = ["train.max_steps=2", "train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=1",
          "train.eval_steps=0", "train.save_steps=0", "train.logging_steps=1", "train.progress_bar=false",

@@ -11,7 +11,8 @@ records (Python objects), the tokenizer (vocabulary, merges, special tokens, cha
 ``data.*`` setting, the objective's kind and columns, the split seed, and the data layer's code.
 Written as JSON (never a pickle) into a temporary folder renamed into place, so a reader never
 sees half a cache. CACHE_DIR: ``data.cache_dir``, else ``$PREFOPT_CACHE/data``, else
-``~/.cache/prefopt/data``. ``data.cache: false`` turns it off.
+``~/.cache/prefopt/data``. ``data.cache: false`` turns it off. Data for a model with a processor (images, prefopt.vlm) is
+never cached: it is encoded again each run.
 """
 from __future__ import annotations
 
@@ -86,6 +87,11 @@ def tokenizer_digest(tokenizer) -> str | None:
 
 
 def cache_key(data_cfg, tokenizer, kind: str, sources: tuple, seed: int, columns: tuple) -> str | None:
+    from prefopt.vlm import processor_of
+    if processor_of(tokenizer) is not None:
+        # A vision-language model's data is not cached: its images live in files the source's
+        # digest does not cover, and their pixel tensors are no JSON. Image data is re-encoded.
+        return None
     digests = [source_digest(s) for s in sources]
     tokenizer_id = tokenizer_digest(tokenizer)
     if any(d is None for d in digests) or tokenizer_id is None:

@@ -28,6 +28,7 @@ from prefopt.data.sources import RawRecord, read_records
 from prefopt.data.tokenize import EncodedExample, Encoder, ExampleDropped
 from prefopt.errors import ConfigError, DataError
 from prefopt.losses.base import KNOWN_COLUMNS
+from prefopt.vlm import attach_images, flatten_parts, has_images
 
 Example = PreferenceExample | CompletionExample | PromptExample | RankedExample
 NUMERIC_COLUMNS = tuple(c for c in KNOWN_COLUMNS if c != "ref_completion")
@@ -198,7 +199,8 @@ def rename_columns(record: dict, columns: dict[str, str]) -> dict:
 
 def convert(fmt: Format, record: dict, origin, required_columns: tuple[str, ...] = (),
             optional_columns: tuple[str, ...] = (), record_checks: tuple = ()) -> Example:
-    fields = fmt.convert(record)
+    images = has_images(record)
+    fields = fmt.convert(flatten_parts(record) if images else record)
     extras = extract_columns(record, required_columns, optional_columns)
     ranked = None
     if fmt.kind == "listwise":  # validated first: a loss's checks read the ranking
@@ -209,14 +211,18 @@ def convert(fmt: Format, record: dict, origin, required_columns: tuple[str, ...]
         if problem:
             raise RecordProblem("invalid_column", problem)
     if ranked is not None:
-        return RankedExample(*ranked, origin, extras)
-    if fmt.kind == "prompt":
-        return PromptExample(validate_prompt(fields["prompt"]), origin, extras)
-    if fmt.kind == "paired":
+        example = RankedExample(*ranked, origin, extras)
+    elif fmt.kind == "prompt":
+        example = PromptExample(validate_prompt(fields["prompt"]), origin, extras)
+    elif fmt.kind == "paired":
         prompt, chosen, rejected = validate_pair(fields["prompt"], fields["chosen"], fields["rejected"], fmt.empty_ok)
-        return PreferenceExample(prompt, chosen, rejected, origin, extras, segment=fields.get("segment", False))
-    prompt, completion = validate_completion(fields["prompt"], fields["completion"], fmt.empty_ok)
-    return CompletionExample(prompt, completion, origin, fields.get("label"), extras)
+        example = PreferenceExample(prompt, chosen, rejected, origin, extras, segment=fields.get("segment", False))
+    else:
+        prompt, completion = validate_completion(fields["prompt"], fields["completion"], fmt.empty_ok)
+        example = CompletionExample(prompt, completion, origin, fields.get("label"), extras)
+    if images:  # opened and checked now: a bad image is a bad record at its line (prefopt.vlm)
+        attach_images(example, record, origin)
+    return example
 
 
 def pair_ranking(extras: dict) -> Ranking:

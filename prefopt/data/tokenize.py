@@ -50,6 +50,7 @@ from prefopt.data.report import DataReport
 from prefopt.data.schema import (CompletionExample, Origin, PreferenceExample, RankedExample, RecordProblem,
                                  Text, check_unicode)
 from prefopt.errors import ConfigError
+from prefopt.vlm import IMAGE_EXTRAS, IMAGE_PLACEHOLDER, image_digest, processor_of
 
 TRUNCATION_MODES = ("auto", "strict")
 RESPONSE_ROLE = "response_{}"  # listwise data: role of the k-th best response (0 = the best)
@@ -87,6 +88,11 @@ class EncodedExample:
     label: bool | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     scored: dict[str, list[bool]] = field(default_factory=dict)
+    # The processor's non-text outputs for the prompt's images (``pixel_values``, ``image_sizes``,
+    # ``image_grid_thw``, ...; first dimension per image): what the model reads besides the ids.
+    # Shared by every completion of the example; the ids change when the pixels do (extras hold
+    # the image paths and a digest of the pixels).
+    media: dict[str, Any] = field(default_factory=dict)
 
     @functools.cached_property
     def uid(self) -> int:
@@ -122,12 +128,44 @@ class Encoder:
         self.strict = truncation == "strict"
         self.bos = tokenizer.bos_token_id
         self._whitespace: dict[int, bool] = {}
+        self.processor = processor_of(tokenizer)  # a vision-language model's (prefopt.vlm)
+        self._images: list | None = None          # the images of the example being encoded
+        self._media: dict[str, Any] = {}
+
+    def __getstate__(self):  # sent to worker processes without an example's images
+        return {**self.__dict__, "_images": None, "_media": {}}
 
     # ------------------------------------------------------------------ public
     def encode(self, example: PreferenceExample | CompletionExample, report: DataReport) -> EncodedExample:
         """The example's ids, cut to fit (cuts counted in ``report``). Raises RecordProblem for a bad
         record, ExampleDropped for one left out on purpose (its cuts are not counted: the truncation
-        counts describe the examples that reach the model)."""
+        counts describe the examples that reach the model).
+
+        An example with images (``extras["images"]``, prefopt.vlm) is tokenised by the processor:
+        it expands each ``<image>`` into the model's image tokens (part of the prompt, never scored)
+        and makes the pixel values, kept in ``EncodedExample.media``."""
+        images = example.extras.get(IMAGE_EXTRAS)
+        if not images:
+            return self._encode(example, report)
+        if self.processor is None:
+            raise ConfigError(f"{example.origin}: the data has images but the model has no processor (a "
+                              f"vision-language model loads one with its tokenizer; pass processing_class="
+                              f"a processor, or drop the images column)")
+        self._images, self._media = images, {}
+        try:
+            encoded = self._encode(example, report)
+        finally:
+            self._images = None
+        encoded.extras.pop(IMAGE_EXTRAS, None)
+        encoded.extras["image_digest"] = image_digest(images)
+        encoded.media = self._media
+        image_token = self.tok.convert_tokens_to_ids(getattr(self.processor, "image_token", IMAGE_PLACEHOLDER))
+        if encoded.prompt_ids.count(image_token) != self._image_tokens:
+            raise RecordProblem("too_long", f"the prompt would lose image tokens to truncation ({self._image_tokens} "
+                                            f"image tokens); raise data.max_length or data.max_prompt_length")
+        return encoded
+
+    def _encode(self, example, report: DataReport) -> EncodedExample:
         if isinstance(example, PreferenceExample):
             texts = {"chosen": example.chosen, "rejected": example.rejected}
         elif isinstance(example, RankedExample):  # best first: response_0 is the best
@@ -282,7 +320,26 @@ class Encoder:
 
     def _ids(self, text: str, conversational: bool) -> list[int]:
         # Chat templates write their own BOS; raw text gets the tokenizer's special tokens.
+        if self._images is not None and IMAGE_PLACEHOLDER in text:
+            return self._processed(text, add_special_tokens=not conversational)
         return self._tokenize(text, add_special_tokens=not conversational)
+
+    def _processed(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Token ids of a text holding the example's images, image tokens expanded by the processor
+        (its first call keeps the image tensors: every call sees the same images)."""
+        try:
+            out = self.processor(text=[text], images=self._images, return_tensors="pt",
+                                 add_special_tokens=add_special_tokens)
+        except ValueError as e:  # e.g. placeholders and images that do not match
+            raise RecordProblem("image_placeholders", f"the processor rejects the text and images: "
+                                                      f"{str(e).splitlines()[0][:160]}") from None
+        ids = out["input_ids"][0].tolist()
+        if not self._media:
+            self._media = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", "token_type_ids",
+                                                                     "mm_token_type_ids")}
+            image_token = self.tok.convert_tokens_to_ids(getattr(self.processor, "image_token", IMAGE_PLACEHOLDER))
+            self._image_tokens = ids.count(image_token)
+        return ids
 
     def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         try:

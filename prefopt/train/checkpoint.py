@@ -37,6 +37,7 @@ from prefopt import console
 from prefopt.config import RunConfig, save_config
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.lora import bare_name, is_peft_model, merged_copy
+from prefopt.vlm import processor_of
 from prefopt.train.model_card import write_model_card
 
 log = logging.getLogger("prefopt")
@@ -105,7 +106,7 @@ def _save_checkpoint(accelerator, model, tokenizer, state: TrainState, config: R
             elif accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
                 raw.save_pretrained(tmp)  # the adapter, loadable with PeftModel.from_pretrained(base, path)
             if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+                (processor_of(tokenizer) or tokenizer).save_pretrained(tmp)
             save_config(config, tmp / "config.yaml")
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
             if loss_state:
@@ -398,7 +399,7 @@ def _save_final(accelerator, model, tokenizer, config: RunConfig, output_dir: Pa
         else:  # a PeftModel writes its adapter (and its config naming the base)
             raw.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
-            tokenizer.save_pretrained(path)
+            (processor_of(tokenizer) or tokenizer).save_pretrained(path)
         save_config(config, path / "prefopt_config.yaml")
         adapter = is_peft_model(raw) and not config.save.merge_lora
         write_model_card(config, output_dir, path, adapter=adapter, num_processes=accelerator.num_processes)

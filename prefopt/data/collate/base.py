@@ -87,6 +87,11 @@ class Batch:
     # which of the K roles are its own responses (the others repeat its last one; see data.roles).
     response_scores: Tensor | None = None  # (B, K) float, 0 where response_mask is False
     response_mask: Tensor | None = None    # (B, K) bool
+    # Image inputs (prefopt.vlm): the processor's tensors (``pixel_values``, ...) of every image
+    # the rows hold, in the order their image tokens appear row-major (first dimension per image).
+    # The padded layout repeats an example's images in each of its rows; the shared layout holds
+    # them once per example (its prompt once); the packed layout once per sequence.
+    media: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def attention_mask(self) -> Tensor:
@@ -174,7 +179,9 @@ class ScoredSequences:
         self.seq += [number] * len(completion)
 
     def batch(self, examples: list[EncodedExample], input_ids: Tensor, attention: Attention,
-              extras: tuple[str, ...]) -> Batch:
+              extras: tuple[str, ...], prompts: list[int] | None = None) -> Batch:
+        """``prompts``: the example of every prompt copy placed, row-major (their images, in order,
+        become ``Batch.media``)."""
         long = torch.long
         seq = torch.tensor(self.seq, dtype=long)
         order = seq.argsort(stable=True)  # each sequence's tokens contiguous and in order
@@ -192,6 +199,7 @@ class ScoredSequences:
             extras={name: torch.tensor([float(e.extras[name]) for e in examples], dtype=torch.float32)
                     for name in extras},
             **self.responses(examples),
+            media=media_of([examples[i] for i in (prompts or [])]),
         )
 
     def responses(self, examples: list[EncodedExample]) -> dict[str, Tensor]:
@@ -208,6 +216,17 @@ class ScoredSequences:
             scores[i, :len(own)] = torch.tensor(own, dtype=torch.float32)
             mask[i, :len(own)] = True
         return {"response_scores": scores, "response_mask": mask}
+
+
+def media_of(placed: list[EncodedExample]) -> dict[str, Tensor]:
+    """The image tensors of the placed prompt copies, concatenated along the image dimension."""
+    keys = {k for e in placed for k in e.media}
+    if not keys:
+        return {}
+    if any(set(e.media) != keys for e in placed):
+        raise ValueError("a batch mixes examples with and without images; every example of an image "
+                         "batch needs its images (the model reads one image tensor per batch)")
+    return {k: torch.cat([e.media[k] for e in placed]) for k in sorted(keys)}
 
 
 def round_up(width: int, multiple: int | None) -> int:

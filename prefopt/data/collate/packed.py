@@ -83,11 +83,13 @@ class PackedCollator:
         branch = torch.zeros(shape, dtype=torch.long)
         positions = torch.zeros(shape, dtype=torch.long)
         pieces: list[list[tuple[int, int, tuple[int, ...]]]] = []
+        placed: list[int] = []  # the example of each prompt copy, row-major (its images, prefopt.vlm)
         for r, row_units in enumerate(rows):
             offset = 0
             pieces.append([])
             for slot, u in enumerate(row_units):
                 prompt = seqs.sequences[units[u][0]].prompt
+                placed.append(seqs.sequences[units[u][0]].example)
                 end = offset + len(prompt)
                 input_ids[r, offset:end] = torch.tensor(prompt, dtype=torch.long)
                 positions[r, offset:end] = torch.arange(len(prompt))
@@ -107,4 +109,4 @@ class PackedCollator:
             # padding continues as its own positions: varlen kernels read it as one more sequence
             positions[r, offset:] = torch.arange(width - offset)
         attention = Attention(padding, segment, branch if self.share_prompt else None, positions, pieces)
-        return seqs.batch(examples, input_ids, attention, self.extras)
+        return seqs.batch(examples, input_ids, attention, self.extras, prompts=placed)

@@ -44,4 +44,5 @@ class PaddedCollator:
             input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
             padding[row, :len(ids)] = 1
             seqs.score(row, row, len(s.prompt) - 1, range(len(s.prompt), len(ids)))
-        return seqs.batch(examples, input_ids, Attention(padding), self.extras)
+        return seqs.batch(examples, input_ids, Attention(padding), self.extras,
+                          prompts=[s.example for s in seqs.sequences])

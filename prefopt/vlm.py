@@ -1,0 +1,207 @@
+"""Vision-language models (multi-modal DPO): images with the data, a processor with the tokenizer.
+
+* Data: any paired/unpaired format with an ``images`` list (paths relative to the data file, or
+  absolute) and ``<image>`` placeholders in the prompt text (ShareGPT as LLaMA-Factory writes it,
+  or TRL's ``images`` column on conversational / plain records; TRL's content parts
+  ``[{"type": "image"}, {"type": "text", "text": ...}]`` become ``<image>...``). ``load_images``
+  opens and checks every file at load time; a missing or unreadable file, or a placeholder count
+  that differs from the number of images, is a ``RecordProblem`` (file:line, counted under
+  ``data.on_error=skip``).
+* Encoding (prefopt.data.tokenize): the *processor* expands each placeholder into the model's
+  image tokens and makes the pixel values; nothing is expanded by hand. Image tokens belong to
+  the prompt and are never scored.
+* Batches carry the processor's image tensors (``Batch.media``) in the order the image tokens
+  appear row-major, so every layout can pass them to the model.
+* Models: a config with a ``vision_config`` loads with ``AutoModelForImageTextToText``; LoRA
+  targets the language model's linear layers only, the vision tower stays frozen unless
+  ``model.train_vision``.
+
+``build_tiny_vlm`` makes a small random LLaVA (CLIP vision tower + Llama language model) with its
+processor for the tests and the demo: no hub.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefopt.data.schema import RecordProblem
+
+IMAGE_PLACEHOLDER = "<image>"
+IMAGE_EXTRAS = "images"          # PreferenceExample.extras: the loaded PIL images
+IMAGE_PATHS = "image_paths"      # ... and where they came from (kept with the encoded example)
+PROCESSOR_ATTR = "_prefopt_processor"
+VISION_MODULES = ("vision_tower", "vision_model", "visual", "multi_modal_projector", "image_newline")
+
+
+# ----------------------------------------------------------------------------- data
+
+def has_images(record: dict) -> bool:
+    return isinstance(record, dict) and record.get("images") not in (None, [])
+
+
+def flatten_parts(record: dict) -> dict:
+    """TRL's message content parts as text: ``{"type": "image"}`` -> ``<image>``, text parts joined."""
+    out = dict(record)
+    for key in ("prompt", "chosen", "rejected", "completion", "conversations", "messages"):
+        value = out.get(key)
+        if isinstance(value, list):
+            out[key] = [_flat_message(m) for m in value]
+    return out
+
+
+def _flat_message(message: Any) -> Any:
+    if not isinstance(message, dict) or not isinstance(message.get("content"), list):
+        return message
+    text = []
+    for part in message["content"]:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            text.append(IMAGE_PLACEHOLDER)
+        elif kind == "text":
+            text.append(str(part.get("text", "")))
+        else:
+            raise RecordProblem("wrong_type", f"message content part {part!r:.60} is neither "
+                                              f"{{'type': 'image'}} nor {{'type': 'text', 'text': ...}}")
+    return {**message, "content": "".join(text)}
+
+
+def load_images(paths: Any, base: Path) -> tuple[list, list[str]]:
+    """The record's images opened with Pillow (RGB), checked; and their resolved paths."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(paths, str):
+        paths = [paths]
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise RecordProblem("wrong_type", f"images must be a list of file paths, got {paths!r:.80}")
+    images, resolved = [], []
+    for i, name in enumerate(paths):
+        path = Path(name) if Path(name).is_absolute() else base / name
+        if not path.is_file():
+            raise RecordProblem("missing_image", f"images[{i}]: no such file {path}")
+        try:
+            with Image.open(path) as img:
+                img.load()
+                images.append(img.convert("RGB"))
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise RecordProblem("unreadable_image", f"images[{i}]: cannot read {path} as an image "
+                                                    f"({type(e).__name__}: {str(e).splitlines()[0][:80]})") from None
+        resolved.append(str(path))
+    return images, resolved
+
+
+def count_placeholders(value: Any) -> int:
+    if isinstance(value, str):
+        return value.count(IMAGE_PLACEHOLDER)
+    if isinstance(value, list):
+        return sum(count_placeholders(m.get("content") if isinstance(m, dict) else m) for m in value)
+    return 0
+
+
+def attach_images(example, record: dict, origin) -> None:
+    """Load ``record["images"]`` into ``example.extras`` after checking the placeholders: as many
+    ``<image>`` in the prompt as images, none in a completion."""
+    base = Path(origin.source).parent if Path(str(origin.source)).is_file() else Path.cwd()
+    for name in ("chosen", "rejected", "completion"):
+        if count_placeholders(getattr(example, name, None)):
+            raise RecordProblem("image_placeholders", f"{name} holds an {IMAGE_PLACEHOLDER} placeholder; "
+                                                      f"images belong to the prompt")
+    images, paths = load_images(record["images"], base)
+    found = count_placeholders(example.prompt)
+    if found != len(images):
+        raise RecordProblem("image_placeholders", f"the prompt has {found} {IMAGE_PLACEHOLDER} placeholder(s) "
+                                                  f"but the record lists {len(images)} image(s)")
+    example.extras[IMAGE_EXTRAS] = images
+    example.extras[IMAGE_PATHS] = paths
+
+
+def image_digest(images: list) -> str:
+    """A hash of the pixels (the example id must change when an image does)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for img in images:
+        digest.update(repr(img.size).encode() + img.tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- processor
+
+def processor_of(tokenizer) -> Any | None:
+    """The processor a tokenizer was loaded with (None for a text-only model)."""
+    return getattr(tokenizer, PROCESSOR_ATTR, None)
+
+
+def with_processor(processor):
+    """The processor's tokenizer, remembering the processor (the data layer finds it there)."""
+    tok = processor.tokenizer
+    setattr(tok, PROCESSOR_ATTR, processor)
+    return tok
+
+
+def has_processor(path: str) -> bool:
+    return any((Path(path) / name).is_file() for name in ("processor_config.json", "preprocessor_config.json"))
+
+
+# ----------------------------------------------------------------------------- model
+
+def is_vlm_config(config) -> bool:
+    return getattr(config, "vision_config", None) is not None
+
+
+def is_vlm(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return is_vlm_config(getattr(base, "config", None))
+
+
+def language_lora_targets(model) -> str:
+    """A peft ``target_modules`` regex: the language model's linear layers (not the vision tower,
+    not the projector, not the LM head)."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not any(v in name for v in VISION_MODULES) \
+                and "language_model" in name:
+            names.add(name.rsplit(".", 1)[-1])
+    if not names:
+        raise ValueError("no linear layer found under the model's language_model")
+    return rf".*language_model.*\.({'|'.join(sorted(map(re.escape, names)))})"
+
+
+def freeze_vision(model) -> int:
+    """Freeze the vision tower and projector; returns the number of parameters frozen."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if any(v in name for v in VISION_MODULES) and param.requires_grad:
+            param.requires_grad_(False)
+            frozen += param.numel()
+    return frozen
+
+
+def build_tiny_vlm(tokenizer, *, image_size: int = 32, patch_size: int = 8, hidden_size: int = 32,
+                   layers: int = 2, vision_layers: int = 1, heads: int = 4, seed: int = 0):
+    """A small random LLaVA: a CLIP vision tower (``image_size``/``patch_size`` squared image tokens)
+    and a Llama language model, with its LlavaProcessor (``tokenizer`` gets an ``<image>`` token).
+    Returns (model, processor); save both with ``save_pretrained`` to make a local 'hub' folder."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE_PLACEHOLDER], special_tokens=True)
+    vision = CLIPVisionConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                              num_hidden_layers=vision_layers, num_attention_heads=2, image_size=image_size,
+                              patch_size=patch_size, projection_dim=hidden_size)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                       max_position_embeddings=256)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
+                         vision_feature_layer=-1, vision_feature_select_strategy="default",
+                         projector_hidden_act="gelu")
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    images = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               image_token=IMAGE_PLACEHOLDER, chat_template=tokenizer.chat_template)
+    return model, processor
