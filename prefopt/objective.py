@@ -69,6 +69,10 @@ class Objective:
         if len(kinds) > 1:
             raise ConfigError("cannot mix paired and unpaired losses in one objective: "
                               + ", ".join(f"{t.spec.name} ({t.spec.data})" for t in terms))
+        if kinds == {"listwise"} and any(t.spec.data != "listwise" for t in terms):
+            raise ConfigError("a listwise objective takes listwise losses only (K responses per example); "
+                              + ", ".join(f"{t.spec.name} ({t.spec.data})" for t in terms if t.spec.data != "listwise")
+                              + " cannot be added to it")
         score_kinds = {t.spec.scores for t in terms}
         if len(score_kinds) > 1:
             raise ConfigError("cannot mix a reward-model loss with log-prob losses in one objective: "

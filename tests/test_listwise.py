@@ -357,3 +357,26 @@ def test_two_steps_from_the_shipped_recipe(tiny_model_dir, tmp_path):
     assert all(math.isfinite(r["loss"]) for r in train)
     report = json.loads((tmp_path / "data_report.json").read_text())
     assert "multi_rejected" in json.dumps(report)
+
+
+def test_review_fixes_cache_key_mixing_and_contradicting_scores(tokenizer, tmp_path):
+    """Each listwise loss's record check has its own cache name (a lipo run's cache never lets a tie
+    through plackett_luce); a listwise objective refuses a non-listwise term with a message; a pair
+    whose scores contradict its labels is a bad record at its line."""
+    from prefopt.config import DataConfig, parse_loss
+    from prefopt.data.cache import check_name
+    from prefopt.data.pipeline import prepare_datasets
+    from prefopt.errors import ConfigError, DataError
+    from prefopt.losses import get_spec
+    from prefopt.objective import Objective
+
+    names = {check_name(get_spec(n).record_check) for n in ("plackett_luce", "lipo", "dpo_multi_rejected")}
+    assert len(names) == 3
+    with pytest.raises(ConfigError, match=r"a listwise objective takes listwise losses only.*sft \(any\)"):
+        Objective.from_config(parse_loss([{"name": "plackett_luce"}, {"name": "sft", "weight": 0.1}]), None)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "q", "chosen": "good", "rejected": "bad", "score_chosen": 9, "score_rejected": 1}\n'
+                    '{"prompt": "q", "chosen": "good", "rejected": "bad", "score_chosen": 2, "score_rejected": 7}\n')
+    with pytest.raises(DataError, match=r"pairs.jsonl:2: .*score_chosen 2 is below score_rejected 7"):
+        prepare_datasets(DataConfig(train=str(path)), tokenizer, "listwise", seed=0,
+                         optional_columns=("score_chosen", "score_rejected"))

@@ -111,7 +111,11 @@ def check_name(check) -> str:
     func = getattr(check, "func", check)
     name = f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', type(func).__name__)}"
     keywords = getattr(check, "keywords", None)
-    return name + (repr(sorted(keywords.items())) if keywords else "") + repr(getattr(check, "args", ()))
+    # a check made by a factory is configured by its closure (the loss's name, its flags): part of the name
+    cells = [c.cell_contents for c in getattr(func, "__closure__", None) or ()]
+    settings = [v for v in cells if isinstance(v, (str, int, float, bool, type(None)))]
+    return name + (repr(sorted(keywords.items())) if keywords else "") + repr(getattr(check, "args", ())) \
+        + (repr(settings) if settings else "")
 
 
 # ----------------------------------------------------------------------------- (de)serialising

@@ -292,7 +292,12 @@ def as_kind(examples: list[Example], kind: str, report: DataReport) -> list[Exam
                 out.append(ex)
             elif isinstance(ex, PreferenceExample):
                 ranking = pair_ranking(ex.extras)
-                order = [0, 1] if ranking.scores[0] >= ranking.scores[1] else [1, 0]
+                if ranking.scores[0] < ranking.scores[1]:  # the labels say one thing, the scores another
+                    report.reject(ex.origin, "scores_contradict_labels",
+                                  f"score_chosen {ranking.scores[0]:g} is below score_rejected {ranking.scores[1]:g}: "
+                                  "the pair's labels and its scores disagree on which response is better")
+                    continue
+                order = [0, 1]
                 pair = [ex.chosen, ex.rejected]
                 out.append(RankedExample(ex.prompt, [pair[i] for i in order],
                                          Ranking(tuple(ranking.scores[i] for i in order), ranking.explicit),
