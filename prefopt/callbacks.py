@@ -19,11 +19,10 @@ transformers' tracker callbacks rename them.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from prefopt.train.events import Events
+from prefopt.train.metrics import read_rows
 
 EVENTS = ("on_init_end", "on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_step_begin",
           "on_pre_optimizer_step", "on_optimizer_step", "on_substep_end", "on_step_end", "on_evaluate",
@@ -119,14 +118,3 @@ class Callbacks(Events):
     def train_end(self, job, state) -> None:
         self._sync(job, state.step)
         self._call("on_train_end", job)
-
-
-def read_rows(path: Path) -> list[dict]:
-    """metrics.jsonl's rows (an unreadable line, e.g. cut by a crash, is left out)."""
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else ():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows

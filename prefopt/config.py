@@ -12,7 +12,6 @@ against that loss's parameter class, so a typo never silently falls back to a de
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -468,9 +467,15 @@ def apply_override(data: dict, assignment: str) -> None:
     if parts[0] == "loss":
         _override_loss(data, parts[1:], value, key)
         return
+    set_dotted(data, parts, value, key)
+
+
+def set_dotted(data: dict, parts: list[str], value: Any, key: str) -> None:
+    """``data[a][b][c] = value`` for the key parts (a, b, c); an unset mapping (model.lora: null)
+    takes its first key."""
     node = data
     for part in parts[:-1]:
-        if node.get(part) is None:  # an unset mapping (model.lora: null) takes its first key
+        if node.get(part) is None:
             node[part] = {}
         node = node[part]
         if not isinstance(node, dict):

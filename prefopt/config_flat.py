@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from prefopt.config import SECTIONS, LossTerm, RunConfig, _override_loss, config_from_dict, to_dict
+from prefopt.config import SECTIONS, LossTerm, RunConfig, _override_loss, config_from_dict, set_dotted, to_dict
 from prefopt.errors import ConfigError, unknown
 from prefopt.losses import get_spec
 from prefopt.losses.modifiers import MODIFIERS
@@ -98,12 +98,7 @@ def apply_override_value(data: dict, dotted: str, value: Any) -> None:
     if parts[0] == "loss":
         _override_loss(data, parts[1:], value, dotted)
         return
-    node = data
-    for part in parts[:-1]:
-        if node.get(part) is None:  # an unset mapping (model.lora: null) takes its first key
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = value
+    set_dotted(data, parts, value, dotted)
 
 
 def route_flat_override(assignment: str, data: dict) -> list[str]:

@@ -18,7 +18,6 @@ a rich table on a terminal, aligned plain lines in a log.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -27,6 +26,8 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from prefopt.train.metrics import last_rows
 
 log = logging.getLogger("prefopt")
 
@@ -229,25 +230,6 @@ def show_eval(step: int, values: dict, seconds: float) -> None:
 
 
 # ----------------------------------------------------------------------------- the end of a run
-
-def last_rows(metrics_file: Path) -> tuple[dict, dict]:
-    """The last training row and the last eval row of metrics.jsonl ({} when none)."""
-    train, evaluation = {}, {}
-    try:
-        lines = metrics_file.read_text().splitlines()
-    except OSError:
-        return train, evaluation
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if "loss" in row:
-            train = row
-        if "eval/loss" in row:
-            evaluation = row
-    return train, evaluation
-
 
 def summary(output_dir: Path, step: int, total_steps: int, seconds: float, skipped: int = 0,
             resumed: bool = False) -> str:

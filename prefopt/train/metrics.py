@@ -85,3 +85,29 @@ def _clean(value):
 
 def prefixed(prefix: str, values: dict) -> dict:
     return {f"{prefix}{k}": v for k, v in values.items()}
+
+
+def read_rows(path: Path) -> list[dict]:
+    """metrics.jsonl's rows; none when the file is missing, and a line cut by a killed run is left out."""
+    rows = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return rows
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def last_rows(path: Path) -> tuple[dict, dict]:
+    """The last training row (with ``loss``) and the last eval row (``eval/`` keys) of metrics.jsonl."""
+    train, evaluation = {}, {}
+    for row in read_rows(path):
+        if any(k.startswith("eval/") for k in row):
+            evaluation = row
+        elif "loss" in row:
+            train = row
+    return train, evaluation

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prefopt.config import RunConfig
 from prefopt.losses import get_spec
+from prefopt.train.metrics import last_rows
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # the train-row metrics shown first in the card, when a run has them
@@ -35,22 +36,6 @@ def verb(config: RunConfig) -> str:
     if any(s.scores == "reward" for s in specs):
         return "rm"
     return "sft" if all(s.name == "sft" for s in specs) else "dpo"
-
-
-def last_rows(metrics_file: Path) -> tuple[dict, dict]:
-    """The last train row (with ``loss``) and the last eval row (with ``eval/loss``) of metrics.jsonl."""
-    train, evaluation = {}, {}
-    if metrics_file.is_file():
-        for line in metrics_file.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a line half-written by a killed run
-            if any(k.startswith("eval/") for k in row):
-                evaluation = row
-            elif "loss" in row:
-                train = row
-    return train, evaluation
 
 
 def model_card(config: RunConfig, output_dir: Path, path: Path, *, adapter: bool, num_processes: int = 1) -> str:
