@@ -49,7 +49,15 @@ class ModelReference:
             raise ConfigError("under DeepSpeed ZeRO-3 the policy is sharded and cannot be deep-copied as "
                               "the reference; set reference.name_or_path to the initial checkpoint")
         self.accelerator = accelerator
-        self.model = accelerator.prepare_model(self.model, evaluation_mode=True)
+        if accelerator.is_fsdp2:
+            # accelerate's prepare_model(evaluation_mode=True) leaves a model whole under FSDP2 (a
+            # full replica on every process, found running FSDP2 on CPU processes): shard the
+            # reference with the plugin's own settings and wrap policy, as the policy is.
+            from accelerate.utils import fsdp2_prepare_model
+            self.model = fsdp2_prepare_model(accelerator, self.model)
+            self.model.eval()
+        else:
+            self.model = accelerator.prepare_model(self.model, evaluation_mode=True)
         # accelerate saves every prepared model in a checkpoint; the frozen reference is not
         # training state (it is rebuilt from the config), so it must not be one of them.
         if self.model in accelerator._models:

@@ -22,7 +22,12 @@ from prefopt.logps import SequenceScores, unwrap_model
 @torch.no_grad()
 def soft_update(reference: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
     """θ_ref ← α·θ + (1 − α)·θ_ref for every parameter, matched by name (LoRA weights of the
-    policy have no counterpart in the reference and are not read)."""
+    policy have no counterpart in the reference and are not read). Under FSDP2 both are sharded
+    the same way and the update is shard by shard: every FSDP unit is resharded first, since a
+    unit that keeps its parameters gathered after forward (accelerate wraps the final norm and the
+    head so) shows them as plain tensors until then."""
+    _reshard(reference)
+    _reshard(policy)
     ref_params = dict(unwrap_model(reference).named_parameters())
     pol_params = dict(unwrap_model(policy).named_parameters())
     missing = [n for n in ref_params if n not in pol_params]
@@ -31,6 +36,14 @@ def soft_update(reference: torch.nn.Module, policy: torch.nn.Module, alpha: floa
                           f"({len(missing)} missing): the reference must have the policy's architecture")
     for name, ref in ref_params.items():
         ref.lerp_(pol_params[name].detach().to(ref.dtype), alpha)
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 class SyncedReference:

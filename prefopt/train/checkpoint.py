@@ -379,6 +379,17 @@ def _load_state(accelerator, path: Path, **kwargs) -> None:
                               f"tensors and plain values, which could run code ({str(e).splitlines()[0][:200]})") from None
 
 
+def full_state_dict(accelerator, model) -> dict:
+    """The whole model's state dict on every process. accelerate gathers FSDP2's shards with
+    torch's ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``, which leaves
+    CPU-resident parameters as DTensors (found running FSDP2 on CPU processes): those are gathered
+    here, by every process in the same order, since ``full_tensor`` is a collective."""
+    from torch.distributed.tensor import DTensor
+
+    state_dict = accelerator.get_state_dict(model)
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state_dict.items()}
+
+
 def save_final(accelerator, model, tokenizer, config: RunConfig, output_dir: Path,
                path: Path | str | None = None) -> Path:
     """OUTPUT_DIR/final/ (or ``path``): model + tokenizer loadable by
@@ -391,7 +402,7 @@ def save_final(accelerator, model, tokenizer, config: RunConfig, output_dir: Pat
 
 
 def _save_final(accelerator, model, tokenizer, config: RunConfig, output_dir: Path, path: Path) -> Path:
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = full_state_dict(accelerator, model)
     if accelerator.is_main_process:
         raw = accelerator.unwrap_model(model)
         if is_peft_model(raw) and config.save.merge_lora:

@@ -1,0 +1,78 @@
+"""Launched by tests/test_fsdp.py with ``accelerate launch --config_file configs/accelerate/fsdp2.yaml``
+on 2 CPU processes (not collected by pytest).
+
+accelerate 1.15 turns an FSDP launch into FSDP only on an accelerator device: on CPU its
+``AcceleratorState`` drops the plugin and each rank would train alone. ``lift_device_gate`` builds
+the CPU (gloo) process group, then sets the state to FSDP with the plugin accelerate's launcher
+described in the environment (the shipped file's settings). Everything after that is the real
+code path: accelerate's ``_prepare_fsdp2`` (``fully_shard`` on a CPU mesh, cpu-RAM-efficient
+loading from rank 0), its sharded checkpoints (torch.distributed.checkpoint) and state-dict
+gathering, and prefopt's handling of all of them.
+
+Tasks (argv[1], comma-separated), each writing under OUT:
+  run          the DPO run of ddp_worker.whole_run (16 pairs, 2 steps, eval on 10)
+  resume       3 steps with a checkpoint at every step, then a run resumed from step 1
+  trdpo        TR-DPO (soft update every step, alpha 0.5; the moving reference is sharded like the
+               policy), 3 steps on 12 pairs
+  kto          KTO on 8 unpaired examples, 2 steps (z0 from both processes' mismatched pairs)
+  lora-pre     LoRA with the precomputed reference, 3 steps
+"""
+import json
+import sys
+
+import accelerate
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
+
+from prefopt import DPOConfig, DPOTrainer
+from ddp_worker import SHORT, whole_run
+
+KTO = dict(per_device_train_batch_size=2, max_examples=8, num_train_epochs=1, learning_rate=5e-3, **SHORT)
+LORA_PRE = dict(per_device_train_batch_size=2, max_steps=3, learning_rate=5e-3, lora={"r": 4}, **SHORT)
+TRDPO = dict(per_device_train_batch_size=2, max_steps=3, learning_rate=5e-3, sync_ref_model=True,
+             ref_model_sync_steps=1, ref_model_mixup_alpha=0.5, **SHORT)
+
+
+def lift_device_gate() -> None:
+    real = accelerate.Accelerator
+
+    def fsdp_on_cpu(*args, **kwargs):
+        accelerator = real(*args, **{**kwargs, "cpu": True})
+        state = accelerator.state
+        if state.__dict__.get("fsdp_plugin") is None:  # a second trainer's state starts from PartialState's type
+            state.fsdp_plugin = accelerate.FullyShardedDataParallelPlugin()   # from the launcher's FSDP_* env
+            state.distributed_type = DistributedType.FSDP
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does
+        return accelerator
+
+    accelerate.Accelerator = fsdp_on_cpu
+
+
+if __name__ == "__main__":
+    tasks, model_dir, data_path, out = sys.argv[1].split(","), *sys.argv[2:5]  # argv[5]: the KTO data
+    lift_device_gate()
+    records = json.load(open(data_path))
+    for task in tasks:
+        if task == "run":
+            whole_run(model_dir, records, f"{out}/{task}", 2, 2)
+        elif task == "resume":
+            common = dict(per_device_train_batch_size=2, max_steps=3, save_steps=1, learning_rate=5e-3, **SHORT)
+            for name, resume in (("full", None), ("resumed", f"{out}/{task}/full/checkpoints/step-1")):
+                args = DPOConfig(output_dir=f"{out}/{task}/{name}", resume_from=resume, **common)
+                DPOTrainer(model_dir, None, train_dataset=records[:12], args=args).train()
+        elif task == "trdpo":
+            trainer = DPOTrainer(model_dir, None, train_dataset=records[:12],
+                                 args=DPOConfig(output_dir=f"{out}/{task}", **TRDPO))
+            trainer.train()
+            reference = trainer.job.objective.reference
+            if trainer.job.accelerator.is_main_process:
+                kinds = {type(p).__name__ for p in reference.model.parameters()}
+                json.dump({"syncs": reference.syncs, "parameter_types": sorted(kinds)},
+                          open(f"{out}/{task}.json", "w"))
+        elif task == "kto":
+            args = DPOConfig(output_dir=f"{out}/{task}", **KTO)
+            DPOTrainer(model_dir, None, loss="kto", train_dataset=sys.argv[5], args=args).train()
+        elif task == "lora-pre":
+            args = DPOConfig(output_dir=f"{out}/{task}", reference={"strategy": "precomputed", "cache_dir": f"{out}/cache"},
+                             **LORA_PRE)
+            DPOTrainer(model_dir, None, train_dataset=records[:12], args=args).train()
