@@ -267,7 +267,9 @@ def sdpo(inputs: LossInputs, p: SDPOParams) -> LossOutput:
     given their contexts is exactly the sum of the scored tokens' log-probs of the segment's
     completion under the mask the ``segment`` format builds (the other party's turns and the role
     headers are read, never scored), r_w and r_l here are the summed segment log-ratios and the
-    loss is DPO's formula: L = −log σ(β (r_w − r_l)). On single-turn pairs it is DPO.
+    loss is DPO's formula: L = −log σ(β (r_w − r_l)). On single-turn pairs it is DPO. The authors'
+    code (AlibabaResearch/DAMO-ConvAI, SDPO/LLaMA-Factory, train/dpo/trainer.py) trains the same
+    way: DPO's loss on the log-probs summed over every labelled (assistant) token of the segment.
 
     Hand check: the ``dpo`` pair (β = 0.1, r_w = 2, r_l = −1): log(1 + e^−0.3) = 0.554355.
     """

@@ -23,10 +23,11 @@ from prefopt.losses.base import LossInputs, LossOutput, MissingInputError, param
 
 Tensor = torch.Tensor
 
-_DPO_PL = ("Rafailov et al. 2023, Direct Preference Optimization, arXiv:2305.18290, Appendix A.3 (the "
-           "Plackett–Luce model and its DPO objective)")
+_DPO_PL = ("Rafailov et al. 2023, Direct Preference Optimization, arXiv:2305.18290, Appendix A.3: eq. 18 (the "
+           "Plackett–Luce model) and eq. 20 (its DPO objective)")
 _NCA = ("Chen et al. 2024, Noise Contrastive Alignment of Language Models with Explicit Rewards, "
-        "arXiv:2402.05369")
+        "arXiv:2402.05369 (v3, NeurIPS 2024)")
+_NCA_CODE = "the formula as the authors' code computes it (thu-ml/Noise-Contrastive-Alignment, NCATrainer.nca_loss)"
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -132,17 +133,19 @@ def _check(name: str, *, strict: bool = False, unique_best: bool = False, explic
 @register(
     "plackett_luce", params=ListwiseParams, data="listwise", aliases=("dpo_plackett_luce",),
     record_check=_check("plackett_luce", strict=True),
-    paper=_DPO_PL + ": the Plackett–Luce ranking likelihood under DPO's implicit reward",
+    paper=_DPO_PL + ": the ranking likelihood under DPO's implicit reward",
     equation="−Σ_{k=1}^{K−1} log [exp(u_τ(k)) / Σ_{j=k}^{K} exp(u_τ(j))], u = β·r, τ = the data's ranking",
     summary="A full ranking of K responses (scores without ties): the likelihood of the whole order, "
             "not only of its top. K = 2 is DPO.")
 def plackett_luce(inputs: LossInputs, p: ListwiseParams) -> LossOutput:
     """Plackett–Luce DPO: L = −Σ_{k=1}^{K−1} [u_τ(k) − log Σ_{j≥k} exp(u_τ(j))].
 
-    The DPO paper (Appendix A.3) writes the ranking likelihood of K responses under the
-    implicit reward u = β·log πθ/πref: the best is picked from all K, the next from the K − 1
-    left, and so on. K = 2 is −log σ(u_w − u_l), DPO. The ranking must be strict (the data's
-    record check refuses ties).
+    The DPO paper, Appendix A.3, eq. 20: L = −log Π_{k=1}^{K} exp(u_τ(k)) / Σ_{j=k}^{K} exp(u_τ(j)),
+    the Plackett–Luce model of eq. 18 under the implicit reward u = β·log πθ/πref: the best is
+    picked from all K, the next from the K − 1 left, and so on. Its k = K factor is 1, so the sum
+    here stops at K − 1. K = 2 is −log σ(u_w − u_l), DPO (the paper: "when K = 2, Equation 18
+    reduces to the Bradley-Terry model"). The ranking must be strict (the data's record check
+    refuses ties).
 
     Hand check (the module's example, ranking y_1 ≻ y_3 ≻ y_2: u sorted = (0.2, 0.05, −0.1)):
     log(e^0.2 + e^0.05 + e^−0.1) = 1.156098, log(e^0.05 + e^−0.1) = 0.670957;
@@ -164,9 +167,9 @@ def plackett_luce(inputs: LossInputs, p: ListwiseParams) -> LossOutput:
 @register(
     "dpo_multi_rejected", params=ListwiseParams, data="listwise",
     record_check=_check("dpo_multi_rejected", unique_best=True),
-    paper=_DPO_PL + ", the first factor of the Plackett–Luce likelihood (the best response picked from all "
-          "K); as S-DPO: Chen et al. 2024, On Softmax Direct Preference Optimization for Recommendation, "
-          "arXiv:2406.09215, the S-DPO loss",
+    paper=_DPO_PL + ", the k = 1 factor of eq. 20 (the best response picked from all K); as S-DPO: Chen et al. "
+                    "2024, On Softmax Direct Preference Optimization for Recommendation, arXiv:2406.09215, the "
+                    "S-DPO loss",
     equation="−log [exp(u_w) / Σ_k exp(u_k)] = −log σ(−log Σ_{l≠w} exp(u_l − u_w)), u = β·r",
     summary="One chosen and several rejected (ties among the rejected are fine): a softmax of the "
             "chosen's implicit reward against all of them. K = 2 is DPO.")
@@ -189,19 +192,23 @@ def dpo_multi_rejected(inputs: LossInputs, p: ListwiseParams) -> LossOutput:
 # ---------------------------------------------------------------------------------- infonca / nca
 @dataclass
 class NCAParams(ListwiseParams):
-    alpha: float = param(1.0, "α: temperature of the target softmax(s/α) over the responses' scores; "
-                              "choose it on the scale of the scores (α → 0: all weight on the best).", gt=0)
+    alpha: float = param(1.0, "α: temperature of the target softmax(s/α) over the responses' scores (the "
+                              "authors' code's temperature_alpha); choose it on the scale of the scores (α → 0: "
+                              "all weight on the best).", gt=0)
 
 
 @register(
     "infonca", params=NCAParams, data="listwise", record_check=_check("infonca", explicit=True),
-    paper=_NCA + ", the InfoNCA loss (§3): cross-entropy from the reward softmax to the policy's",
+    paper=_NCA + ", §3 (InfoNCA); " + _NCA_CODE + ": cross-entropy from the reward softmax to the policy's",
     equation="−Σ_k softmax(s/α)_k · log softmax(u)_k, u = β·r",
     summary="K responses with explicit rewards (a reward model's scores): fits the policy's relative "
             "likelihoods to the reward distribution. A one-hot target (α → 0) is dpo_multi_rejected; "
             "K = 2 with it is DPO.")
 def infonca(inputs: LossInputs, p: NCAParams) -> LossOutput:
     """InfoNCA: L = −Σ_k t_k·log p_k, t = softmax(s/α), p = softmax(u) over the K responses.
+
+    The paper's §3; the formula is the authors' code's (``loss_type == "InfoNCA"`` in
+    NCATrainer.nca_loss), with α their ``temperature_alpha`` (see the ``nca`` note on α).
 
     Hand check (the module's example, α = 1): t = softmax(3, 1, 2) = (0.665241, 0.090031, 0.244728);
     log p = u − 1.156098 = (−0.956098, −1.256098, −1.106098);
@@ -216,13 +223,20 @@ def infonca(inputs: LossInputs, p: NCAParams) -> LossOutput:
 
 @register(
     "nca", params=NCAParams, data="listwise", record_check=_check("nca", explicit=True),
-    paper=_NCA + ", the NCA loss (§3): each response classified on its own reward, weighted by the reward "
-          "softmax",
+    paper=_NCA + ", §4 (NCA); " + _NCA_CODE + ": each response classified on its own reward, weighted by the "
+                 "reward softmax",
     equation="−Σ_k [softmax(s/α)_k · log σ(u_k) + (1/K)·log σ(−u_k)], u = β·r",
     summary="K responses with explicit rewards; optimises absolute likelihoods (the best response's goes "
             "up instead of all falling). A one-hot target at K = 2 is nca_pair.")
 def nca(inputs: LossInputs, p: NCAParams) -> LossOutput:
     """NCA: L = −Σ_k [t_k·log σ(u_k) + (1/K)·log σ(−u_k)], t = softmax(s/α).
+
+    The paper's §4 (InfoNCA is §3); the formula is the authors' code's (reward_trainer.py,
+    NCATrainer.nca_loss, ``loss_type == "NCA"``: model rewards β·log-ratio, target
+    softmax(score / temperature_alpha), ``−logsigmoid(−u).mean() − (target·logsigmoid(u)).sum(−1)``,
+    the mean over the K responses being the 1/K). prefopt's α is the code's ``temperature_alpha``,
+    which divides the scores; the code's own comment says the paper's α is its reciprocal, so α
+    here is not the paper's symbol.
 
     With K = 2 and a one-hot target (α → 0 on distinct scores) this is ``nca_pair``:
     −log σ(u_w) − ½·log σ(−u_w) − ½·log σ(−u_l).
@@ -243,8 +257,9 @@ def nca(inputs: LossInputs, p: NCAParams) -> LossOutput:
 # ---------------------------------------------------------------------------------- lipo
 @register(
     "lipo", params=ListwiseParams, data="listwise", aliases=("lipo_lambda",), record_check=_check("lipo"),
-    paper="Liu et al. 2024, LiPO: Listwise Preference Optimization through Learning-to-Rank, arXiv:2402.01878, "
-          "LiPO-λ (§4.2, the LambdaLoss objective)",
+    paper="Liu et al. 2024, LiPO: Listwise Preference Optimization through Learning-to-Rank, arXiv:2402.01878 "
+          "(v3, NAACL 2025), §3, eq. 8 (LiPO-λ, the LambdaLoss objective); log2 discount as the RAX "
+          "dcg_lambdaweight of its Appendix B",
     equation="−Σ_{s_i > s_j} Δ_ij·log σ(u_i − u_j), Δ_ij = |G_i − G_j|·|1/D(τ_i) − 1/D(τ_j)|, "
              "G = 2^s − 1, D(τ) = log2(1 + τ), τ = rank by u",
     summary="Ranked or scored lists (ties allowed): a logistic loss on every ordered pair, weighted by "
@@ -253,9 +268,18 @@ def nca(inputs: LossInputs, p: NCAParams) -> LossOutput:
 def lipo(inputs: LossInputs, p: ListwiseParams) -> LossOutput:
     """LiPO-λ: L = Σ_{i,j: s_i > s_j} Δ_ij·log(1 + e^−(u_i − u_j)), the lambda weights
     Δ_ij = |G_i − G_j|·|1/D(τ_i) − 1/D(τ_j)| held constant (no gradient), gains G = 2^s − 1,
-    discounts D(τ) = log2(1 + τ), τ_i the 1-based rank of y_i by the policy's rewards u (LambdaLoss,
-    as LiPO §4.2 writes it). At K = 2, |1/D(1) − 1/D(2)| = 1 − 1/log2 3 = 0.369070 whatever the
-    order, so with labels (1, 0) LiPO-λ is 0.369070·DPO. Pairs of equal scores get no term.
+    discounts D(τ) = log2(1 + τ), τ_i the 1-based rank of y_i by the policy's rewards u.
+
+    The paper's eq. 8 (§3, arXiv v3), with its labels ψ (here s, in [0, 1] in the paper, §2.2)
+    and scores s_i = β·log πθ/πref (eq. 2; here u): G_i = 2^ψ_i − 1 and D(τ(i)) = log(1 + τ(i)),
+    τ(i) "the rank position of y_i in the ranking permutation induced by s". The paper writes the
+    log without a base; its Appendix B computes the loss as ``rax.pairwise_logistic_loss(scores,
+    labels, lambdaweight_fn=rax.dcg_lambdaweight)``, and RAX's default discount is
+    1/log2(1 + rank), so prefopt uses log2 (a natural log would multiply every Δ_ij, and the loss,
+    by 1/ln 2 = 1.442695). prefopt sums eq. 8's pairs as written; RAX's own reduction and weight
+    scaling (some versions multiply the weights by the list size) are constant factors it leaves
+    out. At K = 2, |1/D(1) − 1/D(2)| = 1 − 1/log2 3 = 0.369070 whatever the order, so with labels
+    (1, 0) LiPO-λ is 0.369070·DPO. Pairs of equal scores get no term.
 
     Hand check (the module's u, labels s = (1, 0, 0.5)): G = (1, 0, 0.414214); τ = (1, 3, 2),
     1/D(τ) = (1, 0.5, 0.630930). Pairs: (1, 2): Δ = 1·0.5 = 0.5, log(1 + e^−0.3) = 0.554355;
@@ -288,13 +312,18 @@ class EXOListParams(ListwiseParams):
 @register(
     "exo", params=EXOListParams, data="listwise", record_check=_check("exo", explicit=True),
     paper="Ji et al. 2024, Towards Efficient Exact Optimization of Language Model Alignment (EXO), "
-          "arXiv:2402.00856, the K-sample EXO objective (§3.2): the reverse KL between the policy's and the "
-          "reward's distributions over the K samples",
+          "arXiv:2402.00856, the K-sample EXO objective (§3.2, as TRL cites it): the reverse KL between the "
+          "policy's and the reward's distributions over the K samples, as the authors' code computes it "
+          "(haozheji/exact-optimization, exact_loss, loss_type exo-rw)",
     equation="Σ_k p_k·(log p_k − log q_k), p = softmax(β·r), q = softmax(s/β_r)",
     summary="K responses with explicit rewards: mode-seeking (reverse KL), so the policy concentrates on "
             "the best responses. exo_pair is the K = 2 case with a label-smoothed target.")
 def exo(inputs: LossInputs, p: EXOListParams) -> LossOutput:
     """EXO: L = KL(p ‖ q) = Σ_k p_k·(log p_k − log q_k), p = softmax(u), q = softmax(s/β_r).
+
+    The authors' ``exact_loss`` (loss_type ``exo-rw``) line for line: p = softmax(beta_model·Σ log
+    πθ/πref) over the K samples of a prompt, q = softmax(rewards / beta), L = Σ p·(log p − log q);
+    their ``beta_model`` is β here, their ``beta`` is β_r.
 
     With K = 2, q = (σ(Δs/β_r), σ(−Δs/β_r)); scores with Δs/β_r = log((1−ε)/ε) give q = (1−ε, ε),
     the target of ``exo_pair``, and the same loss.

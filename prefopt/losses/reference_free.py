@@ -176,15 +176,19 @@ def _cpo_inputs(p: CPOParams) -> tuple[str, ...]:
     "cpo", params=CPOParams, reference=False, inputs=_cpo_inputs,
     logps="summed (length-averaged with loss: ipo; + length-normalised NLL of the chosen)",
     paper="Xu et al. 2024, Contrastive Preference Optimization: Pushing the Boundaries of LLM "
-          "Performance in Machine Translation, arXiv:2401.08417, eqs. 3–5; hinge and ipo terms as TRL's "
-          "CPOConfig loss_type (SLiC, arXiv:2305.10425; IPO, arXiv:2310.12036, eq. 17)",
+          "Performance in Machine Translation, arXiv:2401.08417, eq. 3 (L(πθ; U)) plus the NLL term of eq. 5; "
+          "hinge and ipo terms as TRL's CPOConfig loss_type (SLiC, arXiv:2305.10425; IPO, arXiv:2310.12036, "
+          "eq. 17)",
     equation="ℓ(m) + α·NLL(y_w), m = log πθ(y_w|x) − log πθ(y_l|x); ℓ = −(1−ε)·log σ(βm) − ε·log σ(−βm) "
              "(sigmoid), max(0, 1 − βm) (hinge), (m̄ − 1/(2β))² (ipo, m̄ length-averaged)",
     summary="Reference-free DPO on summed log-probs plus an NLL term on the chosen: memory of "
             "SFT, contrast of DPO. Written for translation, used for chat too. loss: hinge or ipo "
             "swap the logistic term for TRL's alternatives.")
 def cpo(inputs: LossInputs, p: CPOParams) -> LossOutput:
-    """CPO: L = L_prefer (eq. 3, DPO with πref dropped) + α·L_NLL (eq. 4), combined in eq. 5.
+    """CPO: L = L_prefer + α·L_NLL: eq. 3's L(πθ; U) (DPO with a uniform πref, which drops out) plus
+    the NLL of the chosen that eq. 5 adds (the paper's eq. 4 is the behaviour-cloning constraint
+    that eq. 5 turns into that NLL term). TRL's CPOTrainer.cpo_loss says of its sigmoid term "this
+    reduces to Equation 3 from the CPO paper".
 
     m = log πθ(y_w|x) − log πθ(y_l|x) on **summed** log-probs, and the preference term (``loss``):
     sigmoid (the paper's): −(1−ε)·log σ(βm) − ε·log σ(−βm);
@@ -255,7 +259,9 @@ def alphapo(inputs: LossInputs, p: AlphaPOParams) -> LossOutput:
     p̄ is the geometric mean token probability, so p̄^(−α) = e^(−α·ā) with ā = log πθ(y|x)/|y|,
     exactly TRL's CPO trainer (loss_type alphapo: SimPO's length-averaged log-probs, the
     transform (1 − p^(−α))/α, then β·(…) − γ, and cpo_alpha = 0). As α → 0, (1 − e^(−αā))/α → ā:
-    SimPO's reward β·ā; α = 0 is computed as SimPO exactly. Rewards are r_α.
+    SimPO's reward β·ā; α = 0 is computed as SimPO exactly. Rewards are r_α. The paper is
+    arXiv:2501.03884 (the id TRL 1.16's CPOConfig links); tests/test_paper_equations.py runs TRL's
+    CPOTrainer.cpo_loss on the same log-probs and gets the same losses and rewards.
 
     Hand check: β = 1, γ = 0.5, α = 0.5. Pair 1: chosen −4 over 4 tokens (ā = −1), rejected −6
     over 3 (ā = −2): r_w = (1 − e^0.5)/0.5 = 2·(1 − 1.648721) = −1.297443, r_l = 2·(1 − e^1) =
@@ -310,10 +316,12 @@ def tpo(inputs: LossInputs, p: TPOParams) -> LossOutput:
     """TPO: L = ℓ(m) + α·NLL(y_gold), m = log πθ(y_w|x) − log πθ(y_l|x) (summed log-probs).
 
     ℓ is CPO's preference term (``preference_term``): sigmoid (the paper's), hinge, or ipo on
-    length-averaged log-probs, as TRL's TPOTrainer. The "reference" of TPO is not a reference model
-    but the gold response y_gold, whose likelihood the NLL term raises: in prefopt it is the
-    ``ref_completion`` column, which TPO **requires** (a record without it is a bad record; TRL's
-    triple data names it `reference`: map it with data.columns: {ref_completion: reference}).
+    length-averaged log-probs, as TRL's TPOTrainer and the authors' code (sahsaeedi/TPO,
+    utils/tpo_trainer.py, tpo_loss on summed log-probs, plus tpo_alpha times the gold's NLL). The
+    "reference" of TPO is not a reference model but the gold response y_gold, whose likelihood the
+    NLL term raises: in prefopt it is the ``ref_completion`` column, which TPO **requires** (a
+    record without it is a bad record; TRL's triple data names it `reference`: map it with
+    data.columns: {ref_completion: reference}).
     NLL(y_gold) = −log πθ(y_gold|x)/|y_gold| per example (TRL averages the cross-entropy over the
     batch's gold tokens). With y_gold = y_w, TPO is CPO. Rewards β·log πθ(y|x), as TRL. Metric
     ``loss/nll`` (of the gold).
@@ -348,7 +356,8 @@ class TPOLParams:
 def tpo_l(inputs: LossInputs, p: TPOLParams) -> LossOutput:
     """TPO-L: z = β·ā_w − β·ā_l − γ, ā = log πθ(y|x)/|y|; L = −(1−ε)·log σ(z) − ε·log σ(−z) + α·NLL(y_gold).
 
-    TRL's tpo-l writes it as β·(ā_w − ā_l − γ/β): the same z. The gold response is the required
+    TRL's tpo-l, like the authors' code (tpo_loss, loss_type tpo-l, on length-averaged log-probs),
+    writes it as β·(ā_w − ā_l − γ/β): the same z. The gold response is the required
     ``ref_completion`` column, as in ``tpo``. With α = 0 TPO-L is SimPO. Rewards β·ā, as TRL.
 
     Hand check: β = 2, γ = 1, α = 1: chosen −10 over 5 tokens (ā = −2), rejected −15 over 3

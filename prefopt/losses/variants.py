@@ -143,12 +143,13 @@ _SCORE_OFFSETS = {  # offset -> (Δ/α from the scores, the condition on them, t
 class ODPOParams:
     beta: float = param(0.1, "β of DPO's implicit reward.", gt=0)
     offset: str = param("scores", "How the offset Δ is made from the score_chosen / score_rejected columns: "
-                                  "'scores' Δ = α·log(s_w − s_l) (the paper's choice); 'log_ratio' "
-                                  "Δ = α·log(s_w / s_l) (positive scores; scale-free: ratings ×10 give the same "
-                                  "offset); 'difference' Δ = α·(s_w − s_l) (no log). 'margin' uses the margin "
-                                  "column as Δ, as given.", choices=ODPO_OFFSETS)
+                                  "'scores' Δ = α·log(s_w − s_l) (the paper's choice and its code's default); "
+                                  "'log_ratio' Δ = α·log(s_w / s_l) (the code's ratio=True; positive scores; "
+                                  "scale-free: ratings ×10 give the same offset); 'difference' Δ = α·(s_w − s_l) "
+                                  "(no log); these two are the paper's scaling-function ablation. 'margin' uses "
+                                  "the margin column as Δ, as given.", choices=ODPO_OFFSETS)
     alpha: float = param(1.0, "α: strength of the offset made from the scores (1 in the authors' code; their "
-                              "IMDb runs use 0.5). 0 is DPO. Not with offset: margin; scale a margin "
+                              "README's IMDb command uses 0.5). 0 is DPO. Not with offset: margin; scale a margin "
                               "column in the data instead.", ge=0)
 
     def validate(self) -> None:
@@ -196,23 +197,31 @@ def _odpo_offset(inputs: LossInputs, p: ODPOParams) -> Tensor:
 @register(
     "odpo", params=ODPOParams, columns=_odpo_columns, record_check=_odpo_record_problem,
     paper="Amini, Vieira & Cotterell 2024, Direct Preference Optimization with an Offset, "
-          "arXiv:2402.10571 (ACL Findings), §3 ODPO loss; Δ_r = α·log(r(y_w) − r(y_l)) as in the "
-          "paper's experiments and its code (rycolab/odpo); log_ratio and difference are other "
-          "increasing offsets of the scores",
+          "arXiv:2402.10571 (ACL Findings), §3 ODPO loss, Δ_r = α·f(score(y_w) − score(y_l)), f increasing; "
+          "offset scores: f = log, as the experiments and the authors' code (rycolab/odpo); log_ratio (the "
+          "code's ratio=True) and difference: the paper's scaling-function ablation",
     equation="−log σ(β h − Δ), Δ = α·log(s_w − s_l), α·log(s_w/s_l), α·(s_w − s_l) or the margin column",
     summary="Pairs with scores (a reward model's or annotators' ratings): the margin demanded grows "
             "with how much better the chosen is. Data-efficient when pairs are few.")
 def odpo(inputs: LossInputs, p: ODPOParams) -> LossOutput:
     """ODPO: L = −log σ(β·h − Δ) = sp(Δ − β·h).
 
+    The paper defines the offset as Δ_r = α·f(score(x, y_w) − score(x, y_l)) with f an increasing
+    scaling function; its experiments use f = log, and its ablation of the scaling function
+    compares log r(y_w) − log r(y_l) and r(y_w) − r(y_l) with it. The authors' code
+    (``preference_loss(..., offset=True)``) computes ``-logsigmoid(β·h − α·log(r_w − r_l))``, or
+    with ``ratio=True`` ``α·log(r_w / r_l)``; it has no difference option.
+
     Δ from the ``score_chosen``/``score_rejected`` columns s_w, s_l, by ``offset``:
-    scores: Δ = α·log(s_w − s_l) (the paper's; the log keeps the offset moderate; as in the
-    authors' code it is not rescaled otherwise, so score differences below 1 give a negative
-    offset); a pair with s_w ≤ s_l raises a ValueError (a bad record at load time).
-    log_ratio: Δ = α·log(s_w/s_l) = α·(log s_w − log s_l), for positive scores: the offset depends
-    on how many times better the chosen is, so it does not change when every score is
-    multiplied by a constant (ratings on another scale); s_w < s_l gives a negative offset.
-    difference: Δ = α·(s_w − s_l), the score gap itself (no log).
+    scores: Δ = α·log(s_w − s_l) (the paper's choice and the code's default; the log keeps the
+    offset moderate; as in the authors' code it is not rescaled otherwise, so score differences
+    below 1 give a negative offset); a pair with s_w ≤ s_l raises a ValueError (a bad record at
+    load time).
+    log_ratio: Δ = α·log(s_w/s_l) = α·(log s_w − log s_l) (the code's ratio=True; an ablation in
+    the paper), for positive scores: the offset depends on how many times better the chosen is,
+    so it does not change when every score is multiplied by a constant (ratings on another
+    scale); s_w < s_l gives a negative offset.
+    difference: Δ = α·(s_w − s_l), the score gap itself (no log; the paper's other ablation).
     margin: the ``margin`` column as Δ. Δ = 0 (α = 0, or a zero margin) is DPO. Metric
     ``odpo/offset``: Δ per pair.
 
@@ -339,14 +348,15 @@ def apo_down(inputs: LossInputs, p: BetaParams) -> LossOutput:
 class EXOParams:
     beta: float = param(0.1, "β of the policy's implicit reward β·log(πθ/πref).", gt=0)
     label_smoothing: float = param(1e-3, "ε: the target distribution over the pair is (1−ε, ε); must be "
-                                         "> 0 (the reverse KL to a one-hot target is infinite). The "
-                                         "paper uses 1e-3.", gt=0, lt=0.5)
+                                         "> 0 (the reverse KL to a one-hot target is infinite). 1e-3 is "
+                                         "the value TRL attributes to the paper.", gt=0, lt=0.5)
 
 
 @register(
     "exo_pair", params=EXOParams,
     paper="Ji et al. 2024, Towards Efficient Exact Optimization of Language Model Alignment (EXO), "
-          "arXiv:2402.00856, eq. 16 with K = 2 and label smoothing ε",
+          "arXiv:2402.00856, EXO-pref with K = 2 and label smoothing ε, as TRL's loss_type exo_pair (which "
+          "cites the paper's eq. 16)",
     equation="KL((σ(βh), σ(−βh)) ‖ (1−ε, ε))",
     summary="Reverse KL instead of DPO's forward KL: mode-seeking, so the policy concentrates on the "
             "preferred behaviour; its minimum sits at a finite margin βh = log((1−ε)/ε).")
@@ -357,7 +367,9 @@ def exo_pair(inputs: LossInputs, p: EXOParams) -> LossOutput:
     (1−ε, ε): L ≥ 0, with L = 0 at σ(βh) = 1−ε, i.e. βh = log((1−ε)/ε) (6.906755 at ε = 1e-3).
     At h = 0 (πθ = πref): L = ½(log ½ − log(1−ε)) + ½(log ½ − log ε) = −log 2 − ½·log(ε(1−ε))
     = −0.693147 + 3.453878 + 0.000500 = 2.761231 at ε = 1e-3. Swapping a pair changes L by
-    (σ(βh) − σ(−βh))·log((1−ε)/ε).
+    (σ(βh) − σ(−βh))·log((1−ε)/ε). This is TRL's exo_pair; the authors' own pairwise code
+    (exact_loss, loss_type exo-pref) uses the unnormalised target log q = (0, −10) instead of
+    (log(1−ε), log ε), i.e. ε ≈ e^−10 without the 1−ε.
 
     Hand check (β = 0.1, ε = 1e-3): pair A, βh = 0.3: σ(0.3) = 0.574443, log σ(0.3) = −0.554355,
     log σ(−0.3) = −0.854355: 0.574443·(−0.554355 + 0.001001) + 0.425557·(−0.854355 + 6.907755)
