@@ -281,7 +281,7 @@ class Trainer(TRLMethods):
             model.config.pad_token_id = tokenizer.pad_token_id
         needed, needed_by = Objective.requirements(cfg.loss)
         reference = build_reference(cfg.reference, cfg.model, needed=needed, needed_by=needed_by,
-                                    policy=model, ref_model=self._ref_model_arg)
+                                    policy=model, ref_model=self._reference_source())
         objective = Objective.from_config(cfg.loss, reference, self._extra_losses)
 
         train_set, eval_set = self._datasets(accelerator, tokenizer, objective, output_dir)
@@ -407,6 +407,17 @@ class Trainer(TRLMethods):
             return load_tokenizer(str(source), self.config.model.chat_template)
         return prepare_tokenizer(tok, self.config.model.chat_template)
 
+    def _reference_source(self):
+        """``ref_model`` as given; under DeepSpeed ZeRO-3, where a partitioned policy cannot be
+        copied, a policy loaded from a path has its initial weights loaded again from that path
+        (what the reference copy would hold); a LoRA policy's reference is its own base."""
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if self._ref_model_arg is not None or self.config.reference.name_or_path is not None \
+                or self.config.model.lora is not None or not is_deepspeed_zero3_enabled():
+            return self._ref_model_arg
+        return self._model_path()
+
     def _model_path(self) -> str | None:
         if isinstance(self._model_arg, (str, Path)):
             return str(self._model_arg)
@@ -449,9 +460,14 @@ class Trainer(TRLMethods):
     def _optimizer(self, model) -> torch.optim.Optimizer:
         t = self.config.train
         params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]      # no decay on biases and norm weights
-        no_decay = [p for p in params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # no decay on biases and norm weights; under ZeRO-3 a parameter is a flat partition and
+        # its own shape is ds_shape
+        decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
+        no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
+        # an empty group is left out: DeepSpeed drops it, and the schedule would then have one
+        # learning rate too many
+        groups = [g for g in ({"params": decay, "weight_decay": t.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
 
     def _scheduler(self, optimizer, total_steps: int):

@@ -33,9 +33,10 @@ def build(loss: str, model_dir: str, records: list, out: str, micro: int, accum:
     return cls(model_dir, train_dataset=records, args=args)
 
 
-def whole_run(model_dir: str, records: list, out: str, micro: int, accum: int) -> DPOTrainer:
+def whole_run(model_dir: str, records: list, out: str, micro: int, accum: int, **extra) -> DPOTrainer:
     args = DPOConfig(output_dir=out, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
-                     per_device_eval_batch_size=4, num_train_epochs=1, learning_rate=1e-3, warmup_steps=1, **SHORT)
+                     per_device_eval_batch_size=4, num_train_epochs=1, learning_rate=1e-3, warmup_steps=1, **SHORT,
+                     **extra)
     trainer = DPOTrainer(model_dir, None, train_dataset=records[:16], eval_dataset=records[16:26], args=args)
     trainer.train()
     return trainer

@@ -12,6 +12,21 @@ from prefopt.errors import ConfigError
 from prefopt.logps import Scoring, SequenceScores, score_batch
 
 
+def zero3_inference_engine(accelerator, model: torch.nn.Module):
+    """The reference under DeepSpeed ZeRO-3: loaded partitioned (``zero3_init_flag``), a model
+    has no whole weight on any process and cannot run a forward by itself (``'weight' must be
+    2-D``), so it runs in its own DeepSpeed engine with the training config's ZeRO-3 partitioning
+    and no optimizer, which gathers each layer's weights for its forward."""
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
 class ModelReference:
     name = "model"
 
@@ -49,7 +64,9 @@ class ModelReference:
             raise ConfigError("under DeepSpeed ZeRO-3 the policy is sharded and cannot be deep-copied as "
                               "the reference; set reference.name_or_path to the initial checkpoint")
         self.accelerator = accelerator
-        if accelerator.is_fsdp2:
+        if sharded:
+            self.model = zero3_inference_engine(accelerator, self.model)
+        elif accelerator.is_fsdp2:
             # accelerate's prepare_model(evaluation_mode=True) leaves a model whole under FSDP2 (a
             # full replica on every process, found running FSDP2 on CPU processes): shard the
             # reference with the plugin's own settings and wrap policy, as the policy is.

@@ -380,13 +380,14 @@ def _load_state(accelerator, path: Path, **kwargs) -> None:
 
 
 def full_state_dict(accelerator, model) -> dict:
-    """The whole model's state dict on every process. accelerate gathers FSDP2's shards with
-    torch's ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``, which leaves
-    CPU-resident parameters as DTensors (found running FSDP2 on CPU processes): those are gathered
-    here, by every process in the same order, since ``full_tensor`` is a collective."""
+    """The whole model's state dict, for the main process (called on every process: gathering
+    is collective). accelerate gathers FSDP2's shards with torch's
+    ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``, which leaves CPU-resident
+    parameters as DTensors (found running FSDP2 on CPU processes): those are gathered here, by
+    every process in the same order. ZeRO-3's consolidation gives it to rank 0 only (None elsewhere)."""
     from torch.distributed.tensor import DTensor
 
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = accelerator.get_state_dict(model) or {}
     return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state_dict.items()}
 
 

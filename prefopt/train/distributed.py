@@ -3,9 +3,10 @@
 DeepSpeed owns gradient accumulation, clipping and the optimizer step: accelerate's wrappers
 make ``optimizer.step()``/``scheduler.step()`` no-ops and the engine steps inside ``backward``
 at an accumulation boundary. prefopt therefore
-- fills the ``auto`` values of the DeepSpeed config from the run's config (micro-batch,
-  ``gradient_accumulation_steps``, ``gradient_clipping`` = ``train.max_grad_norm``), so an
-  accelerate config need not repeat them;
+- fills the DeepSpeed config from the run's config: the micro-batch where it is ``auto``, and
+  always ``gradient_accumulation_steps`` and ``gradient_clipping`` (= ``train.max_grad_norm``,
+  0 for none; a different value in the accelerate file is replaced, with a log line), so the
+  clipping is the one the run's config and metrics show;
 - marks the boundary itself on the last micro-batch of each optimizer step (a short window at
   an epoch's end included), and undoes DeepSpeed's division of every loss by
   ``gradient_accumulation_steps``: prefopt's loss is already each micro-batch's share of the
@@ -13,10 +14,13 @@ at an accumulation boundary. prefopt therefore
 """
 from __future__ import annotations
 
+import logging
 import os
 
 from prefopt.config import TrainConfig
 from prefopt.errors import ConfigError
+
+log = logging.getLogger("prefopt")
 
 
 def check_process_group(accelerator) -> None:
@@ -37,7 +41,12 @@ def configure_deepspeed(accelerator, tcfg: TrainConfig) -> None:
               "gradient_accumulation_steps": tcfg.gradient_accumulation_steps,
               "gradient_clipping": tcfg.max_grad_norm or 0.0}
     for key, value in values.items():
-        if ds.get(key, "auto") == "auto" or key == "gradient_accumulation_steps":
+        given = ds.get(key, "auto")
+        if key != "train_micro_batch_size_per_gpu" and given not in ("auto", value):
+            # the run's config decides: prefopt marks the accumulation boundaries itself, and a
+            # clipping the run's config does not show would make its results unexplainable
+            log.info("DeepSpeed %s: the accelerate config's %s is replaced by the run's %s", key, given, value)
+        if given == "auto" or key != "train_micro_batch_size_per_gpu":
             ds[key] = value
     ds.pop("train_batch_size", None)  # DeepSpeed derives it (micro-batch x accumulation x data-parallel size)
 

@@ -1,16 +1,21 @@
-"""Launched by tests/test_fsdp.py with ``accelerate launch --config_file configs/accelerate/fsdp2.yaml``
-on 2 CPU processes (not collected by pytest).
+"""Launched by tests/test_sharded.py with ``accelerate launch --config_file
+configs/accelerate/{fsdp2,zero2,zero3}.yaml`` on 2 CPU processes (not collected by pytest).
 
-accelerate 1.15 turns an FSDP launch into FSDP only on an accelerator device: on CPU its
-``AcceleratorState`` drops the plugin and each rank would train alone. ``lift_device_gate`` builds
-the CPU (gloo) process group, then sets the state to FSDP with the plugin accelerate's launcher
-described in the environment (the shipped file's settings). Everything after that is the real
-code path: accelerate's ``_prepare_fsdp2`` (``fully_shard`` on a CPU mesh, cpu-RAM-efficient
-loading from rank 0), its sharded checkpoints (torch.distributed.checkpoint) and state-dict
-gathering, and prefopt's handling of all of them.
+accelerate 1.15 turns an FSDP or DeepSpeed launch into FSDP or DeepSpeed only on an accelerator
+device: on CPU its ``AcceleratorState`` drops the plugin and each rank would train alone.
+``lift_device_gate`` builds the CPU (gloo) process group, then sets the state to FSDP or
+DeepSpeed with the plugin accelerate's launcher described in the environment (the shipped file's
+settings), as ``AcceleratorState`` does on a GPU. Everything after that is the real code path:
+accelerate's ``_prepare_fsdp2`` (``fully_shard`` on a CPU mesh, cpu-RAM-efficient loading from
+rank 0) or ``_prepare_deepspeed`` (DeepSpeed's engine on its CPU accelerator,
+``DS_ACCELERATOR=cpu``), their sharded checkpoints and state-dict gathering, and prefopt's
+handling of all of them. One thing is skipped: DeepSpeed's JIT-compiled shared-memory all-reduce
+for CPU inference (``build_shm_op``), a speed-up whose C++ build would cost CI a minute and a half;
+DeepSpeed then uses torch.distributed's collectives.
 
 Tasks (argv[1], comma-separated), each writing under OUT:
   run          the DPO run of ddp_worker.whole_run (16 pairs, 2 steps, eval on 10)
+  run-ref-path the same with reference.name_or_path (the reference loaded, not copied)
   resume       3 steps with a checkpoint at every step, then a run resumed from step 1
   trdpo        TR-DPO (soft update every step, alpha 0.5; the moving reference is sharded like the
                policy), 3 steps on 12 pairs
@@ -18,6 +23,7 @@ Tasks (argv[1], comma-separated), each writing under OUT:
   lora-pre     LoRA with the precomputed reference, 3 steps
 """
 import json
+import os
 import sys
 
 import accelerate
@@ -35,17 +41,33 @@ TRDPO = dict(per_device_train_batch_size=2, max_steps=3, learning_rate=5e-3, syn
 
 def lift_device_gate() -> None:
     real = accelerate.Accelerator
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
+    if deepspeed:
+        import deepspeed.comm.torch
+        deepspeed.comm.torch.build_shm_op = lambda: None
 
-    def fsdp_on_cpu(*args, **kwargs):
+    def sharded_on_cpu(*args, **kwargs):
+        if PartialState._shared_state:  # a second trainer: its state starts again from the CPU group
+            PartialState._shared_state["distributed_type"] = DistributedType.MULTI_CPU
         accelerator = real(*args, **{**kwargs, "cpu": True})
         state = accelerator.state
-        if state.__dict__.get("fsdp_plugin") is None:  # a second trainer's state starts from PartialState's type
-            state.fsdp_plugin = accelerate.FullyShardedDataParallelPlugin()   # from the launcher's FSDP_* env
-            state.distributed_type = DistributedType.FSDP
-            PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does
+        # the plugins are read from the launcher's FSDP_* / ACCELERATE_DEEPSPEED_* environment
+        if deepspeed and state.__dict__.get("deepspeed_plugins") is None:
+            import deepspeed as ds
+            ds.comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+            plugin = accelerate.DeepSpeedPlugin()
+            plugin.set_mixed_precision(state.mixed_precision)
+            plugin.select(_from_accelerator_state=True)
+            state.deepspeed_plugins, kind = plugin, DistributedType.DEEPSPEED
+        elif not deepspeed and state.__dict__.get("fsdp_plugin") is None:
+            state.fsdp_plugin, kind = accelerate.FullyShardedDataParallelPlugin(), DistributedType.FSDP
+        else:
+            return accelerator
+        state.distributed_type = kind
+        PartialState._shared_state["distributed_type"] = kind  # as AcceleratorState does
         return accelerator
 
-    accelerate.Accelerator = fsdp_on_cpu
+    accelerate.Accelerator = sharded_on_cpu
 
 
 if __name__ == "__main__":
@@ -55,6 +77,8 @@ if __name__ == "__main__":
     for task in tasks:
         if task == "run":
             whole_run(model_dir, records, f"{out}/{task}", 2, 2)
+        elif task == "run-ref-path":  # the reference loaded from its path (ZeRO-3 cannot copy the policy)
+            whole_run(model_dir, records, f"{out}/{task}", 2, 2, reference={"name_or_path": model_dir})
         elif task == "resume":
             common = dict(per_device_train_batch_size=2, max_steps=3, save_steps=1, learning_rate=5e-3, **SHORT)
             for name, resume in (("full", None), ("resumed", f"{out}/{task}/full/checkpoints/step-1")):
