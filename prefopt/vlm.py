@@ -7,9 +7,11 @@
   opens and checks every file at load time; a missing or unreadable file, or a placeholder count
   that differs from the number of images, is a ``RecordProblem`` (file:line, counted under
   ``data.on_error=skip``).
-* Encoding (prefopt.data.tokenize): the *processor* expands each placeholder into the model's
-  image tokens and makes the pixel values; nothing is expanded by hand. Image tokens belong to
-  the prompt and are never scored.
+* Encoding (prefopt.data.tokenize): each ``<image>`` becomes what the model's processor expects
+  (``image_markup``: its ``image_token``, wrapped as its chat template renders an image part,
+  e.g. Qwen2-VL's ``<|vision_start|><|image_pad|><|vision_end|>``); the *processor* then expands
+  it into the model's image tokens and makes the pixel values; nothing is expanded by hand.
+  Image tokens belong to the prompt and are never scored.
 * Batches carry the processor's image tensors (``Batch.media``) in the order the image tokens
   appear row-major, so every layout can pass them to the model.
 * Models: a config with a ``vision_config`` loads with ``AutoModelForImageTextToText``; LoRA
@@ -138,6 +140,34 @@ def with_processor(processor):
     tok = processor.tokenizer
     setattr(tok, PROCESSOR_ATTR, processor)
     return tok
+
+
+def image_markup(processor) -> str:
+    """What the model's processor expects where the data writes ``<image>``.
+
+    Data is written with one portable ``<image>`` per image, but processors look for their own
+    token (``processor.image_token``: LLaVA's ``<image>``, Qwen2-VL's ``<|image_pad|>``) and some
+    models expect it wrapped (Qwen2-VL: ``<|vision_start|><|image_pad|><|vision_end|>``). The
+    wrapping is what the processor's chat template renders for a ``{"type": "image"}`` content
+    part, so it is read from there (between two text parts, whitespace stripped) when that
+    rendering holds the image token; else the bare image token. The processor then expands the
+    token into the right number of image tokens: nothing is counted here."""
+    token = getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
+    markup = token
+    before, after = "PREFOPT_TEXT_BEFORE", "PREFOPT_TEXT_AFTER"
+    parts = [{"type": "text", "text": before}, {"type": "image"}, {"type": "text", "text": after}]
+    try:
+        rendered = processor.apply_chat_template([{"role": "user", "content": parts}], tokenize=False)
+    except Exception:  # noqa: BLE001 - no template, or one without content parts: the bare token
+        rendered = ""
+    if isinstance(rendered, list):
+        rendered = rendered[0] if rendered else ""
+    start, end = rendered.find(before), rendered.find(after)
+    if 0 <= start < end:
+        between = rendered[start + len(before):end].strip()
+        if between.count(token) == 1:  # one image part rendered as one token, maybe wrapped
+            markup = between
+    return markup
 
 
 def has_processor(path: str) -> bool:

@@ -50,7 +50,7 @@ from prefopt.data.report import DataReport
 from prefopt.data.schema import (CompletionExample, Origin, PreferenceExample, RankedExample, RecordProblem,
                                  Text, check_unicode)
 from prefopt.errors import ConfigError
-from prefopt.vlm import IMAGE_EXTRAS, IMAGE_PLACEHOLDER, image_digest, processor_of
+from prefopt.vlm import IMAGE_EXTRAS, IMAGE_PLACEHOLDER, image_digest, image_markup, processor_of
 
 TRUNCATION_MODES = ("auto", "strict")
 RESPONSE_ROLE = "response_{}"  # listwise data: role of the k-th best response (0 = the best)
@@ -129,6 +129,8 @@ class Encoder:
         self.bos = tokenizer.bos_token_id
         self._whitespace: dict[int, bool] = {}
         self.processor = processor_of(tokenizer)  # a vision-language model's (prefopt.vlm)
+        # what the processor looks for where the data writes <image> (Qwen2-VL: a wrapped <|image_pad|>)
+        self.image_markup = image_markup(self.processor) if self.processor is not None else IMAGE_PLACEHOLDER
         self._images: list | None = None          # the images of the example being encoded
         self._media: dict[str, Any] = {}
 
@@ -327,6 +329,7 @@ class Encoder:
     def _processed(self, text: str, add_special_tokens: bool) -> list[int]:
         """Token ids of a text holding the example's images, image tokens expanded by the processor
         (its first call keeps the image tensors: every call sees the same images)."""
+        text = text.replace(IMAGE_PLACEHOLDER, self.image_markup)
         try:
             out = self.processor(text=[text], images=self._images, return_tensors="pt",
                                  add_special_tokens=add_special_tokens)

@@ -1,0 +1,124 @@
+"""Multi-modal DPO on a model whose processor does not use ``<image>``: a tiny Qwen2-VL built here.
+
+Qwen2-VL differs from LLaVA in the two ways prefopt must respect: its processor looks for
+``<|image_pad|>`` wrapped in ``<|vision_start|>...<|vision_end|>`` (the data writes ``<image>``),
+and its language model reads 3-D multi-modal RoPE positions (``get_rope_index``), which prefopt's
+packed and prompt-shared rows do not compute.
+
+transformers 5.23 cannot build a ``Qwen2VLProcessor`` without torchvision (not installed here): its
+``__init__`` checks the ``video_processor`` argument against ``VideoProcessorMixin``, which
+transformers only exports with torchvision, and the Qwen2-VL video processor needs torchvision
+itself. ``ImageOnlyQwen2VLProcessor`` accepts ``video_processor=None``; everything else (the PIL
+image processor, the token expansion, the model) is transformers' own.
+"""
+import json
+
+import pytest
+import torch
+
+from prefopt.config import DataConfig
+from prefopt.data.collate import make_collator
+from prefopt.data.pipeline import prepare_datasets
+from prefopt.demo.shapes import write_shapes
+from prefopt.models import prepare_tokenizer, train_tokenizer
+from prefopt.vlm import image_markup
+
+VISION_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+# Qwen2-VL's chat template, reduced: ChatML whose image content parts render as the wrapped pad token.
+TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+            "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+            "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+            "<|vision_start|><|image_pad|><|vision_end|>{% elif part['type'] == 'text' %}{{ part['text'] }}"
+            "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_qwen2_vl(seed: int = 0):
+    """(model, processor): a 1-block Qwen2-VL vision tower (4x4 patches, 2x2 merge: a 32x32 image is
+    an 8x8 grid, 16 image tokens) and a 2-layer 32-wide Qwen2 language model with mRoPE sections
+    [2, 1, 1] (head dim 8); the PIL image processor; a locally trained tokenizer."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        def check_argument_for_proper_class(self, name, arg):
+            if name == "video_processor" and arg is None:
+                return None
+            return super().check_argument_for_proper_class(name, arg)
+
+    tok = train_tokenizer(["What colour is the shape? red green blue square circle"] * 20, vocab_size=300)
+    tok.add_tokens(VISION_TOKENS, special_tokens=True)
+    tok.chat_template = TEMPLATE
+    images = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                      min_pixels=16 * 16, max_pixels=32 * 32)
+    processor = ImageOnlyQwen2VLProcessor(image_processor=images, tokenizer=tok, chat_template=TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
+                           temporal_patch_size=2, in_channels=3, mlp_ratio=2),
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    return Qwen2VLForConditionalGeneration(config), processor
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return tiny_qwen2_vl()
+
+
+def encoded(processor, records, **data):
+    tok = prepare_tokenizer(processor)
+    train, _ = prepare_datasets(DataConfig(max_length=64, **data), tok, "paired", train_source=records)
+    return tok, train
+
+
+def test_image_placeholder_becomes_what_the_qwen2_vl_processor_expects(qwen, tmp_path):
+    """``<image>`` in the data becomes the wrapped ``<|image_pad|>`` the chat template renders for an
+    image part, and the processor expands it: the prompt ids are exactly those of transformers'
+    own pipeline (chat template with an image content part, then the processor)."""
+    from PIL import Image
+
+    _, processor = qwen
+    assert image_markup(processor) == "<|vision_start|><|image_pad|><|vision_end|>"
+    data = write_shapes(tmp_path, 1, seed=0)
+    tok, train = encoded(processor, str(data))
+    (ex,) = train.examples
+    record = json.loads(data.read_text())
+    image = Image.open(tmp_path / record["images"][0]).convert("RGB")
+    native = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}],
+        tokenize=False, add_generation_prompt=True)
+    expected = processor(text=[native], images=[image], return_tensors="pt")
+    assert ex.prompt_ids == expected["input_ids"][0].tolist()
+    start, pad, end = (tok.convert_tokens_to_ids(t) for t in VISION_TOKENS[:3])
+    i = ex.prompt_ids.index(start)
+    assert ex.prompt_ids[i:i + 18] == [start] + [pad] * 16 + [end]   # 8x8 patches merged 2x2
+    assert sorted(ex.media) == ["image_grid_thw", "pixel_values"]      # no per-token tensors
+    assert ex.media["image_grid_thw"].tolist() == [[1, 8, 8]]
+    assert torch.equal(ex.media["pixel_values"], expected["pixel_values"])  # (64 patches, 3*2*4*4)
+    assert ex.media["pixel_values"].shape == (64, 96)
+    for role in ("chosen", "rejected"):
+        assert tok.decode(ex.completions[role]) == record[role]["value"] + "<|im_end|>"
+    padded = make_collator("padded", tok.pad_token_id, ("chosen", "rejected"))([ex])
+    assert padded.media["image_grid_thw"].tolist() == [[1, 8, 8], [1, 8, 8]]   # the pair's image in each row
+    assert padded.media["pixel_values"].shape == (128, 96)
+
+
+def test_image_markup_is_the_bare_image_token_when_the_template_does_not_render_image_parts():
+    class NoTemplate:
+        image_token = "<|image|>"
+
+        def apply_chat_template(self, *args, **kwargs):
+            raise ValueError("no chat template")
+
+    class TextOnlyTemplate(NoTemplate):  # renders the parts' repr: the image token is not in it
+        def apply_chat_template(self, messages, **kwargs):
+            return str(messages[0]["content"])
+
+    assert image_markup(NoTemplate()) == "<|image|>"
+    assert image_markup(TextOnlyTemplate()) == "<|image|>"
