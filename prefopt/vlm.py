@@ -185,6 +185,49 @@ def is_vlm(model) -> bool:
     return is_vlm_config(getattr(base, "config", None))
 
 
+# Models whose language model reads 3-D multi-modal RoPE positions, for configs that do not spell
+# out an ``mrope_section`` (the usual sign, read first).
+MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen2_5_omni", "qwen3_vl", "qwen3_vl_moe", "qwen3_omni_moe",
+                     "glm4v", "glm4v_moe")
+
+
+def mrope(config) -> str | None:
+    """Why ``config``'s model reads multi-modal RoPE (None when it does not).
+
+    Such a model (Qwen2-VL and its successors) gives each token three position ids (time, height,
+    width): an image token's come from its place in the image grid, the text after an image
+    continues from the grid's extent, not from the token count. The model computes them itself
+    (``get_rope_index``) from the ids, ``image_grid_thw`` and the padding mask; position ids that
+    prefopt writes (one per token: packed and prompt-shared rows restart and share them) would be
+    plain 1-D RoPE, silently different from what the model was trained with."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        for name in ("rope_parameters", "rope_scaling"):
+            rope = getattr(cfg, name, None)
+            if isinstance(rope, dict) and rope.get("mrope_section") is not None:
+                return f"its {name} has mrope_section {rope['mrope_section']}"
+    kind = getattr(config, "model_type", None)
+    return f"model type {kind}" if kind in MROPE_MODEL_TYPES else None
+
+
+def mrope_inputs(model, inputs: dict) -> dict:
+    """The forward inputs of a padded batch for a multi-modal RoPE model (others: unchanged): no
+    position ids, so the model computes its own 3-D ones (``get_rope_index``, right padding read
+    from the mask), and the per-token modality (``mm_token_type_ids``: 1 at image tokens) that
+    computation needs, read from the ids. Packed and shared rows are refused (the layout choice
+    never gives them to such a model: prefopt.scoring)."""
+    config = getattr(model, "config", None)
+    if config is None or mrope(config) is None:
+        return inputs
+    mask = inputs.get("attention_mask")
+    if inputs.get("prefopt_units") is not None or mask is None or mask.dim() != 2:
+        raise ValueError("a multi-modal RoPE model reads only padded rows (its 3-D positions are its own)")
+    out = {**inputs, "position_ids": None}
+    image_token = getattr(config, "image_token_id", None)
+    if "image_grid_thw" in inputs and image_token is not None:
+        out["mm_token_type_ids"] = (inputs["input_ids"] == image_token).int()
+    return out
+
+
 def language_lora_targets(model) -> str:
     """A peft ``target_modules`` regex: the language model's linear layers (not the vision tower,
     not the projector, not the LM head)."""

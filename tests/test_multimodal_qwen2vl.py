@@ -8,8 +8,9 @@ packed and prompt-shared rows do not compute.
 transformers 5.23 cannot build a ``Qwen2VLProcessor`` without torchvision (not installed here): its
 ``__init__`` checks the ``video_processor`` argument against ``VideoProcessorMixin``, which
 transformers only exports with torchvision, and the Qwen2-VL video processor needs torchvision
-itself. ``ImageOnlyQwen2VLProcessor`` accepts ``video_processor=None``; everything else (the PIL
-image processor, the token expansion, the model) is transformers' own.
+itself. ``ImageOnlyQwen2VLProcessor`` accepts ``video_processor=None`` (and saves its image processor
+and tokenizer); everything else (the PIL image processor, the token expansion, the model) is
+transformers' own.
 """
 import json
 
@@ -45,6 +46,10 @@ def tiny_qwen2_vl(seed: int = 0):
             if name == "video_processor" and arg is None:
                 return None
             return super().check_argument_for_proper_class(name, arg)
+
+        def save_pretrained(self, path, **kwargs):  # ProcessorMixin's reads every part's class
+            self.image_processor.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
 
     tok = train_tokenizer(["What colour is the shape? red green blue square circle"] * 20, vocab_size=300)
     tok.add_tokens(VISION_TOKENS, special_tokens=True)
@@ -122,3 +127,73 @@ def test_image_markup_is_the_bare_image_token_when_the_template_does_not_render_
 
     assert image_markup(NoTemplate()) == "<|image|>"
     assert image_markup(TextOnlyTemplate()) == "<|image|>"
+
+
+def own_token_logps(model, ex, role) -> torch.Tensor:
+    """transformers' own path, one unpadded sequence: no position ids given, so the model computes
+    its 3-D mRoPE positions from the ids, ``image_grid_thw`` and ``mm_token_type_ids``."""
+    config = model.config
+    ids = torch.tensor([ex.prompt_ids + ex.completions[role]])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=ex.media["pixel_values"],
+                       image_grid_thw=ex.media["image_grid_thw"],
+                       mm_token_type_ids=(ids == config.image_token_id).int()).logits[0]
+    p, targets = len(ex.prompt_ids), ids[0, len(ex.prompt_ids):]
+    return logits[p - 1:-1].float().log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+
+
+def test_padded_rows_score_with_the_models_own_mrope_positions(qwen, tmp_path):
+    """A padded batch of two pairs (right padding) scores every completion token exactly as the
+    model scores that sequence alone with its own 3-D positions. prefopt's 1-D positions (what it
+    would give) are measurably different on this model. Before, the padded forward raised
+    (Qwen2-VL needs ``mm_token_type_ids``, which the batch did not carry)."""
+    from prefopt.logps import Scoring, score_batch
+
+    model, processor = qwen
+    model.eval()
+    data = write_shapes(tmp_path, 2, seed=3)
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    records[0]["rejected"]["value"] = "the shape is a square"   # rows of different lengths
+    tok, train = encoded(processor, [{**r, "images": [str(tmp_path / r["images"][0])]} for r in records])
+    batch = make_collator("padded", tok.pad_token_id, ("chosen", "rejected"))(train.examples)
+    assert batch.input_ids.shape[0] == 4 and bool((batch.attention.padding == 0).any())   # padding present
+    rows, width = batch.input_ids.shape
+    with torch.no_grad():
+        scores = score_batch(model, batch, Scoring("sdpa", "full"))
+        one_d = model(input_ids=batch.input_ids, attention_mask=batch.attention.padding,
+                      position_ids=torch.arange(width).expand(rows, -1), **batch.media).logits
+    assert batch.example_ids.tolist() == [ex.uid for ex in train.examples]
+    for i, ex in enumerate(train.examples):
+        for role in ("chosen", "rejected"):
+            mine = scores.token_logps[batch.token_sequence == batch.index[role][i]]
+            assert torch.allclose(mine, own_token_logps(model, ex, role), atol=1e-5, rtol=0)
+    one_d = one_d[batch.token_row, batch.token_pos].float().log_softmax(-1)
+    one_d = one_d.gather(-1, batch.token_target[:, None])[:, 0]
+    assert (one_d - scores.token_logps).abs().max() > 1e-4   # the test tells 1-D from 3-D positions
+
+
+def test_layout_falls_back_to_padded_for_mrope_and_refuses_an_explicit_shared(qwen, tmp_path, caplog):
+    from prefopt import DPOConfig, DPOTrainer
+    from prefopt.errors import ConfigError
+
+    _, processor = qwen
+    model, _ = tiny_qwen2_vl()   # trained below: not the shared one
+    data = write_shapes(tmp_path, 4, seed=0)
+    args = dict(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2, max_length=64,
+                progress_bar=False, save_steps=0, logging_steps=1)
+    with caplog.at_level("INFO", logger="prefopt"):
+        trainer = DPOTrainer(model, None, train_dataset=str(data), processing_class=processor,
+                             args=DPOConfig(**args))
+        trainer.setup()
+    assert trainer._collator.layout == "padded"
+    why = ("the model reads multi-modal RoPE (its rope_parameters has mrope_section [2, 1, 1]): 3-D position ids "
+           "it computes itself (get_rope_index), which prefopt's packed and prompt-shared rows do not reproduce")
+    assert f"policy: layout shared: {why}" in caplog.messages
+    assert f"policy: layout packed: {why}" in caplog.messages
+    trainer.train()   # one DPO step on padded rows: policy == reference, so the loss is ln 2
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows if "loss" in r] == [pytest.approx(0.693147, abs=1e-5)]
+    with pytest.raises(ConfigError, match=r"data.layout=shared: the policy model cannot take it: the model reads "
+                                          r"multi-modal RoPE .*; use data.layout=padded"):
+        DPOTrainer(model, None, train_dataset=str(data), processing_class=processor,
+                   args=DPOConfig(**args, layout="shared")).setup()
