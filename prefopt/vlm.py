@@ -24,6 +24,7 @@ processor for the tests and the demo: no hub.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from prefopt.data.schema import RecordProblem
 
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_EXTRAS = "images"          # PreferenceExample.extras: the loaded PIL images
-IMAGE_PATHS = "image_paths"      # ... and where they came from (kept with the encoded example)
+IMAGE_PATHS = "image_paths"      # ... and where they came from (generation writes them with its records)
 PROCESSOR_ATTR = "_prefopt_processor"
 VISION_MODULES = ("vision_tower", "vision_model", "visual", "multi_modal_projector", "image_newline")
 
@@ -168,6 +169,17 @@ def image_markup(processor) -> str:
         if between.count(token) == 1:  # one image part rendered as one token, maybe wrapped
             markup = between
     return markup
+
+
+def processor_digest(processor) -> str | None:
+    """A hash of the processor's settings (the image processor's size, crop, mean, std, ...; the
+    image token, patch size): what turns an image into pixel values and image tokens. Caches of
+    values computed from them (the precomputed reference log-probs) are keyed on it, since a
+    resize can change every pixel value and no token id. None without a processor."""
+    if processor is None:
+        return None
+    settings = processor.to_dict()  # the tokenizer is not in it (the token ids cover it)
+    return hashlib.blake2b(json.dumps(settings, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
 
 def has_processor(path: str) -> bool:

@@ -132,3 +132,37 @@ def test_shipped_multimodal_config_trains_two_steps(vlm_dir, tmp_path):
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "out" / "final" / "processor_config.json").is_file()
+
+
+def precomputed_setup(model_dir, data, out, cache):
+    trainer = DPOTrainer(str(model_dir), None, train_dataset=str(data), args=DPOConfig(
+        output_dir=str(out), max_steps=1, per_device_train_batch_size=2,
+        reference={"strategy": "precomputed", "cache_dir": str(cache)}, **RUN))
+    job = trainer.setup()
+    return [ex.uid for ex in trainer._train_set.examples], job.objective.reference.folder
+
+
+def test_reference_cache_key_survives_moving_the_data_and_changes_with_the_processor(vlm_dir, tmp_path, caplog):
+    """The example ids hash the images' pixels, not their paths, so a moved data folder finds its
+    cached reference log-probs; the processor's settings are in the key, so a processor that
+    resizes differently (same token ids, other pixel values) does not reuse them."""
+    import shutil
+
+    data = write_shapes(tmp_path / "here", 4, seed=0)
+    cache = tmp_path / "ref_cache"
+    uids, folder = precomputed_setup(vlm_dir, data, tmp_path / "out1", cache)
+    shutil.move(str(tmp_path / "here"), str(tmp_path / "moved"))
+    with caplog.at_level("INFO", logger="prefopt"):
+        moved_uids, moved_folder = precomputed_setup(vlm_dir, tmp_path / "moved" / data.name, tmp_path / "out2", cache)
+    assert moved_uids == uids and moved_folder == folder
+    assert f"reference log-probs: 4 examples from the cache {folder}" in caplog.messages
+    resized = tmp_path / "resized"
+    shutil.copytree(vlm_dir, resized)
+    config = json.loads((resized / "processor_config.json").read_text())
+    images = config["image_processor"]
+    assert images["size"] == {"shortest_edge": 32}
+    images["size"] = {"shortest_edge": 48}  # resized to 48 then centre-cropped to 32: new pixels, same tokens
+    (resized / "processor_config.json").write_text(json.dumps(config))
+    resized_uids, resized_folder = precomputed_setup(resized, tmp_path / "moved" / data.name, tmp_path / "out3", cache)
+    assert resized_uids == uids                 # the same token ids and images...
+    assert resized_folder.parent == folder.parent and resized_folder != folder   # ...but another cache

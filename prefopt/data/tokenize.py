@@ -50,7 +50,7 @@ from prefopt.data.report import DataReport
 from prefopt.data.schema import (CompletionExample, Origin, PreferenceExample, RankedExample, RecordProblem,
                                  Text, check_unicode)
 from prefopt.errors import ConfigError
-from prefopt.vlm import IMAGE_EXTRAS, IMAGE_PLACEHOLDER, image_digest, image_markup, processor_of
+from prefopt.vlm import IMAGE_EXTRAS, IMAGE_PATHS, IMAGE_PLACEHOLDER, image_digest, image_markup, processor_of
 
 TRUNCATION_MODES = ("auto", "strict")
 RESPONSE_ROLE = "response_{}"  # listwise data: role of the k-th best response (0 = the best)
@@ -90,8 +90,8 @@ class EncodedExample:
     scored: dict[str, list[bool]] = field(default_factory=dict)
     # The processor's non-text outputs for the prompt's images (``pixel_values``, ``image_sizes``,
     # ``image_grid_thw``, ...; first dimension per image): what the model reads besides the ids.
-    # Shared by every completion of the example; the ids change when the pixels do (extras hold
-    # the image paths and a digest of the pixels).
+    # Shared by every completion of the example; the id changes when the pixels do (extras hold a
+    # digest of the pixels, not the images' paths: moving the data keeps the id).
     media: dict[str, Any] = field(default_factory=dict)
 
     @functools.cached_property
@@ -159,6 +159,7 @@ class Encoder:
         finally:
             self._images = None
         encoded.extras.pop(IMAGE_EXTRAS, None)
+        encoded.extras.pop(IMAGE_PATHS, None)  # the id is content: an image's pixels, not where it lies
         encoded.extras["image_digest"] = image_digest(images)
         encoded.media = self._media
         image_token = self.tok.convert_tokens_to_ids(getattr(self.processor, "image_token", IMAGE_PLACEHOLDER))
