@@ -1,12 +1,13 @@
 """Vision-language models (multi-modal DPO): images with the data, a processor with the tokenizer.
 
-* Data: any paired/unpaired format with an ``images`` list (paths relative to the data file, or
-  absolute) and ``<image>`` placeholders in the prompt text (ShareGPT as LLaMA-Factory writes it,
-  or TRL's ``images`` column on conversational / plain records; TRL's content parts
-  ``[{"type": "image"}, {"type": "text", "text": ...}]`` become ``<image>...``). ``load_images``
-  opens and checks every file at load time; a missing or unreadable file, or a placeholder count
-  that differs from the number of images, is a ``RecordProblem`` (file:line, counted under
-  ``data.on_error=skip``).
+* Data: any paired/unpaired format with an ``images`` list (paths relative to the data file,
+  absolute paths, or http(s) URLs, downloaded at load time) and ``<image>`` placeholders in the
+  prompt text (ShareGPT as LLaMA-Factory writes it, or TRL's ``images`` column on conversational
+  / plain records; TRL's content parts ``[{"type": "image"}, {"type": "text", "text": ...}]``
+  become ``<image>...``). ``load_images``
+  opens and checks every file at load time; a missing or unreadable file, an unreachable URL, or
+  a placeholder count that differs from the number of images, is a ``RecordProblem`` (file:line,
+  counted under ``data.on_error=skip``).
 * Encoding (prefopt.data.tokenize): each ``<image>`` becomes what the model's processor expects
   (``image_markup``: its ``image_token``, wrapped as its chat template renders an image part,
   e.g. Qwen2-VL's ``<|vision_start|><|image_pad|><|vision_end|>``); the *processor* then expands
@@ -24,6 +25,7 @@ processor for the tests and the demo: no hub.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from pathlib import Path
@@ -73,27 +75,62 @@ def _flat_message(message: Any) -> Any:
 
 
 def load_images(paths: Any, base: Path) -> tuple[list, list[str]]:
-    """The record's images opened with Pillow (RGB), checked; and their resolved paths."""
+    """The record's images opened with Pillow (RGB), checked; and where they came from (resolved
+    paths, or the URLs of images given as http(s) URLs, downloaded here: ``fetch_image``)."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(paths, str):
         paths = [paths]
     if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
-        raise RecordProblem("wrong_type", f"images must be a list of file paths, got {paths!r:.80}")
+        raise RecordProblem("wrong_type", f"images must be a list of file paths or URLs, got {paths!r:.80}")
     images, resolved = [], []
     for i, name in enumerate(paths):
-        path = Path(name) if Path(name).is_absolute() else base / name
-        if not path.is_file():
-            raise RecordProblem("missing_image", f"images[{i}]: no such file {path}")
+        if name.startswith(URL_SCHEMES):
+            source, where = io.BytesIO(fetch_image(name, i)), name
+        else:
+            source = where = Path(name) if Path(name).is_absolute() else base / name
+            if not source.is_file():
+                raise RecordProblem("missing_image", f"images[{i}]: no such file {source}")
         try:
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 img.load()
                 images.append(img.convert("RGB"))
         except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise RecordProblem("unreadable_image", f"images[{i}]: cannot read {path} as an image "
+            raise RecordProblem("unreadable_image", f"images[{i}]: cannot read {where} as an image "
                                                     f"({type(e).__name__}: {str(e).splitlines()[0][:80]})") from None
-        resolved.append(str(path))
+        resolved.append(str(where))
     return images, resolved
+
+
+URL_SCHEMES = ("http://", "https://")
+URL_TIMEOUT_S = 10.0            # per connection attempt and per read of an image URL
+MAX_IMAGE_BYTES = 64 * 2**20    # a URL that serves more is not an image a record means
+
+
+def fetch_image(url: str, i: int) -> bytes:
+    """The bytes an image URL serves (urllib, ``URL_TIMEOUT_S``). An unreachable host, an HTTP
+    error, a timeout or an oversized answer is a ``RecordProblem`` (``unreachable_image``): the
+    record's file:line in the message, counted under ``data.on_error=skip``."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"User-Agent": "prefopt"})
+    try:
+        with urllib.request.urlopen(request, timeout=URL_TIMEOUT_S) as answer:
+            data = answer.read(MAX_IMAGE_BYTES + 1)
+    except urllib.error.HTTPError as e:
+        why = f"HTTP {e.code} {e.reason}"
+    except urllib.error.URLError as e:
+        why = e.reason.strerror if isinstance(e.reason, OSError) and e.reason.strerror else str(e.reason)
+    except (TimeoutError, OSError, ValueError, http.client.HTTPException) as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}" if str(e) else type(e).__name__
+    else:
+        if len(data) > MAX_IMAGE_BYTES:
+            raise RecordProblem("unreachable_image", f"images[{i}]: {url} serves more than "
+                                                     f"{MAX_IMAGE_BYTES >> 20} MiB")
+        return data
+    raise RecordProblem("unreachable_image", f"images[{i}]: cannot download {url} ({why})")
 
 
 def count_placeholders(value: Any) -> int:

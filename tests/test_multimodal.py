@@ -166,3 +166,55 @@ def test_reference_cache_key_survives_moving_the_data_and_changes_with_the_proce
     resized_uids, resized_folder = precomputed_setup(resized, tmp_path / "moved" / data.name, tmp_path / "out3", cache)
     assert resized_uids == uids                 # the same token ids and images...
     assert resized_folder.parent == folder.parent and resized_folder != folder   # ...but another cache
+
+
+@pytest.fixture
+def image_server(tmp_path):
+    """A local HTTP server (a thread) serving tmp_path; yields its base URL."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once it is closed
+
+
+def test_images_given_as_urls_are_downloaded_and_unreachable_ones_are_file_line_problems(vlm_dir, tmp_path,
+                                                                                          image_server):
+    data = write_shapes(tmp_path, 1, seed=0)
+    local = json.loads(data.read_text())
+    port = closed_port()
+    lines = [{**local, "images": [f"{image_server}/{local['images'][0]}"]},
+             {**local, "images": [f"http://127.0.0.1:{port}/images/shapes_0000.png"]},
+             {**local, "images": [f"{image_server}/images/missing.png"]}]
+    remote = tmp_path / "remote.jsonl"
+    remote.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    with pytest.raises(DataError, match=rf"^{remote}:2: \[sharegpt\] images\[0\]: cannot download "
+                                        rf"http://127.0.0.1:{port}/images/shapes_0000.png \(Connection refused\)"):
+        encoded(vlm_dir, str(remote))
+    _, train = encoded(vlm_dir, str(remote), on_error="skip")
+    assert dict(train.report.rejected) == {"unreachable_image": 2}
+    messages = {r["where"]: r["problem"] for r in train.report.rejects}
+    assert messages[f"{remote}:3"] == (f"[sharegpt] images[0]: cannot download {image_server}/images/missing.png "
+                                       f"(HTTP 404 File not found)")
+    _, from_file = encoded(vlm_dir, str(data))
+    (by_url,), (by_path,) = train.examples, from_file.examples
+    assert torch.equal(by_url.media["pixel_values"], by_path.media["pixel_values"])
+    assert by_url.prompt_ids == by_path.prompt_ids and by_url.uid == by_path.uid   # the same pixels, the same id
