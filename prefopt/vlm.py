@@ -277,14 +277,17 @@ def mrope_inputs(model, inputs: dict) -> dict:
     return out
 
 
-def language_lora_targets(model) -> str:
+def language_lora_targets(model, names=None) -> str:
     """A peft ``target_modules`` regex: the language model's linear layers (not the vision tower,
-    not the projector, not the LM head)."""
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and not any(v in name for v in VISION_MODULES) \
-                and "language_model" in name:
-            names.add(name.rsplit(".", 1)[-1])
+    not the projector, not the LM head); all of them, or those ``names`` names (module names or
+    dotted suffixes, as peft reads a list: the vision tower often has layers of the same names,
+    e.g. CLIP's ``q_proj``, which a bare list would adapt too)."""
+    if names is None:
+        names = set()
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and not any(v in name for v in VISION_MODULES) \
+                    and "language_model" in name:
+                names.add(name.rsplit(".", 1)[-1])
     if not names:
         raise ValueError("no linear layer found under the model's language_model")
     return rf".*language_model.*\.({'|'.join(sorted(map(re.escape, names)))})"

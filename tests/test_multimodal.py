@@ -218,3 +218,71 @@ def test_images_given_as_urls_are_downloaded_and_unreachable_ones_are_file_line_
     (by_url,), (by_path,) = train.examples, from_file.examples
     assert torch.equal(by_url.media["pixel_values"], by_path.media["pixel_values"])
     assert by_url.prompt_ids == by_path.prompt_ids and by_url.uid == by_path.uid   # the same pixels, the same id
+
+
+VISION = ("model.vision_tower.", "model.multi_modal_projector.")
+
+
+def setup_vision(vlm_dir, tmp_path, **args):
+    """The prepared policy and the gradients one backward pass through a batch of two image pairs gives."""
+    from prefopt.logps import score_batch
+
+    data = write_shapes(tmp_path / "shapes", 4, seed=0)
+    trainer = DPOTrainer(str(vlm_dir), None, train_dataset=str(data), args=DPOConfig(
+        output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2, **RUN, **args))
+    job = trainer.setup()
+    batch = trainer._collator(trainer._train_set.examples[:2])
+    score_batch(job.model, batch, job.objective.scoring).logps.sum().backward()
+    params = dict(job.model.named_parameters())
+    grads = {n for n, p in params.items() if p.grad is not None and bool(p.grad.abs().sum() > 0)}
+    return params, grads
+
+
+def base_names(vlm_dir):
+    from transformers import LlavaForConditionalGeneration
+    model = LlavaForConditionalGeneration.from_pretrained(str(vlm_dir))
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    return {n for n, _ in model.named_parameters()}, linear
+
+
+def lora_params(modules):
+    return {f"base_model.model.{m}.lora_{ab}.default.weight" for m in modules for ab in "AB"}
+
+
+def test_train_vision_false_freezes_exactly_the_vision_tower_and_projector(vlm_dir, tmp_path):
+    names, _ = base_names(vlm_dir)
+    vision = {n for n in names if n.startswith(VISION)}
+    assert len(vision) == 27   # CLIP: embeddings 3, pre-norm 2, one layer 16, post-norm 2; projector 4
+    params, grads = setup_vision(vlm_dir, tmp_path)
+    assert {n for n, p in params.items() if not p.requires_grad} == vision
+    assert {n for n, p in params.items() if p.requires_grad} == names - vision
+    assert not grads & vision and "model.language_model.layers.0.self_attn.q_proj.weight" in grads
+
+
+def test_train_vision_true_trains_the_vision_tower_and_projector(vlm_dir, tmp_path):
+    names, _ = base_names(vlm_dir)
+    params, grads = setup_vision(vlm_dir, tmp_path, train_vision=True)
+    assert {n for n, p in params.items() if p.requires_grad} == names
+    reached = {n for n in names if n.startswith(VISION)} & grads
+    # every vision parameter the features pass through gets a gradient; CLIP's post-layernorm is not
+    # read (LLaVA takes the last hidden state before it)
+    assert reached == {n for n in names if n.startswith(VISION) and ".post_layernorm." not in n}
+
+
+def test_lora_adapts_the_language_model_only_unless_train_vision(vlm_dir, tmp_path):
+    _, linear = base_names(vlm_dir)
+    language = {m for m in linear if m.startswith("model.language_model.")}
+    vision = {m for m in linear if m.startswith(VISION)}
+    assert linear == language | vision and vision
+    params, _ = setup_vision(vlm_dir, tmp_path / "a", lora={"r": 4})
+    assert {n for n, p in params.items() if p.requires_grad} == lora_params(language)
+    # a list of names is restricted to the language model too (CLIP's attention has a q_proj and v_proj)
+    params, _ = setup_vision(vlm_dir, tmp_path / "b", lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    assert {n for n, p in params.items() if p.requires_grad} == \
+        lora_params(m for m in language if m.endswith(("q_proj", "v_proj")))
+    assert not any(n.startswith("base_model.model.model.vision_tower") and "lora_" in n for n in params)
+    # train_vision: adapters on the vision tower's and projector's linear layers too, and they learn
+    params, grads = setup_vision(vlm_dir, tmp_path / "c", lora={"r": 4}, train_vision=True)
+    assert {n for n, p in params.items() if p.requires_grad} == lora_params(language | vision)
+    assert {n for n in grads if n.endswith("lora_B.default.weight")} == \
+        {n for n in lora_params(language | vision) if "lora_B" in n}   # lora_A's is 0 while B is 0 (peft's init)
