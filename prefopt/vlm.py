@@ -270,11 +270,18 @@ def mrope_inputs(model, inputs: dict) -> dict:
     mask = inputs.get("attention_mask")
     if inputs.get("prefopt_units") is not None or mask is None or mask.dim() != 2:
         raise ValueError("a multi-modal RoPE model reads only padded rows (its 3-D positions are its own)")
-    out = {**inputs, "position_ids": None}
+    return {**inputs, "position_ids": None, **modality_ids(model, inputs["input_ids"], inputs)}
+
+
+def modality_ids(model, input_ids: torch.Tensor, media: dict) -> dict:
+    """``{"mm_token_type_ids": 1 at image tokens, else 0}`` for a multi-modal RoPE model given images
+    (its position computation reads them; the processor makes them per text, prefopt's rows are
+    assembled, so they are read from the ids), else ``{}``."""
+    config = getattr(model, "config", None)
     image_token = getattr(config, "image_token_id", None)
-    if "image_grid_thw" in inputs and image_token is not None:
-        out["mm_token_type_ids"] = (inputs["input_ids"] == image_token).int()
-    return out
+    if config is None or "image_grid_thw" not in media or image_token is None or mrope(config) is None:
+        return {}
+    return {"mm_token_type_ids": (input_ids == image_token).int()}
 
 
 def language_lora_targets(model, names=None) -> str:

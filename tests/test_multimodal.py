@@ -286,3 +286,86 @@ def test_lora_adapts_the_language_model_only_unless_train_vision(vlm_dir, tmp_pa
     assert {n for n, p in params.items() if p.requires_grad} == lora_params(language | vision)
     assert {n for n in grads if n.endswith("lora_B.default.weight")} == \
         {n for n in lora_params(language | vision) if "lora_B" in n}   # lora_A's is 0 while B is 0 (peft's init)
+
+
+def two_prompts(folder):
+    """Two shapes records, the second with a longer question (a left-padded batch)."""
+    data = write_shapes(folder, 2, seed=0)
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    records[1]["conversations"][0]["value"] = "<image>What colour is the shape in this picture?"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return data, records
+
+
+def test_generate_from_image_prompts_passes_the_pixels(vlm_dir, tmp_path):
+    """``prefopt generate`` on image prompts: each prompt is the processor's (image tokens expanded),
+    the batch's pixel values reach ``generate``, and the greedy samples are exactly those of
+    transformers' own pipeline on each prompt alone; the records list the images."""
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from prefopt.cli import main
+    from prefopt.generate import finish
+
+    data, records = two_prompts(tmp_path)
+    out = tmp_path / "gen"
+    assert main(["generate", f"model.name_or_path={vlm_dir}", f"generate.prompts={data}", f"output_dir={out}",
+                 "generate.temperature=0", "generate.max_new_tokens=5", "data.max_length=64",
+                 "train.progress_bar=false"]) == 0
+    lines = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+    processor = AutoProcessor.from_pretrained(str(vlm_dir))
+    model = LlavaForConditionalGeneration.from_pretrained(str(vlm_dir)).eval()
+    for line, record in zip(lines, records):
+        image = tmp_path / record["images"][0]
+        assert line["images"] == [str(image)]
+        text = processor.tokenizer.apply_chat_template(
+            [{"role": "user", "content": record["conversations"][0]["value"]}], tokenize=False,
+            add_generation_prompt=True)
+        inputs = processor(text=[text], images=[Image.open(image).convert("RGB")], return_tensors="pt",
+                           add_special_tokens=False)
+        width = inputs["input_ids"].shape[1]
+        assert line["prompt_tokens"] == width == len(processor.tokenizer(text)["input_ids"]) + 15  # 16 image tokens
+        with torch.no_grad():
+            new = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id,
+                                 eos_token_id=processor.tokenizer.eos_token_id)[0, width:].tolist()
+        expected = finish(new, processor.tokenizer, processor.tokenizer.eos_token_id, [], 5)
+        assert line["completions"] == [{"text": expected.text, "num_tokens": expected.num_tokens,
+                                        "finish_reason": expected.finish_reason}]
+
+
+def test_spin_samples_with_the_images_and_its_pairs_carry_them(vlm_dir, tmp_path):
+    from prefopt.cli import main
+
+    data = write_shapes(tmp_path / "shapes", 4, seed=0)
+    out = tmp_path / "spin"
+    assert main(["spin", f"model.name_or_path={vlm_dir}", f"data.train={data}", f"output_dir={out}", "spin.iterations=1",
+                 "data.max_length=64", "train.progress_bar=false", "train.max_steps=1",
+                 "train.per_device_train_batch_size=2", "generate.max_new_tokens=4", "generate.seed=5"]) == 0
+    records = [json.loads(x) for x in data.read_text().splitlines()]
+    gens = [json.loads(x) for x in (out / "iter-1" / "generations.jsonl").read_text().splitlines()]
+    pairs = [json.loads(x) for x in (out / "iter-1" / "pairs.jsonl").read_text().splitlines()]
+    images = [[str(tmp_path / "shapes" / r["images"][0])] for r in records]
+    assert [g["images"] for g in gens] == images
+    assert gens[0]["prompt_tokens"] > 16 and pairs
+    assert [p["images"] for p in pairs] == [images[p["record_index"]] for p in pairs]
+    assert all(p["prompt"][0]["content"] == "<image>What colour is the shape?" for p in pairs)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"][0]["pairs"] == len(pairs)
+
+
+def test_methods_that_judge_samples_refuse_image_prompts(vlm_dir, tmp_path, capsys):
+    from prefopt.cli import main
+
+    data = write_shapes(tmp_path / "shapes", 2, seed=0)
+    common = [f"model.name_or_path={vlm_dir}", "train.progress_bar=false", "data.max_length=64"]
+    assert main(["iterative", *common, f"generate.prompts={data}", f"output_dir={tmp_path / 'it'}",
+                 "generate.num_samples=2"]) == 2
+    assert (f"iterative DPO does not take prompts with images (the first is at {data}:1): its judges read the "
+            f"text only") in capsys.readouterr().err
+    assert main(["eval", *common, f"reference.name_or_path={vlm_dir}", "eval.generate=true",
+                 f"generate.prompts={data}", f"output_dir={tmp_path / 'ev'}"]) == 2
+    assert f"eval.generate does not take prompts with images (the first is at {data}:1)" in capsys.readouterr().err
+    assert main(["generate", *common, f"generate.prompts={data}", f"output_dir={tmp_path / 'g'}",
+                 "generate.backend=vllm", "generate.max_new_tokens=4"]) == 2
+    assert (f"generate.backend=vllm does not take prompts with images (the first is at {data}:1): prefopt does not "
+            f"pass images to vLLM") in capsys.readouterr().err

@@ -197,3 +197,47 @@ def test_layout_falls_back_to_padded_for_mrope_and_refuses_an_explicit_shared(qw
                                           r"multi-modal RoPE .*; use data.layout=padded"):
         DPOTrainer(model, None, train_dataset=str(data), processing_class=processor,
                    args=DPOConfig(**args, layout="shared")).setup()
+
+
+def test_greedy_generation_from_image_prompts_equals_transformers_own(qwen, tmp_path):
+    """A left-padded batch of two image prompts sampled by prefopt gives, token for token, what
+    ``generate`` gives on each prompt alone from the processor's own inputs (mm_token_type_ids
+    included: the 3-D positions of the prompt and the decoded tokens)."""
+    from PIL import Image
+
+    from prefopt.config import GenerateConfig
+    from prefopt.data.report import DataReport
+    from prefopt.generate import TransformersSampler, encode_prompts, generate, load_prompts
+
+    model, processor = qwen
+    model.eval()
+    data = write_shapes(tmp_path, 2, seed=0)
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    records[1]["conversations"][0]["value"] = "<image>What colour is the shape in this picture?"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tok = prepare_tokenizer(processor)
+    report = DataReport("prompts")
+    gens = encode_prompts(load_prompts(str(data), DataConfig(), report), tok, 96, 6, report)
+    assert len(gens[0].prompt_ids) != len(gens[1].prompt_ids)          # the batch is left-padded
+    cfg = GenerateConfig(temperature=0, max_new_tokens=6, num_samples=1)
+    generate(TransformersSampler(model, tok), gens, cfg, seed=0, progress=False)
+    # the 16 image tokens of each prompt span a 4x4 grid, 4 positions: the text after them continues 12
+    # positions below its token index (1-D positions, which generate falls back to without
+    # mm_token_type_ids, and whose greedy tokens happen to agree on this tiny model, give 0)
+    assert model.model.rope_deltas.flatten().tolist() == [-12, -12]
+    for g, record in zip(gens, records):
+        question = record["conversations"][0]["value"].replace("<image>", "")
+        native = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+            tokenize=False, add_generation_prompt=True)
+        inputs = processor(text=[native], images=[Image.open(tmp_path / record["images"][0]).convert("RGB")],
+                           return_tensors="pt")
+        assert g.prompt_ids == inputs["input_ids"][0].tolist()
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        if tok.eos_token_id in new:
+            new = new[:new.index(tok.eos_token_id) + 1]
+        assert g.samples[0].token_ids == new
+

@@ -218,6 +218,19 @@ class Encoder:
         text = self._render_prompt(prompt)
         return text, self._ids(text, conversational=isinstance(prompt, list))
 
+    def encode_image_prompt(self, prompt, images: list) -> tuple[str, list[int], dict[str, Any]]:
+        """``encode_prompt`` for a prompt with images: the ids with the image tokens the processor
+        expands (as training has them) and its image tensors (``pixel_values``, ...)."""
+        if self.processor is None:
+            raise ConfigError("the prompts have images but the model has no processor (a vision-language "
+                              "model loads one with its tokenizer)")
+        self._images, self._media = images, {}
+        try:
+            text, ids = self.encode_prompt(prompt)
+        finally:
+            self._images = None
+        return text, ids, self._media
+
     # ------------------------------------------------------------------ rendering
     def _render_prompt(self, prompt: Text) -> str:
         if isinstance(prompt, str):
