@@ -241,3 +241,22 @@ def test_greedy_generation_from_image_prompts_equals_transformers_own(qwen, tmp_
             new = new[:new.index(tok.eos_token_id) + 1]
         assert g.samples[0].token_ids == new
 
+
+def test_a_saved_qwen2_vl_processor_without_torchvision_is_a_clear_config_error(qwen, tmp_path):
+    """transformers loads Qwen2-VL's video processor with its processor, and that needs torchvision."""
+    from prefopt.errors import ConfigError
+    from prefopt.models import load_tokenizer
+
+    try:
+        import torchvision  # noqa: F401
+        pytest.skip("torchvision is installed: the processor loads")
+    except ImportError:
+        pass
+    _, processor = qwen
+    processor.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**config, "processor_class": "Qwen2VLProcessor"}))
+    with pytest.raises(ConfigError, match=rf"^cannot load the processor of '{tmp_path}': Qwen2VLVideoProcessor "
+                                          r"requires the Torchvision library but it was not found in your environment "
+                                          r"\(install what it names\)$"):
+        load_tokenizer(str(tmp_path))
