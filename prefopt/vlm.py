@@ -185,13 +185,12 @@ def image_markup(processor) -> str:
 
     Data is written with one portable ``<image>`` per image, but processors look for their own
     token (``processor.image_token``: LLaVA's ``<image>``, Qwen2-VL's ``<|image_pad|>``) and some
-    models expect it wrapped (Qwen2-VL: ``<|vision_start|><|image_pad|><|vision_end|>``). The
-    wrapping is what the processor's chat template renders for a ``{"type": "image"}`` content
-    part, so it is read from there (between two text parts, whitespace stripped) when that
-    rendering holds the image token; else the bare image token. The processor then expands the
-    token into the right number of image tokens: nothing is counted here."""
+    expect it wrapped (Qwen2-VL: ``<|vision_start|><|image_pad|><|vision_end|>``) or start from
+    another marker they expand themselves. What the processor's chat template renders for a
+    ``{"type": "image"}`` content part (between two text parts, whitespace stripped) is taken when
+    the processor, given it and one image, makes image tokens; else the bare image token. The
+    processor then expands it into the right number of image tokens: nothing is counted here."""
     token = getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
-    markup = token
     before, after = "PREFOPT_TEXT_BEFORE", "PREFOPT_TEXT_AFTER"
     parts = [{"type": "text", "text": before}, {"type": "image"}, {"type": "text", "text": after}]
     try:
@@ -201,11 +200,22 @@ def image_markup(processor) -> str:
     if isinstance(rendered, list):
         rendered = rendered[0] if rendered else ""
     start, end = rendered.find(before), rendered.find(after)
-    if 0 <= start < end:
-        between = rendered[start + len(before):end].strip()
-        if between.count(token) == 1:  # one image part rendered as one token, maybe wrapped
-            markup = between
-    return markup
+    if 0 <= start < end and (between := rendered[start + len(before):end].strip()) and \
+            makes_image_tokens(processor, between, token):
+        return between
+    return token
+
+
+def makes_image_tokens(processor, text: str, token: str) -> bool:
+    """Whether ``processor`` takes ``text`` with one (blank) image and gives image tokens."""
+    from PIL import Image
+
+    try:
+        out = processor(text=[text], images=[Image.new("RGB", (64, 64), "white")], return_tensors="pt")
+        token_id = processor.tokenizer.convert_tokens_to_ids(token)
+    except Exception:  # noqa: BLE001 - whatever a processor raises: it does not take this text
+        return False
+    return token_id in out["input_ids"][0].tolist()
 
 
 def processor_digest(processor) -> str | None:

@@ -114,19 +114,38 @@ def test_image_placeholder_becomes_what_the_qwen2_vl_processor_expects(qwen, tmp
     assert padded.media["pixel_values"].shape == (128, 96)
 
 
-def test_image_markup_is_the_bare_image_token_when_the_template_does_not_render_image_parts():
-    class NoTemplate:
-        image_token = "<|image|>"
+class FakeProcessor:
+    """A processor whose image token is ``<|image|>`` and which expands a ``<boi>`` marker itself."""
+    image_token = "<|image|>"
 
-        def apply_chat_template(self, *args, **kwargs):
+    class tokenizer:
+        @staticmethod
+        def convert_tokens_to_ids(token):
+            return 7
+
+    def __init__(self, render=None):
+        self.render = render
+
+    def apply_chat_template(self, messages, **kwargs):
+        if self.render is None:
             raise ValueError("no chat template")
+        return self.render(messages[0]["content"])
 
-    class TextOnlyTemplate(NoTemplate):  # renders the parts' repr: the image token is not in it
-        def apply_chat_template(self, messages, **kwargs):
-            return str(messages[0]["content"])
+    def __call__(self, text, images, **kwargs):
+        (text,) = text
+        if text.count("<boi>") + text.count("<|image|>") != len(images):
+            raise ValueError("image markers and images differ")
+        return {"input_ids": torch.tensor([[7] * 4 * len(images)])}
 
-    assert image_markup(NoTemplate()) == "<|image|>"
-    assert image_markup(TextOnlyTemplate()) == "<|image|>"
+
+def test_image_markup_is_what_the_template_renders_when_the_processor_takes_it_else_the_image_token():
+    def render(parts, image="<boi>"):
+        return "".join(p["text"] if p["type"] == "text" else f"\n{image}\n" for p in parts)
+
+    assert image_markup(FakeProcessor(render)) == "<boi>"                        # a marker it expands
+    assert image_markup(FakeProcessor(lambda parts: render(parts, "<|image|>"))) == "<|image|>"
+    assert image_markup(FakeProcessor()) == "<|image|>"                          # no template
+    assert image_markup(FakeProcessor(str)) == "<|image|>"   # a text-only template writes the parts' repr
 
 
 def own_token_logps(model, ex, role) -> torch.Tensor:
