@@ -89,7 +89,8 @@ class EncodedExample:
     extras: dict[str, Any] = field(default_factory=dict)
     scored: dict[str, list[bool]] = field(default_factory=dict)
     # The processor's non-text outputs for the prompt's images (``pixel_values``, ``image_sizes``,
-    # ``image_grid_thw``, ...; first dimension per image): what the model reads besides the ids.
+    # ``image_grid_thw``, ...; first dimension per image, or per patch for Qwen2-VL's pixel_values):
+    # what the model reads besides the ids.
     # Shared by every completion of the example; the id changes when the pixels do (extras hold a
     # digest of the pixels, not the images' paths: moving the data keeps the id).
     media: dict[str, Any] = field(default_factory=dict)
