@@ -57,9 +57,10 @@ class ModelConfig:
               "all linear layers but the head; model.disable_dropout turns LoRA dropout off too). The "
               "reference is then the same model with its adapters disabled. None: full fine-tuning.")
     train_vision: bool = option(
-        False, "Vision-language models: train the vision tower and projector too (with model.lora: LoRA "
-               "on all their linear layers as well). False: they stay frozen and LoRA targets the "
-               "language model's linear layers only.")
+        False, "Vision-language models: train the vision tower and projector too (with model.lora: "
+               "the targets apply to them as well, so all-linear adapts their linear layers; their base "
+               "weights stay frozen). False: they stay frozen and LoRA targets (all-linear or a list of "
+               "names; a regex string is taken as written) apply to the language model only.")
     load_in_4bit: bool = option(
         False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes, bfloat16 compute; CUDA only) and train "
                "LoRA adapters on it (needs model.lora).")

@@ -13,6 +13,13 @@ make samples that cannot be trained on: it is a bad record under ``data.on_error
 
 ``Sampler`` is the seam for other engines: ``TransformersSampler`` runs anywhere;
 ``VLLMSampler`` uses vLLM where a GPU user has it (no dependency here).
+
+Prompts with images (a vision-language model, prefopt.vlm) are encoded by its processor as
+training encodes them (image tokens expanded, pixel values made); ``TransformersSampler`` passes
+the image tensors to ``generate`` (``sample(..., media=...)``; a sampler is only given them when a
+batch has images), and each JSONL record lists the prompt's images. SPIN carries them into its
+pairs. vLLM, and the methods that judge samples (iterative DPO, ``eval.generate``: the judges read
+text only), refuse image prompts (``refuse_images``).
 """
 from __future__ import annotations
 
@@ -53,10 +60,13 @@ class Generation:
     prompt_text: str         # rendered (chat template applied)
     prompt_ids: list[int]
     samples: list[Sample] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)                  # the prompt's images (paths or URLs)
+    media: dict[str, Any] = field(default_factory=dict, repr=False)  # their tensors (pixel_values, ...)
 
     def record(self, settings: dict) -> dict:
-        """One JSONL line: the prompt, each completion with its token count, the settings."""
-        return {"prompt": self.prompt, "source": str(self.origin), "record_index": self.origin.index,
+        """One JSONL line: the prompt (and its images), each completion with its token count, the settings."""
+        images = {"images": self.images} if self.images else {}
+        return {"prompt": self.prompt, **images, "source": str(self.origin), "record_index": self.origin.index,
                 "completions": [s.record() for s in self.samples], "prompt_tokens": len(self.prompt_ids),
                 "sampling": settings}
 
@@ -95,11 +105,23 @@ def check_settings(cfg: GenerateConfig) -> None:
 # ----------------------------------------------------------------------------- prompts
 
 def load_prompts(source: Any, data_cfg: DataConfig, report: DataReport) -> list[PromptExample]:
-    """The prompt of every record of ``source``, in order (any data format)."""
+    """The prompt of every record of ``source``, in order (any data format; images kept)."""
     from prefopt.data.pipeline import load_examples
 
     return [ex if isinstance(ex, PromptExample) else PromptExample(ex.prompt, ex.origin, ex.extras)
             for ex in load_examples(source, data_cfg, report)]
+
+
+def refuse_images(prompts: list, what: str, why: str) -> None:
+    """Stop, naming the first prompt with images (a PromptExample or a Generation), where ``what``
+    cannot take them (``why``)."""
+    from prefopt.vlm import IMAGE_EXTRAS
+
+    first = next((p for p in prompts if getattr(p, "images", None) or getattr(p, "extras", {}).get(IMAGE_EXTRAS)),
+                 None)
+    if first is not None:
+        raise ConfigError(f"{what} does not take prompts with images (the first is at {first.origin}): {why}. "
+                          f"Image prompts work with prefopt generate and SPIN")
 
 
 def encode_prompts(prompts: list, tokenizer, max_length: int, max_new_tokens: int, report: DataReport,
@@ -108,6 +130,7 @@ def encode_prompts(prompts: list, tokenizer, max_length: int, max_new_tokens: in
     it (counted as ``prompt_truncated``); one that then leaves fewer than ``max_new_tokens`` of
     ``max_length`` is a bad record (stops, or is skipped and counted under on_error=skip)."""
     from prefopt.data.tokenize import Encoder
+    from prefopt.vlm import IMAGE_EXTRAS, IMAGE_PATHS
 
     encoder = Encoder(tokenizer, max(max_length, 2), prompt_truncation="keep_end" if keep_end else "keep_start")
     budget = max_length - max_new_tokens
@@ -117,9 +140,17 @@ def encode_prompts(prompts: list, tokenizer, max_length: int, max_new_tokens: in
     out = []
     for i, p in enumerate(prompts):
         ex = p if isinstance(p, PromptExample) else PromptExample(p, Origin("<prompts>", i))
+        images, media = ex.extras.get(IMAGE_EXTRAS), {}
         try:
-            text, ids = encoder.encode_prompt(ex.prompt)
+            if images:
+                text, ids, media = encoder.encode_image_prompt(ex.prompt, images)
+            else:
+                text, ids = encoder.encode_prompt(ex.prompt)
             if max_prompt_length is not None and len(ids) > max_prompt_length:
+                if images:  # the image tensors need every image token
+                    raise RecordProblem("too_long", f"the prompt has {len(ids)} tokens with its image tokens, more "
+                                                    f"than data.max_prompt_length={max_prompt_length}, and image "
+                                                    f"tokens cannot be cut")
                 ids = encoder.cut_prompt(ids, max_prompt_length)  # as training cuts it (a leading BOS kept)
                 text = tokenizer.decode(ids)
                 report.count("prompt_truncated")
@@ -129,7 +160,8 @@ def encode_prompts(prompts: list, tokenizer, max_length: int, max_new_tokens: in
         except RecordProblem as problem:
             report.reject(ex.origin, problem.reason, str(problem), ex.prompt)
             continue
-        out.append(Generation(ex.prompt, ex.origin, text, ids))
+        out.append(Generation(ex.prompt, ex.origin, text, ids, images=list(ex.extras.get(IMAGE_PATHS, [])),
+                              media=media))
     report.examples = len(out)
     return out
 
@@ -138,7 +170,8 @@ def encode_prompts(prompts: list, tokenizer, max_length: int, max_new_tokens: in
 
 class Sampler(Protocol):
     def sample(self, prompt_ids: list[list[int]], cfg: GenerateConfig, seed: int) -> list[list[Sample]]:
-        """``cfg.num_samples`` samples for each prompt, in order."""
+        """``cfg.num_samples`` samples for each prompt, in order. A batch with images is also given
+        ``media=``: each prompt's image tensors (``{}`` for a prompt without)."""
 
 
 class TransformersSampler:
@@ -163,14 +196,17 @@ class TransformersSampler:
             stop_strings=list(cfg.stop) or None)
 
     @torch.no_grad()
-    def sample(self, prompt_ids: list[list[int]], cfg: GenerateConfig, seed: int) -> list[list[Sample]]:
-        input_ids, attention_mask = left_padded(prompt_ids, self.pad, next(self.model.parameters()).device)
+    def sample(self, prompt_ids: list[list[int]], cfg: GenerateConfig, seed: int,
+               media: list[dict] | None = None) -> list[list[Sample]]:
+        device = next(self.model.parameters()).device
+        input_ids, attention_mask = left_padded(prompt_ids, self.pad, device)
+        images = image_inputs(self.model, input_ids, media or [], device)
         width = input_ids.shape[1]
         torch.manual_seed(seed)
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **images,
                                       generation_config=self.generation_config(cfg), tokenizer=self.tok)
         finally:
             self.model.train(was_training)
@@ -180,6 +216,22 @@ class TransformersSampler:
             return [[s] * cfg.num_samples for s in samples]
         n = cfg.num_samples
         return [samples[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+
+
+def image_inputs(model, input_ids: torch.Tensor, media: list[dict], device) -> dict:
+    """The image tensors of a batch's prompts for ``generate``: concatenated in prompt order (the
+    order of their image tokens, row-major; prompts without images add none), plus what a
+    multi-modal RoPE model needs to place them (prefopt.vlm.modality_ids)."""
+    from prefopt.vlm import modality_ids
+
+    placed = [m for m in media if m]
+    if not placed:
+        return {}
+    keys = set(placed[0])
+    if any(set(m) != keys for m in placed):
+        raise ValueError("the prompts' image tensors differ in kind; one processor makes them all")
+    out = {k: torch.cat([m[k] for m in placed]).to(device) for k in sorted(keys)}
+    return {**out, **modality_ids(model, input_ids, out)}
 
 
 def left_padded(prompt_ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,9 +254,13 @@ class VLLMSampler:
                               "machine); use generate.backend=transformers elsewhere") from None
         self.name_or_path, self.tok, self.llm = name_or_path, tokenizer, None
 
-    def sample(self, prompt_ids: list[list[int]], cfg: GenerateConfig, seed: int) -> list[list[Sample]]:
+    def sample(self, prompt_ids: list[list[int]], cfg: GenerateConfig, seed: int,
+               media: list[dict] | None = None) -> list[list[Sample]]:
         from vllm import LLM, SamplingParams, TokensPrompt
 
+        if media and any(media):
+            raise ConfigError("generate.backend=vllm: prompts with images are not passed to vLLM by prefopt; "
+                              "use generate.backend=transformers")
         if self.llm is None:
             self.llm = LLM(model=self.name_or_path, seed=seed)
         params = SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -276,7 +332,9 @@ def generate(sampler: Sampler, generations: list[Generation], cfg: GenerateConfi
     done = []
     for b, indices in console.progress(list(zip(range(rank, len(batches), world), mine)), "generating", unit="batch",
                                        enabled=progress and rank == 0):
-        samples = sampler.sample([generations[i].prompt_ids for i in indices], cfg, seed + b)
+        ids = [generations[i].prompt_ids for i in indices]
+        media = [generations[i].media for i in indices]
+        samples = sampler.sample(ids, cfg, seed + b, media=media) if any(media) else sampler.sample(ids, cfg, seed + b)
         done += [(i, s) for i, s in zip(indices, samples)]
     if world > 1:
         from accelerate.utils import gather_object
@@ -357,6 +415,8 @@ def run_generate(config) -> dict:
     if not generations:
         raise ConfigError(f"no prompt of {source} can be sampled ({report.summary()})")
     if cfg.backend == "vllm":
+        refuse_images(generations, "generate.backend=vllm",
+                      "prefopt does not pass images to vLLM; use generate.backend=transformers")
         sampler: Sampler = VLLMSampler(config.model.name_or_path, tokenizer)
     else:
         sampler = TransformersSampler(load_inference_model(config.model), tokenizer)

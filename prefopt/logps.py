@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from prefopt.attention import SPLIT_SDPA, attn_implementation, ensure_attention, model_inputs
 from prefopt.data.collate import Batch
+from prefopt.vlm import mrope_inputs
 
 Tensor = torch.Tensor
 
@@ -152,7 +153,7 @@ def score_batch(model, batch: Batch, scoring: Scoring | None = None, *, keep_tok
     scoring = scoring or Scoring.for_model(model)
     if scoring.attn == SPLIT_SDPA and batch.attention.units is not None:
         ensure_attention(unwrap_model(model), SPLIT_SDPA)  # a trainer switches it back after training
-    inputs = model_inputs(batch, scoring.attn, scoring.dtype)
+    inputs = mrope_inputs(unwrap_model(model), model_inputs(batch, scoring.attn, scoring.dtype))
     if scoring.head == "reward":  # a reward model: the scalar of each sequence in the logps field
         from prefopt.rewards import reward_forward
         rewards = reward_forward(model, inputs, batch)

@@ -84,8 +84,10 @@ def apply_lora(model, spec: Any, *, quantized: bool, gradient_checkpointing: boo
     """Wrap ``model`` with LoRA adapters (only they train). ``task_type="SEQ_CLS"`` (a reward
     model): peft then trains and saves the new score head whole (``modules_to_save``), which
     a LoRA-only reward model would leave at its random initialisation. A vision-language model
-    with the default ``all-linear`` targets gets adapters on its language model only, unless
-    ``train_vision`` (prefopt.vlm)."""
+    gets adapters on its language model only (``all-linear`` or a list of names, restricted to
+    the language model; a regex string is taken as written), unless ``train_vision``: then the
+    targets apply everywhere, so ``all-linear`` adapts the vision tower's and projector's linear
+    layers too (their base weights stay frozen, like the language model's) (prefopt.vlm)."""
     peft = _peft()
     if quantized:  # casts norms to fp32, enables input grads for checkpointing (QLoRA recipe)
         model = peft.prepare_model_for_kbit_training(
@@ -93,8 +95,12 @@ def apply_lora(model, spec: Any, *, quantized: bool, gradient_checkpointing: boo
             gradient_checkpointing_kwargs={"use_reentrant": False})
     config = lora_config(spec)
     from prefopt.vlm import is_vlm, language_lora_targets
-    if not train_vision and config.target_modules == "all-linear" and is_vlm(model):
-        config = dataclasses.replace(config, target_modules=language_lora_targets(model))
+    targets = config.target_modules
+    if not train_vision and is_vlm(model) and (targets == "all-linear" or isinstance(targets, (list, set, tuple))):
+        # a list of names would match the vision tower's layers of the same names too; a regex the
+        # user wrote is taken as written
+        config = dataclasses.replace(config, target_modules=language_lora_targets(
+            model, None if targets == "all-linear" else set(targets)))
     if config.task_type != task_type:
         config = dataclasses.replace(config, task_type=task_type)
     try:

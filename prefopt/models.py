@@ -111,6 +111,9 @@ def load_tokenizer(name_or_path: str, chat_template: str | None = None):
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load tokenizer '{name_or_path}': {str(e).splitlines()[0]}") from None
+    except ImportError as e:  # a processor part whose backend is missing (Qwen2-VL's needs torchvision)
+        first = " ".join(str(e).split()).split(". ")[0]
+        raise ConfigError(f"cannot load the processor of '{name_or_path}': {first} (install what it names)") from None
     return prepare_tokenizer(tok, chat_template)
 
 

@@ -4,9 +4,10 @@ The fastest layout (``shared``, then ``packed``) and head (``fused``, then ``sco
 only taken when the model and its attention implementation can run them exactly. Two
 checks decide:
 
-1. What the attention implementation can take (prefopt.attention.supported_layouts), and
+1. What the attention implementation can take (prefopt.attention.supported_layouts),
    whether the model attends through a sliding window shorter than a sequence (a custom
-   mask would silently widen it).
+   mask would silently widen it), and whether it reads multi-modal RoPE (Qwen2-VL's 3-D
+   positions, which it computes itself: padded rows only, prefopt.vlm.mrope).
 2. A probe: the two shortest examples are scored with the candidate (layout, head), every
    unit packed into one row, and with the plain path (padded rows, full logits); every
    scored token's log-prob must agree to the precision's tolerance. A model whose forward
@@ -32,6 +33,7 @@ from prefopt.attention import SPLIT_SDPA, attn_implementation, set_attention, su
 from prefopt.data.collate import make_collator
 from prefopt.errors import ConfigError
 from prefopt.logps import Scoring, output_head, score_batch, unwrap_model
+from prefopt.vlm import mrope
 
 log = logging.getLogger("prefopt")
 
@@ -93,6 +95,9 @@ def static_layout_problem(model, layout: str, max_length: int) -> str | None:
         kinds = "custom attention masks" if layout == "shared" else "packed sequences"
         return f"attention implementation '{impl}' takes no {kinds}"
     config = getattr(model, "config", None)
+    if (why := mrope(config)) is not None:
+        return (f"the model reads multi-modal RoPE ({why}): 3-D position ids it computes itself "
+                f"(get_rope_index), which prefopt's packed and prompt-shared rows do not reproduce")
     window = getattr(config, "sliding_window", None)
     sliding = window and getattr(config, "use_sliding_window", True) is not False and \
         "sliding_attention" in (getattr(config, "layer_types", None) or ["sliding_attention"])

@@ -316,7 +316,8 @@ class Trainer(TRLMethods):
             datasets={name: d.examples for name, d in (("train", train_set), ("eval", eval_set)) if d is not None},
             batch_size=tcfg.per_device_eval_batch_size, output_dir=output_dir, token_level=objective.token_level,
             probe=Probe(self._probe_examples(), self._collator.pad_id, objective.roles, cfg.data.max_length,
-                        accelerator.device, accelerator.autocast, accelerator.mixed_precision)))
+                        accelerator.device, accelerator.autocast, accelerator.mixed_precision),
+            tokenizer=tokenizer))
         if accelerator.num_processes > 1:  # KTO's z0 and BCO's δ: statistics over every process
             objective.reduce_mean = lambda t: accelerator.reduce(t, reduction="mean")
         # A stateful loss (BCO's running reward mean) is saved in checkpoints as loss_state.json by

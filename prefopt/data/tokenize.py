@@ -50,7 +50,7 @@ from prefopt.data.report import DataReport
 from prefopt.data.schema import (CompletionExample, Origin, PreferenceExample, RankedExample, RecordProblem,
                                  Text, check_unicode)
 from prefopt.errors import ConfigError
-from prefopt.vlm import IMAGE_EXTRAS, IMAGE_PLACEHOLDER, image_digest, processor_of
+from prefopt.vlm import IMAGE_EXTRAS, IMAGE_PATHS, IMAGE_PLACEHOLDER, image_digest, image_markup, processor_of
 
 TRUNCATION_MODES = ("auto", "strict")
 RESPONSE_ROLE = "response_{}"  # listwise data: role of the k-th best response (0 = the best)
@@ -89,9 +89,10 @@ class EncodedExample:
     extras: dict[str, Any] = field(default_factory=dict)
     scored: dict[str, list[bool]] = field(default_factory=dict)
     # The processor's non-text outputs for the prompt's images (``pixel_values``, ``image_sizes``,
-    # ``image_grid_thw``, ...; first dimension per image): what the model reads besides the ids.
-    # Shared by every completion of the example; the ids change when the pixels do (extras hold
-    # the image paths and a digest of the pixels).
+    # ``image_grid_thw``, ...; first dimension per image, or per patch for Qwen2-VL's pixel_values):
+    # what the model reads besides the ids.
+    # Shared by every completion of the example; the id changes when the pixels do (extras hold a
+    # digest of the pixels, not the images' paths: moving the data keeps the id).
     media: dict[str, Any] = field(default_factory=dict)
 
     @functools.cached_property
@@ -129,6 +130,8 @@ class Encoder:
         self.bos = tokenizer.bos_token_id
         self._whitespace: dict[int, bool] = {}
         self.processor = processor_of(tokenizer)  # a vision-language model's (prefopt.vlm)
+        # what the processor looks for where the data writes <image> (Qwen2-VL: a wrapped <|image_pad|>)
+        self.image_markup = image_markup(self.processor) if self.processor is not None else IMAGE_PLACEHOLDER
         self._images: list | None = None          # the images of the example being encoded
         self._media: dict[str, Any] = {}
 
@@ -157,6 +160,7 @@ class Encoder:
         finally:
             self._images = None
         encoded.extras.pop(IMAGE_EXTRAS, None)
+        encoded.extras.pop(IMAGE_PATHS, None)  # the id is content: an image's pixels, not where it lies
         encoded.extras["image_digest"] = image_digest(images)
         encoded.media = self._media
         image_token = self.tok.convert_tokens_to_ids(getattr(self.processor, "image_token", IMAGE_PLACEHOLDER))
@@ -214,6 +218,19 @@ class Encoder:
         exactly as training tokenises it (generation continues from these ids)."""
         text = self._render_prompt(prompt)
         return text, self._ids(text, conversational=isinstance(prompt, list))
+
+    def encode_image_prompt(self, prompt, images: list) -> tuple[str, list[int], dict[str, Any]]:
+        """``encode_prompt`` for a prompt with images: the ids with the image tokens the processor
+        expands (as training has them) and its image tensors (``pixel_values``, ...)."""
+        if self.processor is None:
+            raise ConfigError("the prompts have images but the model has no processor (a vision-language "
+                              "model loads one with its tokenizer)")
+        self._images, self._media = images, {}
+        try:
+            text, ids = self.encode_prompt(prompt)
+        finally:
+            self._images = None
+        return text, ids, self._media
 
     # ------------------------------------------------------------------ rendering
     def _render_prompt(self, prompt: Text) -> str:
@@ -327,6 +344,7 @@ class Encoder:
     def _processed(self, text: str, add_special_tokens: bool) -> list[int]:
         """Token ids of a text holding the example's images, image tokens expanded by the processor
         (its first call keeps the image tensors: every call sees the same images)."""
+        text = text.replace(IMAGE_PLACEHOLDER, self.image_markup)
         try:
             out = self.processor(text=[text], images=self._images, return_tensors="pt",
                                  add_special_tokens=add_special_tokens)

@@ -24,7 +24,7 @@ TABLE = ("model", "reward", "reward_se", "kl", "kl_se", "win_rate", "wins", "tie
 def run_sampled_eval(config: RunConfig) -> dict:
     from prefopt.eval.sampled import evaluate_samples, sample_logps
     from prefopt.generate import (TransformersSampler, encode_prompts, generate, load_prompts, model_at,
-                                  prompt_options, sampling_settings, write_generations)
+                                  prompt_options, refuse_images, sampling_settings, write_generations)
     from prefopt.judges import make_judge
     from prefopt.models import load_tokenizer
 
@@ -44,6 +44,8 @@ def run_sampled_eval(config: RunConfig) -> dict:
     tok = load_tokenizer(config.model.tokenizer or models[0], config.model.chat_template)
     report = DataReport("prompts", config.data.on_error)
     prompts = load_prompts(source, config.data, report)[:ev.max_prompts or None]
+    refuse_images(prompts, "eval.generate", "its judges read the text only and its sampled KL scores the "
+                                            "samples without the images")
 
     def encoded():
         return encode_prompts(prompts, tok, config.data.max_length, gen.max_new_tokens,

@@ -50,7 +50,7 @@ def round_judge(spec, sampler):
 
 
 def run_iterative(config: RunConfig) -> dict:
-    from prefopt.generate import load_prompts
+    from prefopt.generate import load_prompts, refuse_images
     from prefopt.judges import judge_all
     from prefopt.methods.rounds import round_sampler, sample_round
 
@@ -65,6 +65,8 @@ def run_iterative(config: RunConfig) -> dict:
     rounds = Rounds(config, "iterative")
     report = DataReport("prompts", config.data.on_error)
     prompts = load_prompts(source, config.data, report)
+    refuse_images(prompts, "iterative DPO", "its judges read the text only, so they would rank answers about "
+                                            "an image they cannot see")
     initial = rounds.model_path
     base_seed = config.train.seed if config.generate.seed is None else config.generate.seed
     tokenizer_path = config.model.tokenizer or config.model.name_or_path

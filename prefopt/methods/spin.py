@@ -10,7 +10,8 @@ Round t (t = 1 .. spin.iterations), starting from π_t (round 1: model.name_or_p
 
 Round t samples with seed ``generate.seed + t - 1`` (train.seed when unset), so a round's
 samples can be regenerated from its starting model. A sample equal to the target or empty
-makes no pair (counted); a round with no pair stops the run, naming it.
+makes no pair (counted); a round with no pair stops the run, naming it. Prompts with images
+(prefopt.vlm) are sampled with them, and the pairs list them (``images``) for the round's training.
 """
 from __future__ import annotations
 
@@ -43,6 +44,14 @@ def sft_examples(config: RunConfig, out: Path) -> list:
     return examples
 
 
+def images_of(example) -> dict:
+    """An example's images (prefopt.vlm), kept with its prompt: sampled from, then written with the
+    round's pairs (their resolved paths or URLs) so the round trains on them too."""
+    from prefopt.vlm import IMAGE_EXTRAS, IMAGE_PATHS
+
+    return {k: example.extras[k] for k in (IMAGE_EXTRAS, IMAGE_PATHS) if k in example.extras}
+
+
 def run_spin(config: RunConfig) -> dict:
     from prefopt.data.schema import PromptExample
 
@@ -54,7 +63,7 @@ def run_spin(config: RunConfig) -> dict:
     for t in range(1, config.spin.iterations + 1):
         folder = rounds.folder(t)
         report = DataReport(f"round {t} prompts", config.data.on_error)
-        prompts = [PromptExample(ex.prompt, ex.origin) for ex in examples]
+        prompts = [PromptExample(ex.prompt, ex.origin, images_of(ex)) for ex in examples]
         sampler = round_sampler(config, rounds.model_path, tokenizer_path if t == 1 else rounds.model_path)
         gens = sample_round(sampler, prompts, config, base_seed + t - 1, folder, report)
         del sampler  # free the sampling copy before the round trains
@@ -68,6 +77,7 @@ def run_spin(config: RunConfig) -> dict:
                     skipped["identical_to_target"] += 1
                 else:
                     pairs.append({"prompt": g.prompt, "chosen": target, "rejected": as_completion(g.prompt, s.text),
+                                  **({"images": g.images} if g.images else {}),
                                   "source": str(g.origin), "record_index": g.origin.index})
         info = {"prompts": len(gens), "samples": sum(len(g.samples) for g in gens),
                 "prompts_rejected": dict(report.rejected), **skipped}

@@ -35,6 +35,7 @@ class ReferenceContext:
     output_dir: Path = Path(".")
     token_level: bool = False                    # the objective needs (K, V) reference distributions
     probe: Any = None                            # prefopt.scoring.Probe: examples and tolerance for checks
+    tokenizer: Any = None                        # the run's tokenizer (a VLM's holds its processor)
 
 
 class ReferenceStrategy(Protocol):

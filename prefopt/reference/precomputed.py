@@ -10,8 +10,10 @@ mismatched rows are a role fixed per example (prefopt.data.roles), so they cache
 The cache lives in ``reference.cache_dir`` (default OUTPUT_DIR/reference_cache) in a folder
 named by a key over everything the values depend on: the reference weights (a hash of the
 tensors; LoRA adapters excluded), the examples (their token ids, hence the data, the
-tokenizer and the tokenisation settings), the roles, the layout, the LM-head mode, the
-attention implementation and the precision. A folder holds ``logps.safetensors`` and a
+tokenizer and the tokenisation settings; an image's by its pixels, not its path), the roles, the
+layout, the LM-head mode, the attention implementation and the precision; for a vision-language
+model also the processor's settings (image size, mean, std, ...: they make the pixel values,
+which the token ids do not show). A folder holds ``logps.safetensors`` and a
 ``manifest.json`` with the key's parts and the file's checksum; a folder that is incomplete,
 whose checksum does not match, or that lacks an example is recomputed (with a log line),
 never used. Writes go to a temporary folder renamed into place.
@@ -35,6 +37,7 @@ from prefopt import console
 from prefopt.data.collate import Batch
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.logps import SequenceScores, unwrap_model
+from prefopt.vlm import processor_digest, processor_of
 
 log = logging.getLogger("prefopt")
 CACHE_VERSION = 1
@@ -196,6 +199,8 @@ class PrecomputedReference:
             "examples_hash": hashlib.blake2b(json.dumps(sorted(examples)).encode(), digest_size=16).hexdigest(),
             "layout": ctx.collator.layout, "lm_head": scoring.head, "attention": scoring.attn,
             "dtype": str(scoring.dtype), "mixed_precision": str(acc.mixed_precision)}
+        if (processor := processor_digest(processor_of(ctx.tokenizer))) is not None:
+            manifest["processor"] = processor  # its settings make the pixel values, which no id shows
         key = hashlib.blake2b(json.dumps(manifest, sort_keys=True).encode(), digest_size=10).hexdigest()
         self.folder = Path(self.cache_dir) if self.cache_dir else Path(ctx.output_dir) / "reference_cache"
         self.folder = self.folder / key

@@ -88,7 +88,8 @@ class Batch:
     response_scores: Tensor | None = None  # (B, K) float, 0 where response_mask is False
     response_mask: Tensor | None = None    # (B, K) bool
     # Image inputs (prefopt.vlm): the processor's tensors (``pixel_values``, ...) of every image
-    # the rows hold, in the order their image tokens appear row-major (first dimension per image).
+    # the rows hold, in the order their image tokens appear row-major (first dimension per image,
+    # or per patch where ``image_grid_thw`` says how many each image has: Qwen2-VL).
     # The padded layout repeats an example's images in each of its rows; the shared layout holds
     # them once per example (its prompt once); the packed layout once per sequence.
     media: dict[str, Tensor] = field(default_factory=dict)
