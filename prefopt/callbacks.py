@@ -68,8 +68,11 @@ class Callbacks(Events):
     def _sync(self, job: Any, step: int) -> None:
         s = self.state
         s.global_step, s.max_steps = step, job.total_steps
-        s.epoch = step / job.steps_per_epoch
-        s.num_train_epochs = max(1, -(-job.total_steps // job.steps_per_epoch))
+        if job.steps_per_epoch:
+            s.epoch = step / job.steps_per_epoch
+            s.num_train_epochs = max(1, -(-job.total_steps // job.steps_per_epoch))
+        else:  # streamed data: its length is unknown; transformers' state for an IterableDataset
+            s.epoch, s.num_train_epochs = 0.0, 1
         cfg = job.config.train
         s.logging_steps, s.eval_steps, s.save_steps = cfg.logging_steps, cfg.eval_steps, cfg.save_steps
         s.train_batch_size = cfg.per_device_train_batch_size

@@ -138,6 +138,12 @@ class DataConfig:
     pad_to_multiple_of: int | None = option(None, "Pad batch length up to a multiple of this.")
     num_proc: int = option(1, "Processes that tokenise (TRL's dataset_num_proc); the examples, their order and "
                               "the data report are the same for any number.")
+    streaming: bool = option(
+        False, "Training data larger than memory: read, converted and tokenised as training consumes it "
+               "(JSON Lines and Parquet are read lazily), each process its share of the records, shuffled "
+               "through a buffer of shuffle_buffer examples; needs train.max_steps. Not cached.")
+    shuffle_buffer: int = option(10000, "data.streaming: examples held to shuffle the stream (the order of "
+                                        "each pass is a function of train.seed and the pass).")
     cache: bool = option(True, "Keep the tokenised examples in a cache keyed on the data's content, the tokenizer and "
                                "every data setting: a second run reads them back instead of tokenising, and under "
                                "several processes only the main one tokenises.")

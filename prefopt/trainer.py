@@ -18,6 +18,7 @@ same code. The config passed in is copied, never modified.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -37,6 +38,8 @@ from prefopt.data.collate import Collator
 from prefopt.data.pipeline import Dataset, prepare_datasets
 from prefopt.data.report import DataReport, DataUnusable, write_reports
 from prefopt.data.roles import expand_roles
+from prefopt.data.stream import StreamedData, StreamLoader, check_streaming
+from prefopt.data.tokenize import Encoder
 from prefopt.errors import ConfigError
 from prefopt.objective import Objective
 from prefopt.attention import SPLIT_SDPA, attn_implementation, set_attention
@@ -148,10 +151,10 @@ class Trainer(TRLMethods):
                          job.accelerator)
         if job.accelerator.is_main_process:
             save_config(job.config, job.output_dir / "config.yaml")
-            log.info("objective: %s | reference: %s | %d optimizer steps (%d per epoch)",
+            log.info("objective: %s | reference: %s | %d optimizer steps (%s per epoch)",
                      " + ".join(f"{t.weight:g}*{t.spec.name}" for t in job.objective.terms),
                      getattr(job.objective.reference, "description", job.objective.reference.name),
-                     job.total_steps, job.steps_per_epoch)
+                     job.total_steps, job.steps_per_epoch or "streamed: unknown")
         if self._trackers:
             job.accelerator.init_trackers(job.config.train.run_name or job.output_dir.name or "prefopt",
                                           config=flat_config(to_dict(job.config)),
@@ -163,6 +166,10 @@ class Trainer(TRLMethods):
             self._restore_attention()
             if self._trackers:
                 job.accelerator.end_training()
+        if isinstance(self._train_set, StreamedData):  # its report filled as the data was read
+            self._report_data(job.accelerator, job.output_dir,
+                              self._train_set.gathered_report(job.accelerator), *([self._eval_set.report]
+                                                                                  if self._eval_set else []))
         step, loss, metrics = train_output(self.state, self.train_state, time.perf_counter() - started,
                                            job.config.train.per_device_train_batch_size
                                            * job.config.train.gradient_accumulation_steps * job.accelerator.num_processes)
@@ -285,14 +292,18 @@ class Trainer(TRLMethods):
         objective = Objective.from_config(cfg.loss, reference, self._extra_losses)
 
         train_set, eval_set = self._datasets(accelerator, tokenizer, objective, output_dir)
-        train_loader = (batches.train_loader(train_set.examples, self._collator, tcfg.per_device_train_batch_size,
-                                             tcfg.seed, accelerator, max_tokens=cfg.data.max_tokens_per_batch,
-                                             group_by_length=cfg.data.group_by_length)
-                        if train_set is not None else None)
+        if isinstance(train_set, StreamedData):  # length unknown: train.max_steps is required
+            train_loader, steps_per_epoch = StreamLoader(train_set, self._collator, tcfg.per_device_train_batch_size,
+                                                         accelerator.device), None
+        else:
+            train_loader = (batches.train_loader(train_set.examples, self._collator, tcfg.per_device_train_batch_size,
+                                                 tcfg.seed, accelerator, max_tokens=cfg.data.max_tokens_per_batch,
+                                                 group_by_length=cfg.data.group_by_length)
+                            if train_set is not None else None)
+            # Counted on the prepared (per-process) loader: with N processes an epoch is N times shorter.
+            steps_per_epoch = max(1, math.ceil(len(train_loader) / tcfg.gradient_accumulation_steps)) \
+                if train_loader is not None else 1
         eval_loader = self._eval_loader(eval_set, accelerator) if eval_set is not None else None
-        # Counted on the prepared (per-process) loader: with N processes an epoch is N times shorter.
-        steps_per_epoch = max(1, math.ceil(len(train_loader) / tcfg.gradient_accumulation_steps)) \
-            if train_loader is not None else 1
         total_steps = tcfg.max_steps if tcfg.max_steps > 0 else max(1, math.ceil(tcfg.num_train_epochs * steps_per_epoch))
 
         optimizer, scheduler = self._optimizers
@@ -313,7 +324,8 @@ class Trainer(TRLMethods):
         reference.prepare(ReferenceContext(
             accelerator, model, self._collator,
             plan=lambda ref: self._plan_scoring(ref, accelerator, objective, plan.layout, "reference").scoring,
-            datasets={name: d.examples for name, d in (("train", train_set), ("eval", eval_set)) if d is not None},
+            datasets={name: d.examples for name, d in (("train", train_set), ("eval", eval_set))
+                      if isinstance(d, Dataset)},
             batch_size=tcfg.per_device_eval_batch_size, output_dir=output_dir, token_level=objective.token_level,
             probe=Probe(self._probe_examples(), self._collator.pad_id, objective.roles, cfg.data.max_length,
                         accelerator.device, accelerator.autocast, accelerator.mixed_precision),
@@ -333,15 +345,20 @@ class Trainer(TRLMethods):
         """Read, encode and report the data; give every example its roles; build the collator and
         check every loss on a first batch."""
         cfg, tcfg = self.config, self.config.train
+        columns = (objective.columns, objective.optional_columns, objective.record_checks)
+        streamed = None
+        data_cfg, train_source = cfg.data, self._train_source
+        if cfg.data.streaming:  # the train data is read as training consumes it; the eval data in memory
+            streamed = self._streamed(accelerator, tokenizer, objective, columns)
+            data_cfg, train_source = dataclasses.replace(cfg.data, train=None), None
         try:
             train_set, eval_set = cached_prepare(
                 lambda: prepare_datasets(
-                    cfg.data, tokenizer, objective.kind, train_source=self._train_source,
+                    data_cfg, tokenizer, objective.kind, train_source=train_source,
                     eval_source=self._eval_source, seed=tcfg.seed, required_columns=objective.columns,
                     optional_columns=objective.optional_columns, record_checks=objective.record_checks),
-                cfg.data, tokenizer, objective.kind, train_source=self._train_source, eval_source=self._eval_source,
-                seed=tcfg.seed, columns=(objective.columns, objective.optional_columns, objective.record_checks),
-                accelerator=accelerator)
+                data_cfg, tokenizer, objective.kind, train_source=train_source, eval_source=self._eval_source,
+                seed=tcfg.seed, columns=columns, accelerator=accelerator)
         except DataUnusable as stop:  # nothing left to train on: keep the reasons on disk first
             self._report_data(accelerator, output_dir, *stop.reports)
             raise
@@ -349,14 +366,29 @@ class Trainer(TRLMethods):
         for data in (train_set, eval_set):
             if data is not None:
                 data.examples = expand_roles(data.examples, objective.roles)
+        train_set = streamed or train_set
         self._train_set, self._eval_set = train_set, eval_set
         self._collator = Collator("padded", tokenizer.pad_token_id, objective.roles, extras=objective.extra_columns,
                                   pad_to_multiple_of=cfg.data.pad_to_multiple_of,
                                   max_tokens_per_row=cfg.data.max_tokens_per_row)
         for data, size in ((train_set, tcfg.per_device_train_batch_size), (eval_set, tcfg.per_device_eval_batch_size)):
             if data is not None:
-                objective.preflight(self._collator(data.examples[:size]))
+                objective.preflight(self._collator(first_examples(data, size)))
         return train_set, eval_set
+
+    def _streamed(self, accelerator, tokenizer, objective: Objective, columns: tuple) -> StreamedData:
+        cfg = self.config
+        check_streaming(cfg)
+        source = self._train_source if self._train_source is not None else cfg.data.train
+        if source is None:
+            raise ConfigError("data.streaming: no training data; pass train_dataset or set data.train")
+        encoder = Encoder(tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.prompt_truncation,
+                          cfg.data.truncation)
+        log.info("data train: streamed from %s (%d process(es), each its share; shuffle buffer %d examples)",
+                 source if isinstance(source, (str, Path)) else type(source).__name__, accelerator.num_processes,
+                 cfg.data.shuffle_buffer)
+        return StreamedData(source, cfg.data, encoder, objective.kind, columns, objective.roles, cfg.train.seed,
+                            accelerator.process_index, accelerator.num_processes)
 
     def _plan_scoring(self, model, accelerator, objective: Objective, layout: str, what: str = "policy"):
         """Settle the layout and LM-head mode ``model`` runs exactly (prefopt.scoring), checked on the
@@ -390,9 +422,12 @@ class Trainer(TRLMethods):
     def _probe_examples(self) -> list:
         """The two shortest examples: what the setup checks run on."""
         data = self._train_set or self._eval_set
-        return sorted(data.examples, key=batches.example_tokens)[:2] if data is not None else []
+        return sorted(first_examples(data, None), key=batches.example_tokens)[:2] if data is not None else []
 
     def _eval_loader(self, data: Dataset, accelerator=None):
+        if isinstance(data, StreamedData):
+            raise ConfigError("data.streaming: the training data is read as training consumes it, not held; "
+                              "evaluating or calibrating on it (on='train') needs it in memory")
         accelerator = accelerator or self.job.accelerator
         return batches.eval_loader(data.examples, self._collator, self.config.train.per_device_eval_batch_size,
                                    accelerator)
@@ -482,6 +517,16 @@ class Trainer(TRLMethods):
     def _report_data(self, accelerator, output_dir: Path, *reports: DataReport) -> None:
         if accelerator.is_main_process:
             write_reports(output_dir, list(reports))
+
+
+STREAM_PROBE_POOL = 64  # streamed data: the setup checks look among its first examples
+
+
+def first_examples(data, n: int | None) -> list:
+    """The first ``n`` examples (all: None) of a dataset in memory, or of a streamed one's share."""
+    if isinstance(data, StreamedData):
+        return data.head(n or STREAM_PROBE_POOL)
+    return data.examples[:n]
 
 
 def enable_checkpointing(model) -> None:

@@ -353,7 +353,7 @@ FIELDS: dict[str, Rule] = {
     "dataset_test_split": I("test", "eval data is data.eval (another file, folder or hub id) or a held-out share "
                                     "of the training data (data.eval_split_size)"),
     "dataset_config": R(None, "hub datasets are read with their default configuration"),
-    "dataset_streaming": R(False, "datasets are read into memory (not streamed)"),
+    "dataset_streaming": M(False, "data.streaming"),
     "ignore_bias_buffers": I(False, "only DDP's bias buffers matter there; prefopt's models have none to sync"),
 }
 

@@ -16,7 +16,8 @@ def first_step_gradient(trainer) -> torch.Tensor:
     captured = {}
     job.optimizer.step = lambda *a, **k: captured.setdefault(
         "g", torch.cat([p.grad.flatten().clone() for p in job.model.parameters() if p.requires_grad]))
-    loop.optimizer_step(job, next(loop._windows(job, TrainState())), loop.MetricAccumulator())
+    window, _, _ = next(loop._windows(job, TrainState()))
+    loop.optimizer_step(job, window, loop.MetricAccumulator())
     return captured["g"]
 
 

@@ -37,11 +37,12 @@ def rows(path: Path) -> list[dict]:
 
 def test_two_processes_match_one(tiny_model_dir, demo_records, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    (tmp_path / "stream.jsonl").write_text("".join(json.dumps(r) + "\n" for r in demo_records[:13]))
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["conversations"][0]["value"]}) + "\n"
                                                     for r in demo_records[:5]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(HERE / "ddp_worker.py"), "grad-dpo,grad-sft,grad-dpo-packed,grad-dpo-padded,run-dpo,run-kto,run-lora-pre,generate,"
-           "tokenise-once",
+           "tokenise-once,run-stream",
            str(tiny_model_dir), str(DATA), str(KTO), str(tmp_path)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=HERE.parent)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -90,3 +91,14 @@ def test_two_processes_match_one(tiny_model_dir, demo_records, tmp_path):
     # the main process tokenised (train and eval), the other read its cache
     ranks = [json.loads((tmp_path / f"tokenise-once-{r}.json").read_text()) for r in (0, 1)]
     assert ranks == [{"encode_calls": 2, "examples": 12}, {"encode_calls": 0, "examples": 12}]
+
+    # streamed data: each process read and encoded its own share (records 0, 2, ... and 1, 3, ...):
+    # 4 steps of 2 pairs are all of rank 0's pass (micro-batches 2, 2, 2, 1) and, for rank 1, its
+    # pass (2, 2, 2) and the first of the next, which reads the whole next pass through the buffer
+    # of 4; the report counts every record once
+    ranks = [json.loads((tmp_path / f"run-stream-{r}.json").read_text()) for r in (0, 1)]
+    assert [len(r["share"]) for r in ranks] == [7, 6] and not set(ranks[0]["share"]) & set(ranks[1]["share"])
+    assert [r["encoded"] for r in ranks] == [7, 12]
+    report = json.loads((tmp_path / "run-stream" / "data_report.json").read_text())
+    assert (report[0]["dataset"], report[0]["records"], report[0]["examples"]) == ("train", 13, 13)
+    assert [r["step"] for r in rows(tmp_path / "run-stream") if "loss" in r] == [1, 2, 3, 4]

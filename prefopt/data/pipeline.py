@@ -12,7 +12,7 @@ import itertools
 import math
 import numbers
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from os import PathLike
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 from prefopt import console
 from prefopt.config import DataConfig
 from prefopt.data.formats import SAMPLE_SIZE, Format, cannot_detect, detect_majority, get_format, recognise
-from prefopt.data.report import DataReport, DataUnusable
+from prefopt.data.report import DataReport, DataUnusable, merge_reports
 from prefopt.data.schema import (CompletionExample, PreferenceExample, PromptExample, RankedExample, Ranking,
                                  RecordProblem, check_unicode, texts_of, validate_completion, validate_pair,
                                  validate_prompt, validate_ranked)
@@ -88,10 +88,23 @@ def prepare_datasets(cfg: DataConfig, tokenizer, kind: str, *, train_source: Any
 
 def load_examples(source: Any, cfg: DataConfig, report: DataReport, required_columns: tuple[str, ...] = (),
                   optional_columns: tuple[str, ...] = (), record_checks: tuple = ()) -> list[Example]:
-    """Read ``source`` and convert every record to a canonical example (bad ones: see report).
+    """Read ``source`` and convert every record to a canonical example (bad ones: see report)."""
+    examples = list(iter_examples(source, cfg, report, required_columns, optional_columns, record_checks))
+    if report.records == 0:
+        raise DataUnusable(report.source, "no records")
+    return examples
+
+
+def iter_examples(source: Any, cfg: DataConfig, report: DataReport, required_columns: tuple[str, ...] = (),
+                  optional_columns: tuple[str, ...] = (), record_checks: tuple = (),
+                  keep: Callable[[int], bool] | None = None) -> Iterator[Example]:
+    """The canonical examples of ``source``'s records, as they are read (bad ones: see report).
 
     The format is ``cfg.format``, or else the one most of the first SAMPLE_SIZE readable records
-    have (prefopt.data.formats); a record that does not fit it is a bad record at its line."""
+    have (prefopt.data.formats); a record that does not fit it is a bad record at its line.
+    ``keep(index)``: only the records whose index in the source it accepts are converted and
+    counted (a process's share of streamed data); the format is still detected from the first
+    records of the source, so every share reads it the same way."""
     fmt: Format | None = None
     if cfg.format != "auto":
         try:
@@ -110,8 +123,9 @@ def load_examples(source: Any, cfg: DataConfig, report: DataReport, required_col
         if note := detection and detection.note():
             report.notes.append(note)
     report.format = fmt.name if fmt else None
-    examples: list[Example] = []
-    for raw in raws:
+    for index, raw in enumerate(raws):
+        if keep is not None and not keep(index):
+            continue
         report.records += 1
         if raw.data is None:
             report.reject(raw.origin, "malformed", raw.problem, raw.raw)
@@ -120,7 +134,7 @@ def load_examples(source: Any, cfg: DataConfig, report: DataReport, required_col
             record = rename_columns(raw.data, cfg.columns)
             if fmt is None:
                 raise DataUnusable(str(raw.origin), cannot_detect(record, len(sample)))
-            examples.append(convert(fmt, record, raw.origin, required_columns, optional_columns, record_checks))
+            example = convert(fmt, record, raw.origin, required_columns, optional_columns, record_checks)
         except RecordProblem as problem:
             reason, text = problem.reason, f"[{fmt.name if fmt else '?'}] {problem}"
             # A record of another layout fails on its fields: say what it looks like.
@@ -130,9 +144,8 @@ def load_examples(source: Any, cfg: DataConfig, report: DataReport, required_col
                 text += (f"; the record looks like '{other.name}', but the data format is '{fmt.name}' "
                          f"({detection.describe()}; set data.format to choose)")
             report.reject(raw.origin, reason, text, raw.data)
-    if report.records == 0:
-        raise DataUnusable(report.source, "no records")
-    return examples
+            continue
+        yield example
 
 
 def count_nul(example: Example, report: DataReport) -> None:
@@ -394,19 +407,9 @@ def encode_in_processes(examples: list[Example], encoder: Encoder, report: DataR
 
 def _merge(report: DataReport, sub: DataReport, error) -> None:
     """A chunk's report into the whole's (chunks in order); its stopping error raised."""
-    report.rejected.update(sub.rejected)
-    report.rejects.extend(sub.rejects)
-    report.counts.update(sub.counts)
-    report.dropped.update(sub.dropped)
-    # a "first at ..." note is kept from the earliest chunk that has one, as one process would
-    kinds = {_note_kind(n) for n in report.notes}
-    report.notes.extend(n for n in sub.notes if _note_kind(n) not in kinds)
+    merge_reports(report, sub)
     if error is not None:
         raise DataError(*error)
-
-
-def _note_kind(note: str) -> str:
-    return note.split(" (first at ")[0].split("; the first is ")[0]
 
 
 def encode(examples: list[Example], kind: str, encoder: Encoder, report: DataReport,

@@ -112,6 +112,23 @@ class DataUnusable(DataError):
         self.reports = list(reports or [])
 
 
+def merge_reports(whole: DataReport, part: DataReport) -> None:
+    """``part``'s counts into ``whole``'s (a chunk's, or a process's share's, in order). A "first at
+    ..." note is kept from the earliest part that has one, as one reader would have written it."""
+    whole.records += part.records
+    whole.examples += part.examples
+    whole.rejected.update(part.rejected)
+    whole.rejects.extend(part.rejects)
+    whole.counts.update(part.counts)
+    whole.dropped.update(part.dropped)
+    kinds = {_note_kind(n) for n in whole.notes}
+    whole.notes.extend(n for n in part.notes if _note_kind(n) not in kinds)
+
+
+def _note_kind(note: str) -> str:
+    return note.split(" (first at ")[0].split("; the first is ")[0]
+
+
 def write_reports(output_dir: Path, reports: list[DataReport]) -> None:
     """OUTPUT_DIR/data_report.json and rejected_records.jsonl (both replaced), the summaries logged."""
     output_dir.mkdir(parents=True, exist_ok=True)

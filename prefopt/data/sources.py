@@ -112,14 +112,12 @@ def _too_deep(obj: Any) -> bool:
 def _from_file(path: Path) -> Iterator[RawRecord]:
     name = path.name.lower()
     if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        try:
-            table = pq.read_table(path)
-        except Exception as e:  # pyarrow raises several types for corrupt files
-            raise DataError(str(path), f"cannot read Parquet: {e}") from None
-        yield from _from_rows(table.to_pylist(), str(path))
+        yield from _from_rows(_parquet_rows(path), str(path))
         return
     opener = gzip.open if name.endswith(".gz") else open
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        yield from _from_json_lines(_lines_of(path, opener), str(path))
+        return
     try:
         with opener(path, "rb") as fh:
             data = fh.read()
@@ -138,18 +136,45 @@ def _from_file(path: Path) -> Iterator[RawRecord]:
         yield from _from_json_array(_decode(data, str(path)), str(path))
     elif is_json and (single := _single_object(data, str(path))) is not None:
         yield single
-    elif is_json or name.endswith((".jsonl", ".jsonl.gz")):
-        # Line by line from the bytes: an undecodable line is one bad record, not a bad file.
-        yield from _from_json_lines(data, str(path))
+    elif is_json:  # JSON Lines in a .json file
+        yield from _from_json_lines(data.split(b"\n"), str(path))
     else:
         raise DataError(str(path), f"unsupported file type; expected one of {', '.join(TEXT_SUFFIXES)} "
                                    f"or a datasets.save_to_disk folder")
 
 
-def _from_json_lines(data: bytes, path: str) -> Iterator[RawRecord]:
+def _lines_of(path: Path, opener) -> Iterator[bytes]:
+    """A JSON Lines file's lines as they are read (data larger than memory streams): a UTF-8 BOM
+    dropped, CRLF and a lone CR ending a line as text mode reads them. Split on b"\n" and b"\r"
+    only, not splitlines(): JSON text may hold a raw U+2028 etc. inside a string."""
+    try:
+        with opener(path, "rb") as fh:
+            first = True
+            for line in fh:
+                if first:
+                    if line.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+                        raise DataError(str(path), "the file is UTF-16 (it starts with a UTF-16 byte-order "
+                                                   "mark); save it as UTF-8")
+                    line, first = line.removeprefix(codecs.BOM_UTF8), False
+                yield from line.removesuffix(b"\n").removesuffix(b"\r").split(b"\r")
+    except (OSError, EOFError) as e:  # EOFError: a truncated .gz
+        raise DataError(str(path), f"cannot read file: {e}") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[dict]:
+    """A Parquet file's rows, one row group's batch at a time (data larger than memory streams)."""
+    import pyarrow.parquet as pq
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(str(path), f"cannot read Parquet: {e}") from None
+
+
+def _from_json_lines(lines: Iterator[bytes], path: str) -> Iterator[RawRecord]:
+    """One record per line: an undecodable line is one bad record, not a bad file."""
     index = 0
-    # split on b"\n", not splitlines(): JSON text may hold a raw U+2028 etc. inside a string.
-    for lineno, raw_line in enumerate(data.split(b"\n"), start=1):
+    for lineno, raw_line in enumerate(lines, start=1):
         try:
             line = raw_line.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from prefopt import console
 from prefopt.config import RunConfig
+from prefopt.data.stream import StreamLoader
 from prefopt.errors import ConfigError, PrefoptError
 from prefopt.objective import Objective
 from prefopt.train.checkpoint import (TrainState, fault_point, load_checkpoint, load_loss_state, resolve_resume,
@@ -56,7 +57,7 @@ class Job:
     eval_loader: Any
     output_dir: Path
     total_steps: int
-    steps_per_epoch: int
+    steps_per_epoch: int | None  # None: streamed data, its length unknown
     # called with the step number after every optimizer step (e.g. a reference that follows the policy)
     step_hooks: list = field(default_factory=list)
     events: Events = field(default_factory=Events)  # listeners: trainer.state, TRL-style callbacks
@@ -170,8 +171,8 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
         window_metrics.reset()
         tokens, train_seconds, events.log_now, logged_at = 0, 0.0, False, state.step
 
-    for window in _windows(job, state) if state.step < job.total_steps else ():
-        if state.batch_in_epoch == len(window):  # the epoch's first window
+    for window, epoch_begins, epoch_end in _windows(job, state) if state.step < job.total_steps else ():
+        if epoch_begins:
             events.epoch_begin(job, state)
         events.step_begin(job, state)
         started = time.perf_counter()
@@ -189,8 +190,6 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
             hook(state.step)
         fault_point("step", state.step)
         bar.update(1)
-        # the epoch's last window (counted per epoch: with token budgets epochs differ in length)
-        epoch_end = state.batch_in_epoch >= len(job.train_loader)
         events.step_end(job, state)
         if epoch_end:
             events.epoch_end(job, state)
@@ -237,7 +236,7 @@ def _log_train(job: Job, state: TrainState, writer: MetricsWriter, window_metric
     """The logging step's row: metrics.jsonl, the listeners, and the bar (terminal) or one line (logs)."""
     means = window_metrics.means(job.accelerator)  # empty when every step of the window was skipped
     logged = job.objective.summarize(means) if means else {}
-    logged.update(learning_rate=job.scheduler.get_last_lr()[0], epoch=round(state.step / job.steps_per_epoch, 4),
+    logged.update(learning_rate=job.scheduler.get_last_lr()[0], epoch=epoch_of(job, state),
                   tokens_per_second=tokens / max(seconds, 1e-9), num_tokens=state.num_tokens,
                   skipped_steps=state.skipped_steps)
     writer.write(state.step, logged)
@@ -270,8 +269,19 @@ def _loss_state(job: Job) -> dict | None:
     return job.objective.state_dict() if job.objective.stateful else None
 
 
-def _windows(job: Job, state: TrainState) -> Iterator[list]:
-    """Yield lists of micro-batches, one list per optimizer step; keeps ``state``'s data position."""
+def epoch_of(job: Job, state: TrainState) -> float:
+    """Epochs done, as a fraction; streamed data (its length unknown): the passes finished."""
+    if job.steps_per_epoch is None:
+        return float(state.epoch)
+    return round(state.step / job.steps_per_epoch, 4)
+
+
+def _windows(job: Job, state: TrainState) -> Iterator[tuple[list, bool, bool]]:
+    """Yield ``(micro-batches of one optimizer step, an epoch begins with it, an epoch ends in it)``;
+    keeps ``state``'s data position (epoch, micro-batches of it consumed)."""
+    if isinstance(job.train_loader, StreamLoader):
+        yield from _stream_windows(job, state)
+        return
     accum = job.config.train.gradient_accumulation_steps
     while True:
         job.train_loader.set_epoch(state.epoch)
@@ -282,14 +292,34 @@ def _windows(job: Job, state: TrainState) -> Iterator[list]:
         for batch in loader:
             window.append(batch)
             if len(window) == accum:
+                begins = state.batch_in_epoch == 0
                 state.batch_in_epoch += len(window)
-                yield window
+                # counted per epoch: with token budgets epochs differ in length
+                yield window, begins, state.batch_in_epoch >= len(job.train_loader)
                 window = []
         if window:
+            begins = state.batch_in_epoch == 0
             state.batch_in_epoch += len(window)
-            yield window
+            yield window, begins, True
         state.epoch += 1
         state.batch_in_epoch = 0
+
+
+def _stream_windows(job: Job, state: TrainState) -> Iterator[tuple[list, bool, bool]]:
+    """Streamed data (prefopt.data.stream): every window has gradient_accumulation_steps
+    micro-batches, running on from one pass into the next, so every process takes part in every
+    step whatever the size of its share."""
+    accum = job.config.train.gradient_accumulation_steps
+    window, ends, begins = [], False, state.batch_in_epoch == 0
+    for batch, last_of_pass in job.train_loader.from_position(state.epoch, state.batch_in_epoch):
+        window.append(batch)
+        state.batch_in_epoch += 1
+        if last_of_pass:
+            state.epoch, state.batch_in_epoch, ends = state.epoch + 1, 0, True
+        if len(window) == accum:
+            yield window, begins, ends
+            # a pass that began inside this window is announced with the next one, after its end
+            window, begins, ends = [], ends, False
 
 
 def optimizer_step(job: Job, window: list, metrics: MetricAccumulator) -> tuple[int, str]:
