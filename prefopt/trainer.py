@@ -162,14 +162,14 @@ class Trainer(TRLMethods):
         started = time.perf_counter()
         try:
             self.train_state, self.final_eval = loop.train(job)
+        except (loop.Interrupted, loop.NonFiniteLossError):  # stops every process agrees on
+            self._report_streamed(job)
+            raise
         finally:
             self._restore_attention()
             if self._trackers:
                 job.accelerator.end_training()
-        if isinstance(self._train_set, StreamedData):  # its report filled as the data was read
-            self._report_data(job.accelerator, job.output_dir,
-                              self._train_set.gathered_report(job.accelerator), *([self._eval_set.report]
-                                                                                  if self._eval_set else []))
+        self._report_streamed(job)
         step, loss, metrics = train_output(self.state, self.train_state, time.perf_counter() - started,
                                            job.config.train.per_device_train_batch_size
                                            * job.config.train.gradient_accumulation_steps * job.accelerator.num_processes)
@@ -288,7 +288,7 @@ class Trainer(TRLMethods):
             model.config.pad_token_id = tokenizer.pad_token_id
         needed, needed_by = Objective.requirements(cfg.loss)
         reference = build_reference(cfg.reference, cfg.model, needed=needed, needed_by=needed_by,
-                                    policy=model, ref_model=self._reference_source())
+                                    policy=model, ref_model=self._reference_source(model, needed))
         objective = Objective.from_config(cfg.loss, reference, self._extra_losses)
 
         train_set, eval_set = self._datasets(accelerator, tokenizer, objective, output_dir)
@@ -376,6 +376,12 @@ class Trainer(TRLMethods):
                 objective.preflight(self._collator(first_examples(data, size)))
         return train_set, eval_set
 
+    def _report_streamed(self, job) -> None:
+        """Streamed train data: its report filled as the data was read; written at the run's end."""
+        if isinstance(self._train_set, StreamedData):
+            self._report_data(job.accelerator, job.output_dir, self._train_set.gathered_report(job.accelerator),
+                              *([self._eval_set.report] if self._eval_set else []))
+
     def _streamed(self, accelerator, tokenizer, objective: Objective, columns: tuple) -> StreamedData:
         cfg = self.config
         check_streaming(cfg)
@@ -387,8 +393,17 @@ class Trainer(TRLMethods):
         log.info("data train: streamed from %s (%d process(es), each its share; shuffle buffer %d examples)",
                  source if isinstance(source, (str, Path)) else type(source).__name__, accelerator.num_processes,
                  cfg.data.shuffle_buffer)
-        return StreamedData(source, cfg.data, encoder, objective.kind, columns, objective.roles, cfg.train.seed,
+        data = StreamedData(source, cfg.data, encoder, objective.kind, columns, objective.roles, cfg.train.seed,
                             accelerator.process_index, accelerator.num_processes)
+        # every process must have a share to train on; agreed, so that all of them stop together
+        with_data = torch.tensor(float(bool(data.head(1))), device=accelerator.device)
+        if accelerator.num_processes > 1:
+            with_data = accelerator.reduce(with_data, reduction="sum")
+        if with_data.item() < accelerator.num_processes:
+            raise ConfigError(f"data.streaming: a process has no usable training record in {data.report.source or source} "
+                              f"(its share is every {accelerator.num_processes}th record): the data has fewer usable "
+                              f"records than processes")
+        return data
 
     def _plan_scoring(self, model, accelerator, objective: Objective, layout: str, what: str = "policy"):
         """Settle the layout and LM-head mode ``model`` runs exactly (prefopt.scoring), checked on the
@@ -443,14 +458,18 @@ class Trainer(TRLMethods):
             return load_tokenizer(str(source), self.config.model.chat_template)
         return prepare_tokenizer(tok, self.config.model.chat_template)
 
-    def _reference_source(self):
+    def _reference_source(self, policy, needed: bool):
         """``ref_model`` as given; under DeepSpeed ZeRO-3, where a partitioned policy cannot be
         copied, a policy loaded from a path has its initial weights loaded again from that path
-        (what the reference copy would hold); a LoRA policy's reference is its own base."""
+        (what the reference copy would hold). Not when no loss needs a reference, one is given,
+        or the strategy does not copy the policy (a LoRA policy's reference is its own base)."""
         from transformers.integrations import is_deepspeed_zero3_enabled
 
-        if self._ref_model_arg is not None or self.config.reference.name_or_path is not None \
-                or self.config.model.lora is not None or not is_deepspeed_zero3_enabled():
+        from prefopt.lora import is_peft_model
+
+        ref = self.config.reference
+        if not needed or self._ref_model_arg is not None or ref.name_or_path is not None \
+                or ref.strategy in ("lora", "none") or is_peft_model(policy) or not is_deepspeed_zero3_enabled():
             return self._ref_model_arg
         return self._model_path()
 
@@ -500,10 +519,11 @@ class Trainer(TRLMethods):
         # its own shape is ds_shape
         decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
         no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
-        # an empty group is left out: DeepSpeed drops it, and the schedule would then have one
-        # learning rate too many
-        groups = [g for g in ({"params": decay, "weight_decay": t.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("true", "1"):
+            # DeepSpeed drops an empty group, and the schedule would then have one learning rate too
+            # many (elsewhere both groups stay, so checkpoints keep their optimizer layout)
+            groups = [g for g in groups if g["params"]]
         return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
 
     def _scheduler(self, optimizer, total_steps: int):

@@ -9,8 +9,8 @@ Tasks (comma-separated in argv[1]), each writing its result under OUT:
   run-kto              KTO on 7 unpaired examples (a short last round)
   tokenise-once        setup with a fresh data cache: each rank writes how many times it tokenised
   generate             `prefopt generate` of OUT/prompts.jsonl, 3 batches over 2 processes
-  run-stream           data.streaming on OUT/stream.jsonl (13 pairs: shares of 7 and 6), 4 steps; each
-                       rank writes the uids it trained on
+  run-stream           data.streaming on OUT/stream.jsonl (13 pairs: shares of 7 and 6), 5 steps with a
+                       checkpoint at each, and a run resumed from step 3; each rank writes its share
   run-lora-pre         LoRA with the precomputed reference (13 + 5 examples: the pre-pass gives
                        the processes 3 and 2 batches, so one scores a filler), a DDP checkpoint
                        at step 1, then a second run resumed from it
@@ -70,10 +70,14 @@ if __name__ == "__main__":
                 args = DPOConfig(output_dir=f"{out}/{task}/{name}", resume_from=resume, **common)
                 DPOTrainer(model_dir, None, train_dataset=records[:13], eval_dataset=records[13:18], args=args).train()
         elif task == "run-stream":
-            args = DPOConfig(output_dir=f"{out}/{task}", streaming=True, shuffle_buffer=4, max_steps=4,
-                             per_device_train_batch_size=2, **SHORT)
-            trainer = DPOTrainer(model_dir, None, train_dataset=f"{out}/stream.jsonl", args=args)
+            common = dict(streaming=True, shuffle_buffer=4, max_steps=5, save_steps=1, learning_rate=5e-3,
+                          per_device_train_batch_size=2, **SHORT)
+            trainer = DPOTrainer(model_dir, None, train_dataset=f"{out}/stream.jsonl",
+                                 args=DPOConfig(output_dir=f"{out}/{task}", **common))
             trainer.train()
+            # after step 3 rank 0 is at micro-batch 3 of its first pass, rank 1 at the start of its second
+            DPOTrainer(model_dir, None, train_dataset=f"{out}/stream.jsonl", args=DPOConfig(
+                output_dir=f"{out}/{task}-resumed", resume_from=f"{out}/{task}/checkpoints/step-3", **common)).train()
             with open(f"{out}/{task}-{trainer.job.accelerator.process_index}.json", "w") as f:
                 json.dump({"encoded": trainer._train_set.encoded,
                            "share": [e.uid for e in trainer._train_set.examples(0)]}, f)

@@ -15,7 +15,7 @@ DeepSpeed then uses torch.distributed's collectives.
 
 Tasks (argv[1], comma-separated), each writing under OUT:
   run          the DPO run of ddp_worker.whole_run (16 pairs, 2 steps, eval on 10)
-  run-ref-path the same with reference.name_or_path (the reference loaded, not copied)
+  trdpo-refused   TR-DPO under DeepSpeed: each rank writes the ConfigError it got
   resume       3 steps with a checkpoint at every step, then a run resumed from step 1
   trdpo        TR-DPO (soft update every step, alpha 0.5; the moving reference is sharded like the
                policy), 3 steps on 12 pairs
@@ -31,6 +31,7 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 
 from prefopt import DPOConfig, DPOTrainer
+from prefopt.errors import ConfigError
 from ddp_worker import SHORT, whole_run
 
 KTO = dict(per_device_train_batch_size=2, max_examples=8, num_train_epochs=1, learning_rate=5e-3, **SHORT)
@@ -76,9 +77,17 @@ if __name__ == "__main__":
     records = json.load(open(data_path))
     for task in tasks:
         if task == "run":
-            whole_run(model_dir, records, f"{out}/{task}", 2, 2)
-        elif task == "run-ref-path":  # the reference loaded from its path (ZeRO-3 cannot copy the policy)
-            whole_run(model_dir, records, f"{out}/{task}", 2, 2, reference={"name_or_path": model_dir})
+            trainer = whole_run(model_dir, records, f"{out}/{task}", 2, 2)
+            if trainer.job.accelerator.is_main_process:  # the reference: sharded (FSDP2), an engine (ZeRO-3)
+                reference = trainer.job.objective.reference
+                json.dump({"reference": type(reference.model).__name__, "parameter_types": sorted(
+                    {type(p).__name__ for p in reference.model.parameters()})}, open(f"{out}/{task}.json", "w"))
+        elif task == "trdpo-refused":  # DeepSpeed's checkpoints cannot hold TR-DPO's moving reference
+            try:
+                DPOTrainer(model_dir, None, train_dataset=records[:12],
+                           args=DPOConfig(output_dir=f"{out}/{task}", **TRDPO)).train()
+            except ConfigError as e:
+                open(f"{out}/{task}-{os.environ['RANK']}.txt", "w").write(str(e))
         elif task == "resume":
             common = dict(per_device_train_batch_size=2, max_steps=3, save_steps=1, learning_rate=5e-3, **SHORT)
             for name, resume in (("full", None), ("resumed", f"{out}/{task}/full/checkpoints/step-1")):

@@ -93,12 +93,17 @@ def test_two_processes_match_one(tiny_model_dir, demo_records, tmp_path):
     assert ranks == [{"encode_calls": 2, "examples": 12}, {"encode_calls": 0, "examples": 12}]
 
     # streamed data: each process read and encoded its own share (records 0, 2, ... and 1, 3, ...):
-    # 4 steps of 2 pairs are all of rank 0's pass (micro-batches 2, 2, 2, 1) and, for rank 1, its
-    # pass (2, 2, 2) and the first of the next, which reads the whole next pass through the buffer
-    # of 4; the report counts every record once
+    # 5 steps of 2 pairs are rank 0's pass (micro-batches 2, 2, 2, 1) and the first of the next, and
+    # rank 1's pass (2, 2, 2) and two of the next; a next pass is read whole through the buffer of 4
     ranks = [json.loads((tmp_path / f"run-stream-{r}.json").read_text()) for r in (0, 1)]
     assert [len(r["share"]) for r in ranks] == [7, 6] and not set(ranks[0]["share"]) & set(ranks[1]["share"])
-    assert [r["encoded"] for r in ranks] == [7, 12]
+    assert [r["encoded"] for r in ranks] == [14, 12]
     report = json.loads((tmp_path / "run-stream" / "data_report.json").read_text())
     assert (report[0]["dataset"], report[0]["records"], report[0]["examples"]) == ("train", 13, 13)
-    assert [r["step"] for r in rows(tmp_path / "run-stream") if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows(tmp_path / "run-stream") if "loss" in r] == [1, 2, 3, 4, 5]
+    # each process's own place in its share is in the checkpoint, and the resume continues from it
+    state = json.loads((tmp_path / "run-stream" / "checkpoints" / "step-3" / "trainer_state.json").read_text())
+    assert state["stream_positions"] == [[0, 3], [1, 0]]
+    full = load_file(tmp_path / "run-stream" / "final" / "model.safetensors")
+    resumed = load_file(tmp_path / "run-stream-resumed" / "final" / "model.safetensors")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)

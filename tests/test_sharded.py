@@ -102,6 +102,8 @@ def test_fsdp2(single, tiny_model_dir, tmp_path):
     step1 = tmp_path / "resume" / "full" / "checkpoints" / "step-1"
     assert (step1 / "pytorch_model_fsdp_0").is_dir() and (step1 / "random_states_1.pkl").is_file()
     assert json.loads((tmp_path / "trdpo.json").read_text())["parameter_types"] == ["DTensor"]
+    # the frozen reference is sharded like the policy (accelerate's prepare_model would leave it whole)
+    assert json.loads((tmp_path / "run.json").read_text())["parameter_types"] == ["DTensor"]
 
 
 @needs_deepspeed
@@ -109,17 +111,21 @@ def test_zero2(single, tiny_model_dir, tmp_path):
     """DeepSpeed owns accumulation: 2 micro-batches per step exercise prefopt's boundary marking
     and its undoing of DeepSpeed's loss division; the accelerate file's clipping (1.0) is replaced
     by the run's (none)."""
-    log = launch("zero2.yaml", ("run", "resume"), tiny_model_dir, tmp_path)
+    log = launch("zero2.yaml", ("run", "resume", "trdpo-refused"), tiny_model_dir, tmp_path)
     check_against_one_process(tmp_path, single, ("run", "resume"))
     assert "DeepSpeed gradient_clipping: the accelerate config's 1.0 is replaced by the run's 0.0" in log
+    for rank in (0, 1):
+        assert "TR-DPO (reference.sync_steps) under DeepSpeed" in (tmp_path / f"trdpo-refused-{rank}.txt").read_text()
 
 
 @needs_deepspeed
 def test_zero3(single, tiny_model_dir, tmp_path):
     """The policy loads partitioned: the reference is loaded again from the policy's path (it
     cannot be copied) and runs in its own ZeRO-3 inference engine."""
-    log = launch("zero3.yaml", ALL, tiny_model_dir, tmp_path)
-    check_against_one_process(tmp_path, single, ALL)
+    tasks = ("run", "resume", "kto", "lora-pre")  # TR-DPO under DeepSpeed: refused (test_zero2)
+    log = launch("zero3.yaml", tasks, tiny_model_dir, tmp_path)
+    check_against_one_process(tmp_path, single, tasks)
     assert f"reference: loaded from {tiny_model_dir}" in log
+    assert json.loads((tmp_path / "run.json").read_text())["reference"] == "DeepSpeedEngine"
     ranks = sorted(p.name for p in (tmp_path / "resume" / "full" / "checkpoints" / "step-1" / "pytorch_model").iterdir())
     assert ranks == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]

@@ -6,6 +6,7 @@ training holds no more than the shuffle buffer and resumes bit-exactly; what str
 is a clear error; and JSON Lines are read lazily.
 """
 import gzip
+import itertools
 import json
 from pathlib import Path
 
@@ -136,6 +137,29 @@ def test_a_large_stream_is_never_held_whole(tiny_model_dir, demo_records, tmp_pa
     trainer = stream_run(tiny_model_dir, path, tmp_path / "run", **{"train.max_steps": 2, "train.save_steps": 0})
     # the 8 pairs trained on, the buffer of 8, and the micro-batch read ahead to tell a pass's end
     assert trainer._train_set.encoded <= 8 + 8 + 2
+    (report,) = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["records"] == trainer._train_set.encoded and any(
+        f"the counts cover the {report['records']} records read" in note for note in report["notes"])
+
+
+def test_shares_count_the_records_beyond_max_examples_once(tokenizer, demo_records, tmp_path):
+    path = jsonl(demo_records[:20], tmp_path / "d.jsonl")
+    shares = [streamed(path, tokenizer, process=p, processes=2, max_examples=8) for p in (0, 1)]
+    for share in shares:
+        list(share.examples(0))
+    assert [s.report.records for s in shares] == [4, 4]
+    assert sum(s.report.counts["records_beyond_max_examples"] for s in shares) == 12
+
+
+def test_a_resume_past_the_end_of_a_pass_says_the_data_changed(tokenizer, demo_records, tmp_path):
+    from prefopt.data.collate import Collator
+    from prefopt.data.stream import StreamLoader
+
+    data = streamed(jsonl(demo_records[:6], tmp_path / "d.jsonl"), tokenizer, shuffle_buffer=2)
+    loader = StreamLoader(data, Collator("padded", tokenizer.pad_token_id, ("chosen", "rejected")), 2, "cpu")
+    assert len(list(itertools.islice(loader.from_position(0, 2), 3))) == 3  # micro-batch 2 of 3, then pass 1
+    with pytest.raises(ConfigError, match=r"micro-batch 3 of pass 0\) is past the end of that pass \(3 micro"):
+        next(loader.from_position(0, 3))
 
 
 @pytest.mark.parametrize("extra, message", [

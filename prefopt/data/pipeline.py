@@ -112,7 +112,7 @@ def iter_examples(source: Any, cfg: DataConfig, report: DataReport, required_col
         except KeyError as e:
             raise ConfigError(f"data.format: {e.args[0]}") from None
     report.source = source_name(source)
-    raws = within_max_examples(read_records(source, cfg.split), cfg.max_examples, report)
+    raws = within_max_examples(read_records(source, cfg.split), cfg.max_examples, report, keep)
     detection, sample = None, []
     if fmt is None:
         taken = take_sample(raws, SAMPLE_SIZE)
@@ -167,12 +167,14 @@ def source_name(source: Any) -> str:
     return "<list>" if isinstance(source, list) else f"<{type(source).__name__}>"
 
 
-def within_max_examples(raws: Iterator[RawRecord], max_examples: int | None,
-                        report: DataReport) -> Iterator[RawRecord]:
-    """The first ``max_examples`` records; the rest are read only to be counted."""
+def within_max_examples(raws: Iterator[RawRecord], max_examples: int | None, report: DataReport,
+                        keep: Callable[[int], bool] | None = None) -> Iterator[RawRecord]:
+    """The first ``max_examples`` records; the rest are read only to be counted (those of this
+    process's share, with ``keep``)."""
     for i, raw in enumerate(raws):
         if max_examples is not None and i >= max_examples:
-            report.count("records_beyond_max_examples")
+            if keep is None or keep(i):
+                report.count("records_beyond_max_examples")
         else:
             yield raw
 

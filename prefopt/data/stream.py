@@ -51,6 +51,7 @@ class StreamedData:
     report: DataReport | None = None
     counting_pass: int | None = None   # the pass whose records the report counts (the first one read)
     encoded: int = 0                    # examples encoded so far (all passes): what laziness is measured by
+    counted_whole_pass: bool = False    # the counting pass was read to its end
 
     def __post_init__(self):
         self.report = DataReport("train", self.cfg.on_error)
@@ -74,6 +75,8 @@ class StreamedData:
             yield example
         rng.shuffle(buffer)
         yield from buffer
+        if counting:
+            self.counted_whole_pass = True
 
     def head(self, n: int) -> list[EncodedExample]:
         """The first ``n`` examples of the share in file order (the setup checks run on them),
@@ -81,15 +84,19 @@ class StreamedData:
         return list(itertools.islice(self._encoded(DataReport("train", "skip"), counted=False), n))
 
     def gathered_report(self, accelerator) -> DataReport:
-        """The counting pass's report summed over the processes (each read its share)."""
-        if accelerator.num_processes == 1:
-            return self.report
-        from accelerate.utils import gather_object
+        """The counting pass's report summed over the processes (each read its share), saying so
+        when the run ended before that pass did (the usual case for data larger than memory)."""
+        whole, parts = self.report, [(self.report, self.counted_whole_pass)]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
 
-        whole = DataReport("train", self.cfg.on_error, self.report.format, source=self.report.source)
-        for part in gather_object([self.report]):
-            merge_reports(whole, part)
-        whole.notes = list(dict.fromkeys(whole.notes))
+            parts = gather_object(parts)
+            whole = DataReport("train", self.cfg.on_error, self.report.format, source=self.report.source)
+            for part, _ in parts:
+                merge_reports(whole, part)
+        if not all(whole_pass for _, whole_pass in parts):
+            whole.notes.append(f"streamed: the run ended before its first pass over the data did; the counts "
+                               f"cover the {whole.records} records read (shuffle buffer included)")
         return whole
 
     def _encoded(self, report: DataReport, counted: bool = True) -> Iterator[EncodedExample]:
@@ -130,13 +137,17 @@ class StreamLoader:
             if current is None:
                 raise ConfigError(f"process {self.data.process_index} has no training example in pass {e} of "
                                   f"{self.data.report.source}: the data has fewer usable records than processes")
+            first = skip if e == epoch else 0   # micro-batches of the resumed pass already trained on
             index = 0
             for upcoming in itertools.chain(chunks, [None]):
-                if index >= skip or e > epoch:
+                if index >= first:
                     yield self.collator(current).to(self.device), upcoming is None
                 index, current = index + 1, upcoming
                 if current is None:
                     break
+            if index <= first and first:
+                raise ConfigError(f"the checkpoint's data position (micro-batch {first} of pass {e}) is past the "
+                                  f"end of that pass ({index} micro-batches): the data changed since")
 
 
 def _chunks(examples: Iterator, size: int) -> Iterator[list]:

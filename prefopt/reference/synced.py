@@ -25,8 +25,7 @@ def soft_update(reference: torch.nn.Module, policy: torch.nn.Module, alpha: floa
     policy have no counterpart in the reference and are not read). Under FSDP2 both are sharded
     the same way and the update is shard by shard: every FSDP unit is resharded first, since a
     unit that keeps its parameters gathered after forward (accelerate wraps the final norm and the
-    head so) shows them as plain tensors until then. Under DeepSpeed ZeRO-3 each parameter is
-    gathered for its update (``_zero3_lerp``)."""
+    head so) shows them as plain tensors until then. (DeepSpeed is refused in ``prepare``.)"""
     _reshard(reference)
     _reshard(policy)
     ref_params = dict(unwrap_model(reference).named_parameters())
@@ -36,23 +35,7 @@ def soft_update(reference: torch.nn.Module, policy: torch.nn.Module, alpha: floa
         raise ConfigError(f"TR-DPO sync: the policy has no parameter {missing[0]} of the reference "
                           f"({len(missing)} missing): the reference must have the policy's architecture")
     for name, ref in ref_params.items():
-        pol = pol_params[name]
-        if hasattr(ref, "ds_tensor"):  # ZeRO-3
-            _zero3_lerp(ref, pol, alpha)
-        else:
-            ref.lerp_(pol.detach().to(ref.dtype), alpha)
-
-
-def _zero3_lerp(ref: torch.nn.Parameter, pol: torch.nn.Parameter, alpha: float) -> None:
-    """One parameter at a time (memory stays one layer's): gathered whole, updated on rank 0,
-    and re-partitioned from it on leaving the context. Updating the local partitions alone is
-    not enough: ZeRO-3 keeps small parameters whole on every process (its persistence
-    threshold) and would not see them."""
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters([ref, pol], modifier_rank=0):
-        if torch.distributed.get_rank() == 0:
-            ref.data.lerp_(pol.data.to(ref.dtype), alpha)
+        ref.lerp_(pol_params[name].detach().to(ref.dtype), alpha)
 
 
 def _reshard(model: torch.nn.Module) -> None:
@@ -82,6 +65,14 @@ class SyncedReference:
         return self.inner.model
 
     def prepare(self, ctx) -> None:
+        from accelerate.utils import DistributedType
+
+        if ctx.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # accelerate checkpoints every prepared model through DeepSpeed's engine, which a
+            # reference (a plain module under ZeRO-1/2, an inference engine under ZeRO-3) is not
+            raise ConfigError("TR-DPO (reference.sync_steps) under DeepSpeed: its moving reference is training "
+                              "state that DeepSpeed's checkpoints cannot hold, so a checkpoint would fail; use "
+                              "DDP or FSDP2 (configs/accelerate/ddp.yaml, fsdp2.yaml)")
         self.inner.prepare(ctx)
         self.policy = ctx.policy
         # The moving reference is training state: keep it, whole, in accelerate's checkpoints.

@@ -59,6 +59,9 @@ class TrainState:
     num_tokens: int = 0       # tokens read by the policy so far (all processes)
     skipped_steps: int = 0    # optimizer steps skipped for a non-finite loss or gradient
     num_processes: int = 1    # the batch geometry a resume must keep
+    # streamed data (prefopt.data.stream): each process's own (epoch, batch_in_epoch), since the
+    # shares differ in length; None otherwise
+    stream_positions: list | None = None
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
@@ -239,6 +242,7 @@ SAME_RUN_KEYS = ("model.name_or_path", "model.tokenizer", "model.lora", "model.d
                  "data.split", "data.columns", "data.format", "data.eval_split_size", "data.max_length",
                  "data.max_prompt_length", "data.prompt_truncation", "data.truncation", "data.layout",
                  "data.max_examples", "data.max_tokens_per_batch", "data.max_tokens_per_row", "data.group_by_length",
+                 "data.streaming", "data.shuffle_buffer",
                  "train.per_device_train_batch_size", "train.gradient_accumulation_steps", "train.seed",
                  "num_processes")
 
@@ -381,14 +385,8 @@ def _load_state(accelerator, path: Path, **kwargs) -> None:
 
 def full_state_dict(accelerator, model) -> dict:
     """The whole model's state dict, for the main process (called on every process: gathering
-    is collective). accelerate gathers FSDP2's shards with torch's
-    ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``, which leaves CPU-resident
-    parameters as DTensors (found running FSDP2 on CPU processes): those are gathered here, by
-    every process in the same order. ZeRO-3's consolidation gives it to rank 0 only (None elsewhere)."""
-    from torch.distributed.tensor import DTensor
-
-    state_dict = accelerator.get_state_dict(model) or {}
-    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state_dict.items()}
+    is collective). FSDP2's and ZeRO-3's gathering give it to rank 0 only (``{}`` / None elsewhere)."""
+    return accelerator.get_state_dict(model) or {}
 
 
 def save_final(accelerator, model, tokenizer, config: RunConfig, output_dir: Path,

@@ -128,6 +128,8 @@ def start_state(job: Job) -> TrainState:
                           + "\n  ".join(blocking) + "\nResume with the checkpoint's settings, or start afresh "
                           "(another output_dir, or train.overwrite_output_dir=true)")
     state = load_checkpoint(acc, job.model, path)
+    if state.stream_positions:  # streamed data: this process's place in its own share
+        state.epoch, state.batch_in_epoch = state.stream_positions[acc.process_index]
     set_aside_later_checkpoints(job.output_dir, state.step, acc)
     loss_state = load_loss_state(path, acc.device)
     if loss_state is not None:
@@ -172,7 +174,7 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
         tokens, train_seconds, events.log_now, logged_at = 0, 0.0, False, state.step
 
     for window, epoch_begins, epoch_end in _windows(job, state) if state.step < job.total_steps else ():
-        if epoch_begins:
+        if epoch_begins and streamed_epochs_agree(job):
             events.epoch_begin(job, state)
         events.step_begin(job, state)
         started = time.perf_counter()
@@ -191,7 +193,7 @@ def _train(job: Job, state: TrainState, signals: StopSignals) -> tuple[TrainStat
         fault_point("step", state.step)
         bar.update(1)
         events.step_end(job, state)
-        if epoch_end:
+        if epoch_end and streamed_epochs_agree(job):
             events.epoch_end(job, state)
         if state.step % cfg.logging_steps == 0 or state.step == job.total_steps or events.stop or events.log_now \
                 or (cfg.logging_first_step and state.step == 1):
@@ -253,6 +255,10 @@ def _log_train(job: Job, state: TrainState, writer: MetricsWriter, window_metric
 
 def _save(job: Job, state: TrainState, keep: int | None) -> Path:
     """A resumable checkpoint, told to the listeners (on_save)."""
+    if isinstance(job.train_loader, StreamLoader):  # every process's own place in its share
+        from accelerate.utils import gather_object
+        state.stream_positions = [list(p) for p in gather_object([(state.epoch, state.batch_in_epoch)])] \
+            if job.accelerator.num_processes > 1 else [[state.epoch, state.batch_in_epoch]]
     path = save_checkpoint(job.accelerator, job.model, job.tokenizer, state, job.config, job.output_dir, keep,
                            _loss_state(job))
     job.events.saved(job, state.step, path)
@@ -267,6 +273,13 @@ def _due(strategy: str, every: int, step: int, epoch_end: bool) -> bool:
 
 def _loss_state(job: Job) -> dict | None:
     return job.objective.state_dict() if job.objective.stateful else None
+
+
+def streamed_epochs_agree(job: Job) -> bool:
+    """Epoch events go to the callbacks unless the data is streamed on several processes: there each
+    process's pass ends at its own step, and a callback acting on one (should_save, ...) would
+    leave the others waiting in a collective."""
+    return not (isinstance(job.train_loader, StreamLoader) and job.accelerator.num_processes > 1)
 
 
 def epoch_of(job: Job, state: TrainState) -> float:
