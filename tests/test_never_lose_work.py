@@ -326,6 +326,23 @@ def test_an_fp16_overflow_is_skipped_counted_and_not_a_fault(tiny_model_dir, dem
     assert rows_of(fp16) == rows_of(fp32) and same(final_weights(fp16), final_weights(fp32))
 
 
+def test_a_non_finite_loss_under_fp16_makes_no_update(tiny_model_dir, demo_records, tmp_path, monkeypatch):
+    """The scaler checks the gradient only: a NaN loss whose gradient is finite (faulty's NaN is a
+    constant) passed its check and was applied while the step was reported skipped. Now no update,
+    the loss scale unchanged, and it counts toward max_consecutive_skips like any non-finite step."""
+    fp16_scaler(monkeypatch, 2.0 ** 16)
+    out = tmp_path / "run"
+    trainer = DPOTrainer(str(tiny_model_dir), None, train_dataset=demo_records[:8], extra_losses={"fault": faulty({2})},
+                         args=DPOConfig(output_dir=str(out), max_steps=4, save_steps=1, mixed_precision="fp16",
+                                        max_consecutive_skips=1, **SHORT))
+    with pytest.raises(NonFiniteLossError, match=r"steps 2..2 in a row had a non-finite loss or gradient"):
+        trainer.train()
+    assert same(checkpoint_weights(out, 2), checkpoint_weights(out, 1))
+    assert not same(checkpoint_weights(out, 1), load_file(tiny_model_dir / "model.safetensors"))
+    assert trainer.job.accelerator.scaler.get_scale() == 2.0 ** 16
+    assert {int(v["step"]) for v in trainer.job.optimizer.state.values()} == {1}
+
+
 def test_a_skipped_step_leaves_no_trace_in_a_running_statistic(tiny_model_dir, demo_records, tmp_path):
     """BCO's running reward mean folds in each batch during forward; a skipped (NaN) step must
     not make it NaN for the rest of the run."""
