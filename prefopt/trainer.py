@@ -275,9 +275,20 @@ class Trainer(TRLMethods):
         # The schedule counts optimizer steps: accelerate must not step it once per process.
         output_dir = Path(cfg.output_dir)
         self._trackers = resolve_trackers(tcfg.report_to)
-        accelerator = Accelerator(mixed_precision=resolve_precision(tcfg.mixed_precision), cpu=distributed_cpu,
-                                  step_scheduler_with_optimizer=False, log_with=self._trackers or None,
-                                  project_dir=str(logging_dir(output_dir)))
+        precision = resolve_precision(tcfg.mixed_precision)
+        options = dict(cpu=distributed_cpu, step_scheduler_with_optimizer=False, log_with=self._trackers or None,
+                       project_dir=str(logging_dir(output_dir)))
+        accelerator = Accelerator(mixed_precision=precision, **options)
+        if precision == "fp16" and not accelerator.native_amp \
+                and accelerator.distributed_type != DistributedType.DEEPSPEED:
+            # accelerate does fp16 (autocast, loss scaling) on GPUs only; on CPU it silently trains float32
+            # while its state says fp16 (the precision line, the reference cache key, the probe's tolerance).
+            # A warning, not an error: a GPU recipe still runs on a laptop; and the state is made true.
+            if accelerator.is_main_process:
+                log.warning("train.mixed_precision=fp16: accelerate has no fp16 autocast or loss scaling on %s; "
+                            "this run trains in float32 (as with train.mixed_precision=no)", accelerator.device.type)
+            AcceleratorState._reset_state(reset_partial_state=False)
+            accelerator = Accelerator(mixed_precision="no", **options)
         set_seed(tcfg.seed)
         console.configure(progress=tcfg.progress_bar, main=accelerator.is_main_process)
 

@@ -14,6 +14,8 @@ Tasks (comma-separated in argv[1]), each writing its result under OUT:
   run-lora-pre         LoRA with the precomputed reference (13 + 5 examples: the pre-pass gives
                        the processes 3 and 2 batches, so one scores a filler), a DDP checkpoint
                        at step 1, then a second run resumed from it
+  ckpt-agree           checkpoints every step; rank 1 fails to write its RNG-state file of step 2
+                       (ENOSPC): each rank writes OUT/ckpt-agree-RANK.txt with the error it raised
 """
 import json
 import sys
@@ -96,6 +98,28 @@ if __name__ == "__main__":
         elif task == "generate":
             from prefopt.cli import main
             assert main(generate_args(model_dir, out, f"{out}/{task}")) == 0
+        elif task == "ckpt-agree":
+            import errno
+            import os
+            from prefopt.train.checkpoint import CheckpointError
+            rank, real_save = int(os.environ["RANK"]), torch.save
+
+            def save(obj, f, *a, **k):  # accelerate's save_state writes each rank's RNG states with torch.save
+                if rank == 1 and str(f).endswith(".tmp-step-2/random_states_1.pkl"):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return real_save(obj, f, *a, **k)
+
+            torch.save, raised = save, "no error"
+            try:
+                DPOTrainer(model_dir, None, train_dataset=records[:8], args=DPOConfig(
+                    output_dir=f"{out}/{task}", per_device_train_batch_size=2, max_steps=3, save_steps=1,
+                    **SHORT)).train()
+            except CheckpointError as e:
+                raised = f"CheckpointError: {e}"
+            finally:
+                torch.save = real_save
+            with open(f"{out}/{task}-{rank}.txt", "w") as f:
+                f.write(raised)
         elif task == "run-kto":
             args = DPOConfig(output_dir=f"{out}/{task}", per_device_train_batch_size=2, max_examples=7,
                              num_train_epochs=1, **SHORT)

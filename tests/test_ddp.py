@@ -20,6 +20,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from ddp_worker import build, generate_args, whole_run  # noqa: E402
 from helpers import first_step_gradient  # noqa: E402
+from prefopt.train.checkpoint import checkpoint_problem  # noqa: E402
 
 DATA = HERE.parent / "prefopt" / "demo" / "data" / "dpo_en_demo.json"
 KTO = HERE / "fixtures" / "kto_en_demo_20.json"
@@ -42,7 +43,7 @@ def test_two_processes_match_one(tiny_model_dir, demo_records, tmp_path):
                                                     for r in demo_records[:5]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(HERE / "ddp_worker.py"), "grad-dpo,grad-sft,grad-dpo-packed,grad-dpo-padded,run-dpo,run-kto,run-lora-pre,generate,"
-           "tokenise-once,run-stream",
+           "tokenise-once,run-stream,ckpt-agree",
            str(tiny_model_dir), str(DATA), str(KTO), str(tmp_path)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=HERE.parent)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -107,3 +108,16 @@ def test_two_processes_match_one(tiny_model_dir, demo_records, tmp_path):
     full = load_file(tmp_path / "run-stream" / "final" / "model.safetensors")
     resumed = load_file(tmp_path / "run-stream-resumed" / "final" / "model.safetensors")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+    # rank 1 alone failed to write its part of step 2's checkpoint: both ranks stopped with
+    # CheckpointError (none left waiting at a barrier), step-1 is intact and nothing of step 2 is left
+    agree = tmp_path / "ckpt-agree" / "checkpoints"
+    raised = [(tmp_path / f"ckpt-agree-{r}.txt").read_text() for r in (0, 1)]
+    head = f"CheckpointError: could not write the checkpoint of step 2 to {agree / 'step-2'}: "
+    tail = f". The previous checkpoint {agree / 'step-1'} is intact: free space and resume with " \
+           "train.resume_from=latest"
+    assert raised == [head + "another process failed to write its part" + tail, head + "No space left on device" + tail]
+    assert sorted(p.name for p in agree.iterdir()) == ["step-1"] and checkpoint_problem(agree / "step-1") is None
+    listed = json.loads((agree / "step-1" / "manifest.json").read_text())["files"]
+    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors", "trainer_state.json"} <= listed.keys()
+    assert not (tmp_path / "ckpt-agree" / "final").exists()

@@ -247,6 +247,102 @@ def test_non_finite_steps_in_a_row_stop_with_a_checkpoint(tiny_model_dir, demo_r
     assert all(torch.equal(saved[k], initial[k]) for k in saved)  # no update was made
 
 
+def fp16_scaler(monkeypatch, init_scale: float) -> None:
+    """accelerate's fp16 path, which it builds on GPUs only, on CPU: a real GradScaler; backward
+    scales the loss, clip_grad_norm_ unscales first (native_amp), the optimizer steps through the
+    scaler, save_state writes scaler.pt. Autocast stays off: the arithmetic is float32, so a run
+    compares exactly with a float32 run. Backoff 2^-100 and no growth: one overflow takes the scale
+    from init_scale to init_scale * 2^-100, where it stays."""
+    import accelerate
+    from accelerate.utils import AutocastKwargs
+
+    real = accelerate.Accelerator
+
+    class WithScaler(real):  # prefopt.trainer imports accelerate.Accelerator at setup
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.native_amp, self.autocast_handler = True, AutocastKwargs(enabled=False)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, backoff_factor=2.0 ** -100,
+                                               growth_interval=1 << 30)
+
+    monkeypatch.setattr(accelerate, "Accelerator", WithScaler)
+
+
+def rows_of(out: Path) -> list[dict]:  # tokens_per_second is a timing
+    return [{k: v for k, v in json.loads(x).items() if k != "tokens_per_second"}
+            for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_weights(out: Path, step: int) -> dict:
+    return load_file(out / "checkpoints" / f"step-{step}" / "model.safetensors")
+
+
+def same(a: dict, b: dict) -> bool:
+    return bool(a) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_fp16_overflow_is_skipped_counted_and_not_a_fault(tiny_model_dir, demo_records, tmp_path, monkeypatch,
+                                                             caplog):
+    """A loss scale of 2^127 overflows the first backward (on this fixture float32 overflows from
+    2^125 up: its intermediate gradients reach 8-16, its parameter gradients ~0.2): no update, the
+    scale lowered to 2^27, the step counted in skipped_steps but not toward max_consecutive_skips
+    (1 here). Scaling and unscaling by a power of two is exact, so from there the run is, bit for
+    bit, a float32 run whose first step was skipped for a NaN loss (the same AdamW state, schedule
+    position and weights): the same weights after every step, losses, grad norms (clipped after
+    unscaling) and learning rates. A resume restores the loss scale (scaler.pt): no second overflow."""
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    keys = dict(max_steps=4, save_steps=1, **SHORT)
+    fp32, fp16 = tmp_path / "fp32", tmp_path / "fp16"
+    DPOTrainer(str(tiny_model_dir), None, train_dataset=demo_records[:8], extra_losses={"fault": faulty({1})},
+               args=DPOConfig(output_dir=str(fp32), **keys)).train()
+    fp16_scaler(monkeypatch, 2.0 ** 127)
+    caplog.clear()
+    trainer = DPOTrainer(str(tiny_model_dir), None, train_dataset=demo_records[:8],
+                         extra_losses={"fault": faulty(set())},
+                         args=DPOConfig(output_dir=str(fp16), mixed_precision="fp16", max_consecutive_skips=1, **keys))
+    trainer.train()  # max_consecutive_skips=1 and step 1 skipped, yet no NonFiniteLossError: an overflow is no fault
+    assert trainer.job.accelerator.scaler.get_scale() == 2.0 ** 27
+    assert "step 1 skipped: fp16 gradient overflow, the loss scale is lowered (1 skipped so far)" in caplog.text
+    assert caplog.text.count("skipped:") == 1
+    assert {int(v["step"]) for v in trainer.job.optimizer.state.values()} == {3}  # AdamW stepped on steps 2-4
+    rows = rows_of(fp16)
+    assert [r["skipped_steps"] for r in rows] == [1, 1, 1, 1]
+    assert ["loss" in r for r in rows] == [False, True, True, True]
+    assert rows == rows_of(fp32)  # every logged number, exactly
+    assert same(checkpoint_weights(fp16, 1), initial)  # the overflowed step changed nothing
+    assert not same(checkpoint_weights(fp16, 2), initial)
+    for step in (2, 3, 4):
+        assert same(checkpoint_weights(fp16, step), checkpoint_weights(fp32, step)), step
+    assert (fp16 / "checkpoints" / "step-1" / "scaler.pt").is_file()
+
+    caplog.clear()
+    resumed = DPOTrainer(str(tiny_model_dir), None, train_dataset=demo_records[:8],
+                         extra_losses={"fault": faulty(set())},
+                         args=DPOConfig(output_dir=str(fp16), mixed_precision="fp16", max_consecutive_skips=1,
+                                        resume_from=str(fp16 / "checkpoints" / "step-2"), **keys))
+    resumed.train()
+    assert "skipped:" not in caplog.text  # the scale came back from scaler.pt: 2^127 would overflow again
+    assert resumed.job.accelerator.scaler.get_scale() == 2.0 ** 27
+    assert rows_of(fp16) == rows_of(fp32) and same(final_weights(fp16), final_weights(fp32))
+
+
+def test_a_non_finite_loss_under_fp16_makes_no_update(tiny_model_dir, demo_records, tmp_path, monkeypatch):
+    """The scaler checks the gradient only: a NaN loss whose gradient is finite (faulty's NaN is a
+    constant) passed its check and was applied while the step was reported skipped. Now no update,
+    the loss scale unchanged, and it counts toward max_consecutive_skips like any non-finite step."""
+    fp16_scaler(monkeypatch, 2.0 ** 16)
+    out = tmp_path / "run"
+    trainer = DPOTrainer(str(tiny_model_dir), None, train_dataset=demo_records[:8], extra_losses={"fault": faulty({2})},
+                         args=DPOConfig(output_dir=str(out), max_steps=4, save_steps=1, mixed_precision="fp16",
+                                        max_consecutive_skips=1, **SHORT))
+    with pytest.raises(NonFiniteLossError, match=r"steps 2..2 in a row had a non-finite loss or gradient"):
+        trainer.train()
+    assert same(checkpoint_weights(out, 2), checkpoint_weights(out, 1))
+    assert not same(checkpoint_weights(out, 1), load_file(tiny_model_dir / "model.safetensors"))
+    assert trainer.job.accelerator.scaler.get_scale() == 2.0 ** 16
+    assert {int(v["step"]) for v in trainer.job.optimizer.state.values()} == {1}
+
+
 def test_a_skipped_step_leaves_no_trace_in_a_running_statistic(tiny_model_dir, demo_records, tmp_path):
     """BCO's running reward mean folds in each batch during forward; a skipped (NaN) step must
     not make it NaN for the rest of the run."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prefopt.config import RunConfig, load_config
+from prefopt.config import load_config
 from prefopt.data.pipeline import prepare_datasets
 from prefopt.data.roles import expand_roles
 from prefopt.data.sources import read_records

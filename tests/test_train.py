@@ -143,6 +143,18 @@ def test_python_api_accepts_model_objects_and_hf_datasets(tiny_model_dir, demo_r
     assert (tmp_path / "final" / "model.safetensors").is_file()
 
 
+def test_fp16_on_cpu_says_it_trains_float32(tiny_model_dir, demo_records, tmp_path, caplog):
+    """accelerate makes fp16 (autocast, loss scaling) on GPUs only: on CPU it trained float32 while
+    its state said fp16, and prefopt's precision line said "fp16 autocast". Now a warning says so and
+    the accelerator is the float32 one it really is."""
+    caplog.set_level("INFO", logger="prefopt")
+    job = dpo(tiny_model_dir, demo_records[:4], tmp_path, max_steps=1, mixed_precision="fp16").setup()
+    assert (job.accelerator.mixed_precision, job.accelerator.native_amp, job.accelerator.scaler) == ("no", False, None)
+    assert ("train.mixed_precision=fp16: accelerate has no fp16 autocast or loss scaling on cpu; this run trains "
+            "in float32 (as with train.mixed_precision=no)") in caplog.text
+    assert "precision: float32" in caplog.text and "precision: fp16" not in caplog.text
+
+
 def test_bf16_autocast_keeps_policy_and_reference_on_the_same_path(tiny_model_dir, demo_records, tmp_path):
     """Under bf16 autocast (CPU here) the first loss is still exactly ln 2: policy and reference run
     through the same score_batch in the same precision, and log-softmax is taken in float32."""

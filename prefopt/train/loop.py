@@ -378,8 +378,14 @@ def optimizer_step(job: Job, window: list, metrics: MetricAccumulator) -> tuple[
         if not finite:
             log.warning("non-finite loss under DeepSpeed: the update was DeepSpeed's to skip, not prefopt's")
     elif acc.scaler is not None:
-        # fp16: the gradient scaler decides, and must see every step to adjust its scale
-        job.optimizer.step()
+        # fp16: the gradient scaler decides, and must see every step to adjust its scale. It checks the
+        # gradient only: a non-finite loss with a finite gradient would be applied, so that step is not
+        # taken; the loss scale stays (the loss is computed unscaled) and the step clip_grad_norm_ unscaled
+        # is closed.
+        if finite:
+            job.optimizer.step()
+        else:
+            acc.scaler.update(acc.scaler.get_scale())
         outcome = "skipped" if not finite else "overflow" if job.optimizer.step_was_skipped else "updated"
     elif finite and grads_finite:
         job.optimizer.step()
