@@ -401,6 +401,10 @@ class Trainer(TRLMethods):
             raise ConfigError("data.streaming: no training data; pass train_dataset or set data.train")
         encoder = Encoder(tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.prompt_truncation,
                           cfg.data.truncation)
+        if not str(source).endswith((".jsonl", ".jsonl.gz", ".parquet")):
+            log.warning("data.streaming: %s is not JSON Lines or Parquet, so it is read whole before its records "
+                        "stream (convert it to .jsonl for data larger than memory)",
+                        source if isinstance(source, (str, Path)) else type(source).__name__)
         log.info("data train: streamed from %s (%d process(es), each its share; shuffle buffer %d examples)",
                  source if isinstance(source, (str, Path)) else type(source).__name__, accelerator.num_processes,
                  cfg.data.shuffle_buffer)

@@ -78,8 +78,11 @@ if __name__ == "__main__":
     for task in tasks:
         if task == "run":
             trainer = whole_run(model_dir, records, f"{out}/{task}", 2, 2)
+            reference = trainer.job.objective.reference
+            if trainer.job.accelerator.is_fsdp2:  # units that keep their weights gathered after forward
+                from prefopt.reference.synced import _reshard
+                _reshard(reference.model)
             if trainer.job.accelerator.is_main_process:  # the reference: sharded (FSDP2), an engine (ZeRO-3)
-                reference = trainer.job.objective.reference
                 json.dump({"reference": type(reference.model).__name__, "parameter_types": sorted(
                     {type(p).__name__ for p in reference.model.parameters()})}, open(f"{out}/{task}.json", "w"))
         elif task == "trdpo-refused":  # DeepSpeed's checkpoints cannot hold TR-DPO's moving reference
