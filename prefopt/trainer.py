@@ -38,8 +38,7 @@ from prefopt.data.collate import Collator
 from prefopt.data.pipeline import Dataset, prepare_datasets
 from prefopt.data.report import DataReport, DataUnusable, write_reports
 from prefopt.data.roles import expand_roles
-from prefopt.data.stream import StreamedData, StreamLoader, check_streaming
-from prefopt.data.tokenize import Encoder
+from prefopt.data.stream import StreamedData, StreamLoader, first_examples, stream_train_data
 from prefopt.errors import ConfigError
 from prefopt.objective import Objective
 from prefopt.attention import SPLIT_SDPA, attn_implementation, set_attention
@@ -48,7 +47,7 @@ from prefopt.losses import get_spec
 from prefopt.lora import without_frozen_weights
 from prefopt.report import report_at_end
 from prefopt.train.trackers import flat_config, logging_dir, resolve_trackers, tracker_init_kwargs
-from prefopt.reference import ReferenceContext, build_reference
+from prefopt.reference import ReferenceContext, build_reference, reference_source
 from prefopt.scoring import Plan, Probe, architecture_key, plan_scoring, reuse_plan
 from prefopt.train import batches, loop
 from prefopt.train.metrics import prefixed
@@ -298,8 +297,9 @@ class Trainer(TRLMethods):
             # transformers' own pooling (which prefopt does not use) needs a pad token id to run
             model.config.pad_token_id = tokenizer.pad_token_id
         needed, needed_by = Objective.requirements(cfg.loss)
+        ref_model = reference_source(cfg.reference, self._ref_model_arg, model, needed, self._model_path())
         reference = build_reference(cfg.reference, cfg.model, needed=needed, needed_by=needed_by,
-                                    policy=model, ref_model=self._reference_source(model, needed))
+                                    policy=model, ref_model=ref_model)
         objective = Objective.from_config(cfg.loss, reference, self._extra_losses)
 
         train_set, eval_set = self._datasets(accelerator, tokenizer, objective, output_dir)
@@ -394,31 +394,8 @@ class Trainer(TRLMethods):
                               *([self._eval_set.report] if self._eval_set else []))
 
     def _streamed(self, accelerator, tokenizer, objective: Objective, columns: tuple) -> StreamedData:
-        cfg = self.config
-        check_streaming(cfg)
-        source = self._train_source if self._train_source is not None else cfg.data.train
-        if source is None:
-            raise ConfigError("data.streaming: no training data; pass train_dataset or set data.train")
-        encoder = Encoder(tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.prompt_truncation,
-                          cfg.data.truncation)
-        if not str(source).endswith((".jsonl", ".jsonl.gz", ".parquet")):
-            log.warning("data.streaming: %s is not JSON Lines or Parquet, so it is read whole before its records "
-                        "stream (convert it to .jsonl for data larger than memory)",
-                        source if isinstance(source, (str, Path)) else type(source).__name__)
-        log.info("data train: streamed from %s (%d process(es), each its share; shuffle buffer %d examples)",
-                 source if isinstance(source, (str, Path)) else type(source).__name__, accelerator.num_processes,
-                 cfg.data.shuffle_buffer)
-        data = StreamedData(source, cfg.data, encoder, objective.kind, columns, objective.roles, cfg.train.seed,
-                            accelerator.process_index, accelerator.num_processes)
-        # every process must have a share to train on; agreed, so that all of them stop together
-        with_data = torch.tensor(float(bool(data.head(1))), device=accelerator.device)
-        if accelerator.num_processes > 1:
-            with_data = accelerator.reduce(with_data, reduction="sum")
-        if with_data.item() < accelerator.num_processes:
-            raise ConfigError(f"data.streaming: a process has no usable training record in {data.report.source or source} "
-                              f"(its share is every {accelerator.num_processes}th record): the data has fewer usable "
-                              f"records than processes")
-        return data
+        source = self._train_source if self._train_source is not None else self.config.data.train
+        return stream_train_data(self.config, source, accelerator, tokenizer, objective.kind, columns, objective.roles)
 
     def _plan_scoring(self, model, accelerator, objective: Objective, layout: str, what: str = "policy"):
         """Settle the layout and LM-head mode ``model`` runs exactly (prefopt.scoring), checked on the
@@ -472,21 +449,6 @@ class Trainer(TRLMethods):
                 raise ConfigError("no tokenizer: pass tokenizer= or set model.tokenizer / model.name_or_path")
             return load_tokenizer(str(source), self.config.model.chat_template)
         return prepare_tokenizer(tok, self.config.model.chat_template)
-
-    def _reference_source(self, policy, needed: bool):
-        """``ref_model`` as given; under DeepSpeed ZeRO-3, where a partitioned policy cannot be
-        copied, a policy loaded from a path has its initial weights loaded again from that path
-        (what the reference copy would hold). Not when no loss needs a reference, one is given,
-        or the strategy does not copy the policy (a LoRA policy's reference is its own base)."""
-        from transformers.integrations import is_deepspeed_zero3_enabled
-
-        from prefopt.lora import is_peft_model
-
-        ref = self.config.reference
-        if not needed or self._ref_model_arg is not None or ref.name_or_path is not None \
-                or ref.strategy in ("lora", "none") or is_peft_model(policy) or not is_deepspeed_zero3_enabled():
-            return self._ref_model_arg
-        return self._model_path()
 
     def _model_path(self) -> str | None:
         if isinstance(self._model_arg, (str, Path)):
@@ -552,16 +514,6 @@ class Trainer(TRLMethods):
     def _report_data(self, accelerator, output_dir: Path, *reports: DataReport) -> None:
         if accelerator.is_main_process:
             write_reports(output_dir, list(reports))
-
-
-STREAM_PROBE_POOL = 64  # streamed data: the setup checks look among its first examples
-
-
-def first_examples(data, n: int | None) -> list:
-    """The first ``n`` examples (all: None) of a dataset in memory, or of a streamed one's share."""
-    if isinstance(data, StreamedData):
-        return data.head(n or STREAM_PROBE_POOL)
-    return data.examples[:n]
 
 
 def enable_checkpointing(model) -> None:

@@ -23,9 +23,11 @@ consumes it.
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from os import PathLike
 from typing import Any
 
 from prefopt.config import DataConfig
@@ -34,6 +36,8 @@ from prefopt.data.report import DataReport, merge_reports
 from prefopt.data.roles import expand_roles
 from prefopt.data.tokenize import EncodedExample, Encoder
 from prefopt.errors import ConfigError
+
+log = logging.getLogger("prefopt")
 
 
 @dataclass
@@ -163,6 +167,47 @@ STREAMING_REFUSES = {
     "reference.strategy=precomputed": "the pre-pass reads the whole data before training; use the frozen "
                                       "reference model (or LoRA's base), computed with every batch",
 }
+
+
+def stream_train_data(cfg, source, accelerator, tokenizer, kind: str, columns: tuple,
+                      roles: tuple[str, ...]) -> StreamedData:
+    """The run's streamed train data (checked against what streaming cannot do), with every
+    process agreed that each has a share to train on."""
+    import torch
+
+    check_streaming(cfg)
+    if source is None:
+        raise ConfigError("data.streaming: no training data; pass train_dataset or set data.train")
+    named = source if isinstance(source, (str, PathLike)) else type(source).__name__
+    if not str(source).endswith((".jsonl", ".jsonl.gz", ".parquet")):
+        log.warning("data.streaming: %s is not JSON Lines or Parquet, so it is read whole before its records "
+                    "stream (convert it to .jsonl for data larger than memory)", named)
+    log.info("data train: streamed from %s (%d process(es), each its share; shuffle buffer %d examples)",
+             named, accelerator.num_processes, cfg.data.shuffle_buffer)
+    data_cfg = cfg.data
+    encoder = Encoder(tokenizer, data_cfg.max_length, data_cfg.max_prompt_length, data_cfg.prompt_truncation,
+                      data_cfg.truncation)
+    data = StreamedData(source, data_cfg, encoder, kind, columns, roles, cfg.train.seed,
+                        accelerator.process_index, accelerator.num_processes)
+    # every process must have a share to train on; agreed, so that all of them stop together
+    with_data = torch.tensor(float(bool(data.head(1))), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        with_data = accelerator.reduce(with_data, reduction="sum")
+    if with_data.item() < accelerator.num_processes:
+        raise ConfigError(f"data.streaming: a process has no usable training record in {data.report.source or named} "
+                          f"(its share is every {accelerator.num_processes}th record): the data has fewer usable "
+                          f"records than processes")
+    return data
+
+
+PROBE_POOL = 64  # streamed data: the setup checks look among its first examples
+
+
+def first_examples(data, n: int | None) -> list:
+    """The first ``n`` examples (all: None) of a dataset in memory, or of a streamed one's share."""
+    if isinstance(data, StreamedData):
+        return data.head(n or PROBE_POOL)
+    return data.examples[:n]
 
 
 def check_streaming(cfg) -> None:

@@ -13,11 +13,11 @@ reference without LoRA, a cache for token-level losses, ...) before any training
   values cached on disk and the model freed.
 * ``NoReference``: for reference-free objectives.
 """
-from prefopt.reference.base import ReferenceContext, ReferenceStrategy, build_reference
+from prefopt.reference.base import ReferenceContext, ReferenceStrategy, build_reference, reference_source
 from prefopt.reference.lora import LoraReference
 from prefopt.reference.model import ModelReference
 from prefopt.reference.none import NoReference
 from prefopt.reference.precomputed import PrecomputedReference
 
 __all__ = ["ReferenceContext", "ReferenceStrategy", "LoraReference", "ModelReference", "NoReference",
-           "PrecomputedReference", "build_reference"]
+           "PrecomputedReference", "build_reference", "reference_source"]

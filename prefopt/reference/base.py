@@ -64,6 +64,21 @@ def _synced(cfg: ReferenceConfig, model_cfg: ModelConfig, strategy: str, policy,
                            cfg.sync_steps, cfg.sync_alpha)
 
 
+def reference_source(cfg: ReferenceConfig, ref_model: Any, policy: Any, needed: bool, policy_path: str | None):
+    """``ref_model`` as given; under DeepSpeed ZeRO-3, where a partitioned policy cannot be copied,
+    a policy loaded from a path has its initial weights loaded again from that path (what the
+    reference copy would hold). Not when no loss needs a reference, one is given, or the strategy
+    does not copy the policy (a LoRA policy's reference is its own base)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from prefopt.lora import is_peft_model
+
+    if not needed or ref_model is not None or cfg.name_or_path is not None or cfg.strategy in ("lora", "none") \
+            or is_peft_model(policy) or not is_deepspeed_zero3_enabled():
+        return ref_model
+    return policy_path
+
+
 def build_reference(cfg: ReferenceConfig, model_cfg: ModelConfig, *, needed: bool, needed_by: str,
                     policy: Any = None, ref_model: Any = None) -> ReferenceStrategy:
     """Choose and build the strategy. ``ref_model`` may be a model object or a path."""
