@@ -299,15 +299,25 @@ def language_lora_targets(model, names=None) -> str:
     not the projector, not the LM head); all of them, or those ``names`` names (module names or
     dotted suffixes, as peft reads a list: the vision tower often has layers of the same names,
     e.g. CLIP's ``q_proj``, which a bare list would adapt too)."""
+    language = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+                and not any(v in name for v in VISION_MODULES) and "language_model" in name]
     if names is None:
-        names = set()
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and not any(v in name for v in VISION_MODULES) \
-                    and "language_model" in name:
-                names.add(name.rsplit(".", 1)[-1])
+        names = {name.rsplit(".", 1)[-1] for name in language}
     if not names:
         raise ValueError("no linear layer found under the model's language_model")
-    return rf".*language_model.*\.({'|'.join(sorted(map(re.escape, names)))})"
+    # a name is a module name or dotted suffix under the language model, or a full module path
+    suffixes = sorted(re.escape(n) for n in names if "language_model" not in n)
+    full = sorted(re.escape(n) for n in names if "language_model" in n)
+    pattern = "|".join(([rf".*language_model.*\.({'|'.join(suffixes)})"] if suffixes else [])
+                       + ([f"({'|'.join(full)})"] if full else []))
+    unmatched = sorted(n for n in names if not any(
+        re.fullmatch(rf"(.*language_model.*\.)?{re.escape(n)}", m) and "language_model" in m for m in language))
+    if unmatched:
+        from prefopt.errors import ConfigError
+        raise ConfigError(f"model.lora target_modules: {', '.join(map(repr, unmatched))} names no linear layer of "
+                          f"the language model (a vision-language model's LoRA adapts the language model only: "
+                          f"not the LM head, the vision tower or the projector, unless model.train_vision)")
+    return pattern
 
 
 def freeze_vision(model) -> int:

@@ -15,7 +15,7 @@ from prefopt.config import DataConfig, load_config
 from prefopt.data.collate import make_collator
 from prefopt.data.pipeline import prepare_datasets
 from prefopt.demo.shapes import write_shapes
-from prefopt.errors import DataError
+from prefopt.errors import ConfigError, DataError
 from prefopt.models import load_tokenizer, save_pretrained, train_tokenizer
 from prefopt.trainer import Trainer
 from prefopt.vlm import build_tiny_vlm, with_processor
@@ -286,6 +286,17 @@ def test_lora_adapts_the_language_model_only_unless_train_vision(vlm_dir, tmp_pa
     assert {n for n, p in params.items() if p.requires_grad} == lora_params(language | vision)
     assert {n for n in grads if n.endswith("lora_B.default.weight")} == \
         {n for n in lora_params(language | vision) if "lora_B" in n}   # lora_A's is 0 while B is 0 (peft's init)
+
+
+def test_lora_target_lists_take_dotted_and_full_paths_and_refuse_what_is_not_the_language_model(vlm_dir, tmp_path):
+    _, linear = base_names(vlm_dir)
+    first_q = sorted(m for m in linear if m.startswith("model.language_model.") and m.endswith("q_proj"))[0]
+    params, _ = setup_vision(vlm_dir, tmp_path / "a", lora={"r": 4, "target_modules": ["self_attn.v_proj", first_q]})
+    assert {n for n, p in params.items() if p.requires_grad} == lora_params(
+        {first_q} | {m for m in linear if m.startswith("model.language_model.") and m.endswith("self_attn.v_proj")})
+    for target in ("lm_head", "no_such_layer"):  # before: left out without a word when other names matched
+        with pytest.raises(ConfigError, match=f"'{target}' names no linear layer of the language model"):
+            setup_vision(vlm_dir, tmp_path / target, lora={"r": 4, "target_modules": ["q_proj", target]})
 
 
 def two_prompts(folder):
