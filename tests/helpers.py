@@ -10,6 +10,22 @@ from prefopt.train import loop
 from prefopt.train.checkpoint import TrainState
 
 
+def step_in_each_layout(policy, objective, examples, name: str) -> dict:
+    """``{layout: (term name's per-example losses, the policy's gradient, the step, the batch)}``: one
+    forward/backward of ``objective`` on ``examples`` in each layout, to compare them."""
+    from prefopt.data.collate import make_collator
+
+    results = {}
+    for layout in ("padded", "packed", "shared"):
+        batch = make_collator(layout, 0, objective.roles, extras=objective.extra_columns)(examples)
+        policy.zero_grad()
+        step = objective.forward(policy, batch, objective.units(batch))
+        step.loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in policy.parameters()])
+        results[layout] = (step.outputs[name].losses.detach(), grads, step, batch)
+    return results
+
+
 def first_step_gradient(trainer) -> torch.Tensor:
     """The gradient of the first optimizer step, captured just before optimizer.step."""
     job = trainer.setup()

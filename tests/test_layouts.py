@@ -26,7 +26,7 @@ from prefopt.losses import list_specs
 from prefopt.models import build_tiny_model
 from prefopt.objective import Objective, Term
 
-from helpers import FrozenReference
+from helpers import FrozenReference, step_in_each_layout
 
 O = Origin("t", 0)
 PAIR_ROLES = ("chosen", "rejected")
@@ -223,18 +223,11 @@ def test_every_loss_agrees_across_layouts(models, tiny_model_dir, name, options,
     policy = with_attention(AutoModelForCausalLM.from_pretrained(tiny_model_dir), impl)  # other weights than ref
     policy.train()
     objective, examples = objective_and_examples(name, options, ref)
-    results = {}
-    for layout in ("padded", "packed", "shared"):
-        batch = make_collator(layout, 0, objective.roles, extras=objective.extra_columns)(examples)
-        policy.zero_grad()
-        step = objective.forward(policy, batch, objective.units(batch))
-        step.loss.backward()
-        grads = torch.cat([p.grad.flatten() for p in policy.parameters()])
-        results[layout] = (step.outputs[name].losses.detach(), grads, batch)
-    want, want_grad, plain = results["padded"]
+    results = step_in_each_layout(policy, objective, examples, name)
+    want, want_grad, _, plain = results["padded"]
     assert torch.isfinite(want).all() and want_grad.abs().max() > 0
     for layout in ("packed", "shared"):
-        got, grad, batch = results[layout]
+        got, grad, _, batch = results[layout]
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), layout
         assert torch.allclose(grad, want_grad, atol=1e-6, rtol=1e-3), layout
     if "kl" in objective.roles:  # the mismatched rows are scored as their own sequences

@@ -30,7 +30,7 @@ from prefopt.losses import get_spec
 from prefopt.models import build_tiny_model
 from prefopt.objective import Objective, Term
 
-from helpers import FrozenReference
+from helpers import FrozenReference, step_in_each_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 T = torch.tensor
@@ -318,20 +318,14 @@ def test_listwise_losses_agree_across_layouts(ref_model, tiny_model_dir, name):
     spec = get_spec(name)
     objective = Objective([Term(spec, spec.make_params({"max_responses": 4}), 1.0, name)], FrozenReference(ref_model))
     examples = expand_roles(ranked_examples(), objective.roles)
-    results = {}
-    for layout in ("padded", "packed", "shared"):
-        batch = make_collator(layout, 0, objective.roles, extras=objective.extra_columns)(examples)
-        policy.zero_grad()
-        step = objective.forward(policy, batch, objective.units(batch))
-        step.loss.backward()
-        grads = torch.cat([p.grad.flatten() for p in policy.parameters()])
-        results[layout] = (step.outputs[name].losses.detach(), grads, objective.metrics(step, batch))
-    want, want_grad, metrics = results["padded"]
+    results = step_in_each_layout(policy, objective, examples, name)
+    want, want_grad, step, batch = results["padded"]
+    metrics = objective.metrics(step, batch)
     assert torch.isfinite(want).all() and want_grad.abs().max() > 0
     assert metrics["rewards/accuracies"][1] == 3 + 1 + 6  # ordered pairs: 3 of K = 3, 1 of K = 2, 6 of K = 4
     assert "rewards/position_3" in metrics and metrics["rewards/position_3"][1] == 1
     for layout in ("packed", "shared"):
-        got, grad, _ = results[layout]
+        got, grad, _, _ = results[layout]
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), layout
         assert torch.allclose(grad, want_grad, atol=1e-6, rtol=1e-3), layout
 
